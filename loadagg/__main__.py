@@ -1,0 +1,3 @@
+from loadagg.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""AgentLink servicer: one bidirectional stream per agent (hello, then collects out and reports in)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loadagg.communicator import Communicator
+from loadagg.errors import InvalidRequest, LoadAggError, abort_with
+from loadagg.registry import AgentRegistry, AgentSession
+from loadagg.rounds import unix_ms
+from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.validation import load_problem, validate_hello
+
+log = logging.getLogger(__name__)
+
+
+class AgentLinkService:
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        communicator: Communicator,
+        *,
+        aggregator_id: str,
+        round_timeout_ms: int,
+        hello_timeout_s: float,
+    ) -> None:
+        self.registry = registry
+        self.communicator = communicator
+        self.welcome = pb.AggregatorMessage(
+            welcome=pb.Welcome(
+                aggregator_id=aggregator_id, dp_size=registry.dp_size, round_timeout_ms=round_timeout_ms
+            )
+        )
+        self.hello_timeout_s = hello_timeout_s
+        self.reports_rejected = 0
+
+    async def _hello(self, requests: AsyncIterator[pb.AgentMessage], context) -> AgentSession:
+        try:
+            first = await asyncio.wait_for(anext(requests), self.hello_timeout_s)
+        except TimeoutError:
+            raise InvalidRequest(f"no hello within {self.hello_timeout_s:.0f} s of connecting") from None
+        except StopAsyncIteration:
+            raise InvalidRequest("stream ended before hello") from None
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidRequest("the first AgentMessage must be a hello (instance_id, dp_ranks, dp_size)")
+        hello = first.hello
+        ranks = validate_hello(hello, self.registry.dp_size)
+        return AgentSession(
+            instance_id=hello.instance_id,
+            dp_ranks=ranks,
+            peer=context.peer(),
+            model=hello.model,
+            version=hello.version,
+            source=hello.source,
+        )
+
+    async def connect(
+        self, requests: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AggregatorMessage]:
+        try:
+            session = await self._hello(requests, context)
+            self.registry.register(session)
+        except LoadAggError as error:
+            log.warning("refused agent from %s: %s", context.peer(), error)
+            await abort_with(context, error)
+            return
+        log.info("agent %s joined from %s serving ranks %s", session.instance_id, session.peer, list(session.dp_ranks))
+        reader = asyncio.create_task(self._read(session, requests), name=f"agent-reader-{session.instance_id}")
+        try:
+            yield self.welcome
+            while (message := await session.outbox.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+            self.registry.unregister(session)
+            session.closed = True
+            log.info("agent %s left (ranks %s)", session.instance_id, list(session.dp_ranks))
+
+    async def _read(self, session: AgentSession, requests: AsyncIterator[pb.AgentMessage]) -> None:
+        try:
+            async for message in requests:
+                if message.WhichOneof("kind") == "report":
+                    self._report(session, message.report)
+                else:
+                    session.send(self._rejection(0, -1, "hello may only be sent once per stream; ignored"))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            log.debug("agent %s stream read ended: %s", session.instance_id, error)
+        finally:
+            session.close()
+
+    def _rejection(self, round_id: int, rank: int, reason: str) -> pb.AggregatorMessage:
+        self.reports_rejected += 1
+        return pb.AggregatorMessage(rejected=pb.ReportRejected(round_id=round_id, dp_rank=rank, reason=reason))
+
+    def _report(self, session: AgentSession, report: pb.LoadReport) -> None:
+        accepted: list[pb.RankLoad] = []
+        failed = [r for r in report.failed_ranks if r in session.dp_ranks]
+        now = unix_ms()
+        for load in report.loads:
+            if load.dp_rank not in session.dp_ranks:
+                problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {list(session.dp_ranks)})"
+            else:
+                problem = load_problem(load)
+            if problem:
+                log.warning("rejected report of rank %d from %s: %s", load.dp_rank, session.instance_id, problem)
+                session.send(self._rejection(report.round_id, load.dp_rank, problem))
+                failed.append(load.dp_rank)
+                continue
+            if not load.timestamp_ms:
+                load.timestamp_ms = now
+            accepted.append(load)
+        self.communicator.accept(session, report.round_id, accepted, failed)

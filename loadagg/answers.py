@@ -1,0 +1,89 @@
+"""Per-caller views of a shared RoundResult: filter by dp_rank and sections, add the summary.
+
+The round's result is immutable and shared; each distinct view (rank, sections, stale or not) is
+built and serialized once per round and then handed to every caller that asks for the same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from loadagg.errors import InvalidRequest
+from loadagg.rounds import RoundResult
+from loadagg.sections import trim
+from loadagg.v1 import loadagg_pb2 as pb
+
+
+def check_rank(dp_rank: int | None, dp_size: int) -> None:
+    if dp_rank is not None and not 0 <= dp_rank < dp_size:
+        raise InvalidRequest(f"dp_rank {dp_rank} is out of range: this cluster has dp_size={dp_size} (ranks 0..{dp_size - 1})")
+
+
+def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:
+    """Totals and means over `loads`; a mean only counts ranks that report the figure."""
+    s = pb.LoadSummary()
+    usage: list[float] = []
+    thr: list[float] = []
+    util: list[float] = []
+    for load in loads:
+        s.num_ranks += 1
+        s.total_running_reqs += load.num_running_reqs
+        s.total_waiting_reqs += load.num_waiting_reqs
+        s.total_reqs += load.num_total_reqs if load.HasField("num_total_reqs") else load.num_running_reqs + load.num_waiting_reqs
+        s.total_used_tokens += load.num_used_tokens
+        s.total_max_tokens += load.max_total_num_tokens
+        if load.HasField("token_usage"):
+            usage.append(load.token_usage)
+        if load.HasField("gen_throughput"):
+            thr.append(load.gen_throughput)
+        if load.HasField("utilization"):
+            util.append(load.utilization)
+    s.total_gen_throughput = sum(thr)
+    s.avg_token_usage = sum(usage) / len(usage) if usage else 0.0
+    s.avg_throughput = sum(thr) / len(thr) if thr else 0.0
+    s.avg_utilization = sum(util) / len(util) if util else 0.0
+    return s
+
+
+def build_response(
+    result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool
+) -> pb.GetLoadsResponse:
+    """A new GetLoadsResponse for one caller's view of `result` (loads sorted by dp_rank)."""
+    ranks = range(result.dp_size) if dp_rank is None else (dp_rank,)
+    loads: list[pb.RankLoad] = []
+    missing: list[int] = []
+    for rank in ranks:
+        load = result.fresh.get(rank)
+        if load is not None:
+            loads.append(trim(load, sections))
+            continue
+        missing.append(rank)
+        snap = result.stale.get(rank) if allow_stale else None
+        if snap is not None:
+            stale = pb.RankLoad()
+            stale.CopyFrom(trim(snap.load, sections))
+            stale.stale = True
+            stale.age_ms = snap.age_ms(result.finished)
+            loads.append(stale)
+    return pb.GetLoadsResponse(
+        round_id=result.round_id,
+        timestamp_ms=result.timestamp_ms,
+        dp_size=result.dp_size,
+        loads=loads,
+        missing_ranks=missing,
+        summary=summarize(loads),
+        source=result.source,
+        round_duration_ms=result.duration_ms,
+        round_callers=result.callers,
+    )
+
+
+def response_bytes(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool) -> bytes:
+    """The serialized view, built once per round per distinct view and shared by every caller."""
+    key = (dp_rank, sections, allow_stale)
+    cached = result.cache.get(key)
+    if cached is None:
+        cached = build_response(result, dp_rank, sections, allow_stale).SerializeToString()
+        if not result.partial:
+            result.cache[key] = cached
+    return cached

@@ -1,0 +1,123 @@
+"""`loadagg` command: serve, loads, demo. Every flag also reads a LOADAGG_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import grpc
+
+from loadagg.config import AggregatorConfig, env, env_int
+
+
+def run(coro):
+    """asyncio.run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loadagg.server import serve
+
+    config = AggregatorConfig(
+        host=args.host,
+        port=args.port,
+        dp_size=args.dp_size,
+        mode=args.mode,
+        round_timeout_ms=args.round_timeout_ms,
+        grace_s=args.grace_s,
+    )
+    run(serve(config))
+    return 0
+
+
+def _loads(args: argparse.Namespace) -> int:
+    from loadagg.client import LoadClient
+    from loadagg.render import to_json, to_table
+
+    include = [s for s in (args.include or "").split(",") if s]
+    with LoadClient(args.target, timeout=args.timeout) as client:
+        try:
+            response = client.get_loads(args.dp_rank, include, allow_stale=args.allow_stale)
+        except grpc.RpcError as error:
+            print(f"loadagg loads: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(to_json(response) if args.json else to_table(response))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loadagg.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        dp_size=args.dp_size,
+        agents=args.agents or args.dp_size,
+        port=args.port,
+        collect_latency_ms=args.collect_latency_ms,
+        interval_s=args.interval,
+        duration_s=args.duration,
+        mode=args.mode,
+    )
+    try:
+        run(run_demo(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loadagg", description="gRPC load aggregation for data-parallel LLM schedulers.")
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser("serve", help="run the aggregator", formatter_class=fmt)
+    s.add_argument("--host", default=env("HOST", "0.0.0.0"), help="bind address [LOADAGG_HOST]")
+    s.add_argument("--port", type=int, default=env_int("PORT", 50051), help="gRPC port [LOADAGG_PORT]")
+    s.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 1), help="expected dp ranks [LOADAGG_DP_SIZE]")
+    s.add_argument("--mode", choices=("watching", "queueing"), default=env("MODE", "watching"),
+                   help="how concurrent GetLoads share rounds [LOADAGG_MODE]")
+    s.add_argument("--round-timeout-ms", type=int, default=env_int("ROUND_TIMEOUT_MS", 500),
+                   help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
+    s.add_argument("--grace-s", type=float, default=float(env("GRACE_S", "5")),
+                   help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
+    s.set_defaults(func=_serve)
+
+    q = sub.add_parser("loads", help="call GetLoads and print the answer", formatter_class=fmt)
+    q.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
+    q.add_argument("--dp-rank", type=int, default=None, help="only this rank")
+    q.add_argument("--include", default="", help="sections, comma-separated: core,memory,gpu,spec,lora,disagg,queues,all")
+    q.add_argument("--allow-stale", action="store_true", help="show last known loads of ranks that missed the round")
+    q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
+    q.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    q.set_defaults(func=_loads)
+
+    d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", formatter_class=fmt)
+    d.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 4), help="[LOADAGG_DP_SIZE]")
+    d.add_argument("--agents", type=int, default=0, help="agent processes (default: one per rank)")
+    d.add_argument("--port", type=int, default=env_int("PORT", 0), help="0 picks a free port [LOADAGG_PORT]")
+    d.add_argument("--collect-latency-ms", type=float, default=20.0, help="simulated scheduler answer time")
+    d.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    d.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
+    d.add_argument("--mode", choices=("watching", "queueing"), default="watching")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(args.func(args))
+    except ValueError as error:
+        print(f"loadagg {args.command}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

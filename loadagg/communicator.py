@@ -1,0 +1,172 @@
+"""The watching communicator (one shared round for all concurrent callers) and its queueing twin.
+
+Both fan a `collect{round_id}` out to every live agent and gather `report{round_id}` answers. They
+differ only in how callers are scheduled:
+
+* WatchingCommunicator: at most one round in flight; a caller arriving during a round joins it and
+  sends nothing. This is sglang's fix for /v1/loads, plus a deadline and round ids.
+* QueueingCommunicator: each caller runs its own round, one after another (sglang before the fix),
+  kept for tests and benchmarks to compare against.
+
+A caller that is cancelled, or whose own deadline comes first, never cancels the round for others:
+every caller awaits the round through `asyncio.shield`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from loadagg.registry import AgentRegistry, AgentSession
+from loadagg.rounds import Round, RoundResult
+from loadagg.v1 import loadagg_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommunicatorStats:
+    """Counters tests and benchmarks read to prove coalescing (rounds vs callers)."""
+
+    rounds_started: int = 0
+    rounds_timed_out: int = 0
+    callers: int = 0
+    collects_sent: int = 0
+    reports_accepted: int = 0
+    reports_dropped: int = 0  # answers for a round that is not (or no longer) in flight
+    partial_answers: int = 0  # callers answered before their round ended, to meet their deadline
+
+
+class _Communicator:
+    mode = "base"
+
+    def __init__(self, registry: AgentRegistry, round_timeout: float) -> None:
+        self.registry = registry
+        self.round_timeout = round_timeout
+        self.stats = CommunicatorStats()
+        self.last_result: RoundResult | None = None
+        self._rounds: dict[int, Round] = {}
+        self._next_id = 1
+        registry.on_disconnect(self._agent_left)
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    @property
+    def rounds_in_flight(self) -> int:
+        return len(self._rounds)
+
+    def _start_round(self) -> Round:
+        live = self.registry.live_ranks()
+        rnd = Round(self._next_id, self.registry.dp_size, live)
+        self._next_id += 1
+        self._rounds[rnd.id] = rnd
+        self.stats.rounds_started += 1
+        message = pb.AggregatorMessage(collect=pb.CollectRequest(round_id=rnd.id, include=["all"]))
+        for session in self.registry.sessions():
+            session.send(message)
+            self.stats.collects_sent += 1
+        if rnd.complete:  # nobody to wait for
+            self._finish(rnd)
+        else:
+            rnd.timer = asyncio.get_running_loop().call_later(self.round_timeout, self._finish, rnd, True)
+        return rnd
+
+    def _finish(self, rnd: Round, timed_out: bool = False) -> None:
+        if rnd.done:
+            return
+        if rnd.timer is not None:
+            rnd.timer.cancel()
+        if timed_out:
+            self.stats.rounds_timed_out += 1
+            log.debug("round %d ended at its deadline; missing %s", rnd.id, sorted(rnd.expected - rnd.answers.keys()))
+        self._rounds.pop(rnd.id, None)
+        result = rnd.result(self.registry)
+        self.last_result = result
+        rnd.future.set_result(result)
+
+    async def _await(self, rnd: Round, wait_timeout: float | None) -> RoundResult:
+        """Wait for `rnd` without ever cancelling it; past `wait_timeout`, answer with what has arrived."""
+        rnd.callers += 1
+        self.stats.callers += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(rnd.future), wait_timeout)
+        except TimeoutError:
+            if rnd.done:
+                return rnd.future.result()
+            self.stats.partial_answers += 1
+            return rnd.result(self.registry, partial=True)
+
+    # -- agent side ---------------------------------------------------------------------------
+
+    def accept(self, session: AgentSession, round_id: int, loads: list[pb.RankLoad], failed: Iterable[int]) -> bool:
+        """Take a validated report. False when it answers a round not in flight (dropped, never mixed in)."""
+        if round_id == 0:  # unsolicited push: only refreshes last-known snapshots
+            self.registry.store(loads)
+            self.stats.reports_accepted += 1
+            return True
+        rnd = self._rounds.get(round_id)
+        if rnd is None:
+            self.stats.reports_dropped += 1
+            return False
+        self.stats.reports_accepted += 1
+        accepted = [load for load in loads if rnd.answer(load)]
+        self.registry.store(accepted)
+        rnd.give_up(r for r in failed if r in session.dp_ranks)
+        if rnd.complete:
+            self._finish(rnd)
+        return True
+
+    def _agent_left(self, session: AgentSession) -> None:
+        for rnd in list(self._rounds.values()):
+            rnd.give_up(session.dp_ranks)
+            if rnd.complete:
+                self._finish(rnd)
+
+    async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
+        raise NotImplementedError
+
+
+class WatchingCommunicator(_Communicator):
+    """At most one round in flight; concurrent callers join it."""
+
+    mode = "watching"
+
+    async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
+        """The result of the round in flight (or a new one if none is, or if it started before `started_after`)."""
+        deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+        while True:
+            rnd = next(iter(self._rounds.values()), None)
+            if rnd is not None and started_after is not None and rnd.started < started_after:
+                # Too old for this caller: wait for it to end, then join or lead the next one.
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(asyncio.shield(rnd.future), remaining)
+                except TimeoutError:
+                    self.stats.partial_answers += 1
+                    return rnd.result(self.registry, partial=True)
+                continue
+            if rnd is None:
+                rnd = self._start_round()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await self._await(rnd, remaining)
+
+
+class QueueingCommunicator(_Communicator):
+    """One round per caller, callers served one at a time (the behaviour sglang replaced)."""
+
+    mode = "queueing"
+
+    def __init__(self, registry: AgentRegistry, round_timeout: float) -> None:
+        super().__init__(registry, round_timeout)
+        self._turn = asyncio.Lock()
+
+    async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
+        async with self._turn:
+            return await self._await(self._start_round(), wait_timeout)
+
+
+Communicator = WatchingCommunicator | QueueingCommunicator
+MODES = {"watching": WatchingCommunicator, "queueing": QueueingCommunicator}

@@ -1,0 +1,44 @@
+"""AggregatorConfig: every setting of the aggregator, built once from CLI flags and LOADAGG_* env vars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """LOADAGG_<NAME> from the environment (how containers configure us), else `default`."""
+    return os.environ.get(f"LOADAGG_{name}", default)
+
+
+def env_int(name: str, default: int) -> int:
+    value = env(name)
+    return default if value in (None, "") else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    dp_size: int = 1
+    mode: str = "watching"  # or "queueing" (sglang's old behaviour, for comparison)
+    round_timeout_ms: int = 500  # a round ends at this deadline even if a rank never answers
+    hello_timeout_ms: int = 10_000  # an agent must say hello this soon after connecting
+    grace_s: float = 5.0  # SIGTERM: time for in-flight calls to finish
+    default_watch_interval_ms: int = 1000
+    aggregator_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.mode not in ("watching", "queueing"):
+            raise ValueError(f"mode must be 'watching' or 'queueing', got {self.mode!r}")
+        if self.round_timeout_ms < 1:
+            raise ValueError("round_timeout_ms must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"

@@ -1,0 +1,46 @@
+"""The exceptions of loadagg, and the one place they become gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LoadAggError(Exception):
+    """Base of every error loadagg raises on purpose; `code` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(LoadAggError):
+    """The caller sent something we cannot answer (unknown section, rank out of range...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RankConflict(LoadAggError):
+    """Another live agent already serves a dp rank that a new agent claims."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(LoadAggError):
+    """Missing or wrong shared token."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DeadlineTooShort(LoadAggError):
+    """The caller's own deadline leaves no time to answer at all."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ShuttingDown(LoadAggError):
+    """The server is draining and takes no new work."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: LoadAggError) -> None:
+    """End an RPC with the status `error` maps to; never returns."""
+    await context.abort(error.code, str(error))

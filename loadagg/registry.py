@@ -1,0 +1,122 @@
+"""AgentRegistry: which agent serves which dp ranks, connected or not, and each rank's last snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from loadagg.errors import RankConflict
+from loadagg.v1 import loadagg_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One live AgentLink stream. The communicator writes to it through `send` (never blocks)."""
+
+    instance_id: str
+    dp_ranks: tuple[int, ...]
+    peer: str = ""
+    model: str = ""
+    version: str = ""
+    source: str = ""
+    connected_at: float = field(default_factory=time.monotonic)
+    outbox: asyncio.Queue[pb.AggregatorMessage | None] = field(default_factory=asyncio.Queue)
+    closed: bool = False
+
+    def send(self, message: pb.AggregatorMessage) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        """Ask the stream's writer to end the RPC (used when a reconnect replaces this session)."""
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A rank's last accepted load and when we received it (monotonic, for ages)."""
+
+    load: pb.RankLoad
+    received: float
+
+    def age_ms(self, now: float) -> int:
+        return max(0, int((now - self.received) * 1000))
+
+
+class AgentRegistry:
+    """Owns rank ownership rules: one live agent per rank; the same instance reconnecting replaces itself."""
+
+    def __init__(self, dp_size: int) -> None:
+        self.dp_size = dp_size
+        self._owner: dict[int, AgentSession] = {}
+        self._last_owner_id: dict[int, str] = {}
+        self._snapshots: dict[int, Snapshot] = {}
+        self._sessions: set[AgentSession] = set()
+        self._listeners: list[Callable[[AgentSession], None]] = []
+        self.snapshot_version = 0
+
+    def on_disconnect(self, listener: Callable[[AgentSession], None]) -> None:
+        """Called with each session that leaves (the communicator stops waiting for its ranks)."""
+        self._listeners.append(listener)
+
+    def register(self, session: AgentSession) -> None:
+        """Claim the session's ranks, replacing an older link of the same instance; RankConflict otherwise."""
+        for rank in session.dp_ranks:
+            holder = self._owner.get(rank)
+            if holder is not None and holder.instance_id != session.instance_id:
+                raise RankConflict(
+                    f"dp rank {rank} is already served by live agent {holder.instance_id!r} "
+                    f"({holder.peer or 'unknown peer'}); stop it or give this agent other ranks"
+                )
+        replaced = {self._owner[r] for r in session.dp_ranks if r in self._owner}
+        replaced |= {s for s in self._sessions if s.instance_id == session.instance_id}
+        for old in replaced:
+            log.info("agent %s reconnected; replacing its old link", old.instance_id)
+            self.unregister(old)
+            old.close()
+        self._sessions.add(session)
+        for rank in session.dp_ranks:
+            self._owner[rank] = session
+            self._last_owner_id[rank] = session.instance_id
+
+    def unregister(self, session: AgentSession) -> None:
+        if session not in self._sessions:
+            return
+        self._sessions.discard(session)
+        for rank in session.dp_ranks:
+            if self._owner.get(rank) is session:
+                del self._owner[rank]
+        for listener in self._listeners:
+            listener(session)
+
+    def sessions(self) -> list[AgentSession]:
+        return list(self._sessions)
+
+    def owner(self, rank: int) -> AgentSession | None:
+        return self._owner.get(rank)
+
+    def live_ranks(self) -> frozenset[int]:
+        return frozenset(self._owner)
+
+    def known_ranks(self) -> dict[int, tuple[str, bool]]:
+        """Every rank ever served: (instance id, connected now)."""
+        return {r: (iid, r in self._owner) for r, iid in sorted(self._last_owner_id.items())}
+
+    def store(self, loads: Iterable[pb.RankLoad], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for load in loads:
+            self._snapshots[load.dp_rank] = Snapshot(load, now)
+        self.snapshot_version += 1
+
+    def snapshot(self, rank: int) -> Snapshot | None:
+        return self._snapshots.get(rank)
+
+    def snapshots(self) -> dict[int, Snapshot]:
+        return dict(self._snapshots)

@@ -1,0 +1,92 @@
+"""A collection round: what it asked, who answered, and the immutable RoundResult it ends with."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from loadagg.registry import AgentRegistry, Snapshot
+from loadagg.v1 import loadagg_pb2 as pb
+
+
+def unix_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, eq=False)
+class RoundResult:
+    """What one round (or a cache read) produced. Shared by every caller, never mutated.
+
+    `fresh` holds the loads answered in this round; `stale` the last known snapshot of ranks that did
+    not answer (only shown to callers that allow stale data). `cache` memoises per-request answers
+    (serialized once, however many callers want the same view).
+    """
+
+    round_id: int
+    dp_size: int
+    timestamp_ms: int
+    finished: float  # monotonic
+    duration_ms: int
+    fresh: Mapping[int, pb.RankLoad]
+    stale: Mapping[int, Snapshot]
+    missing: tuple[int, ...]
+    callers: int
+    source: int = pb.ANSWER_SOURCE_ROUND
+    partial: bool = False
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def age_ms(self, now: float | None = None) -> int:
+        return max(0, int(((time.monotonic() if now is None else now) - self.finished) * 1000))
+
+
+class Round:
+    """A round in flight. Ends (once) when every expected rank answered, or at its deadline."""
+
+    def __init__(self, round_id: int, dp_size: int, expected: frozenset[int]) -> None:
+        self.id = round_id
+        self.dp_size = dp_size
+        self.expected = set(expected)
+        self.started = time.monotonic()
+        self.answers: dict[int, pb.RankLoad] = {}
+        self.callers = 0
+        self.future: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    @property
+    def complete(self) -> bool:
+        return self.expected.issubset(self.answers)
+
+    def answer(self, load: pb.RankLoad) -> bool:
+        """Record one rank's answer; False if the rank was not expected (or already answered)."""
+        if load.dp_rank not in self.expected or load.dp_rank in self.answers:
+            return False
+        self.answers[load.dp_rank] = load
+        return True
+
+    def give_up(self, ranks) -> None:
+        """Stop waiting for ranks whose agent left or whose source failed."""
+        self.expected.difference_update(r for r in ranks if r not in self.answers)
+
+    def result(self, registry: AgentRegistry, *, partial: bool = False) -> RoundResult:
+        now = time.monotonic()
+        missing = tuple(r for r in range(self.dp_size) if r not in self.answers)
+        stale = {r: s for r in missing if (s := registry.snapshot(r)) is not None}
+        return RoundResult(
+            round_id=self.id,
+            dp_size=self.dp_size,
+            timestamp_ms=unix_ms(),
+            finished=now,
+            duration_ms=int((now - self.started) * 1000),
+            fresh=MappingProxyType(dict(self.answers)),
+            stale=MappingProxyType(stale),
+            missing=missing,
+            callers=self.callers,
+            partial=partial,
+        )

@@ -1,0 +1,57 @@
+"""Section names of `include`, parsing them, and trimming a RankLoad to what a caller asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from loadagg.errors import InvalidRequest
+from loadagg.v1 import loadagg_pb2 as pb
+
+# Section name -> RankLoad field holding it. "core" is the scalar fields, always returned (as sglang does).
+SECTION_FIELDS: dict[str, str] = {
+    "memory": "memory",
+    "gpu": "gpu",
+    "spec": "spec",
+    "lora": "lora",
+    "disagg": "disagg",
+    "queues": "queues",
+}
+SECTIONS: tuple[str, ...] = ("core", *SECTION_FIELDS)
+ALL_SECTIONS: frozenset[str] = frozenset(SECTION_FIELDS)
+
+
+def parse_include(include: Iterable[str]) -> frozenset[str]:
+    """The optional sections a caller wants; empty or "all" means every one.
+
+    Accepts comma-separated items too ("core,memory"), since that is how people type them.
+    """
+    wanted: set[str] = set()
+    seen_any = False
+    for item in include:
+        for name in item.split(","):
+            name = name.strip().lower()
+            if not name:
+                continue
+            seen_any = True
+            if name == "all":
+                return ALL_SECTIONS
+            if name == "core":
+                continue
+            if name not in SECTION_FIELDS:
+                raise InvalidRequest(
+                    f"unknown section {name!r} in include; valid sections are: {', '.join(SECTIONS)}, all"
+                )
+            wanted.add(name)
+    return frozenset(wanted) if seen_any else ALL_SECTIONS
+
+
+def trim(load: pb.RankLoad, sections: frozenset[str]) -> pb.RankLoad:
+    """`load` itself when nothing is to be cut (it is shared and never mutated), else a trimmed copy."""
+    drop = [SECTION_FIELDS[s] for s in ALL_SECTIONS - sections if load.HasField(SECTION_FIELDS[s])]
+    if not drop:
+        return load
+    copy = pb.RankLoad()
+    copy.CopyFrom(load)
+    for field in drop:
+        copy.ClearField(field)
+    return copy

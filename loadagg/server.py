@@ -1,0 +1,124 @@
+"""Aggregator: the grpc.aio server with LoadAggregator, AgentLink, health, reflection and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loadagg.agent_link import AgentLinkService
+from loadagg.communicator import MODES, Communicator
+from loadagg.config import AggregatorConfig
+from loadagg.registry import AgentRegistry
+from loadagg.service import LoadAggregatorService
+from loadagg.v1 import loadagg_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
+AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
+
+
+def _serialize(message) -> bytes:
+    """Handlers may return bytes already serialized (shared between callers) or a message."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class Aggregator:
+    """One aggregator: registry + communicator + services on a grpc.aio server. Embeddable in tests and demos."""
+
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.registry = AgentRegistry(config.dp_size)
+        self.communicator: Communicator = MODES[config.mode](self.registry, config.round_timeout_ms / 1000)
+        self.loads = LoadAggregatorService(self.communicator, config.dp_size)
+        self.agents = AgentLinkService(
+            self.registry,
+            self.communicator,
+            aggregator_id=config.aggregator_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+            round_timeout_ms=config.round_timeout_ms,
+            hello_timeout_s=config.hello_timeout_ms / 1000,
+        )
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        load_handlers = {
+            "GetLoads": grpc.unary_unary_rpc_method_handler(
+                self.loads.get_loads,
+                request_deserializer=pb.GetLoadsRequest.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        agent_handlers = {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                self.agents.connect,
+                request_deserializer=pb.AgentMessage.FromString,
+                response_serializer=_serialize,
+            ),
+        }
+        return [
+            grpc.method_handlers_generic_handler(LOAD_SERVICE, load_handlers),
+            grpc.method_handlers_generic_handler(AGENT_SERVICE, agent_handlers),
+        ]
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0)."""
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(self._handlers())
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (LOAD_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
+        self.port = server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.address}")
+        await server.start()
+        for name in ("", LOAD_SERVICE, AGENT_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.server = server
+        log.info(
+            "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms)",
+            self.config.host, self.port, self.config.dp_size, self.config.mode, self.config.round_timeout_ms,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: refuse new RPCs, let in-flight GetLoads finish (up to `grace`), then close agent streams."""
+        if self.server is None or self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self.server.stop(grace))
+        try:
+            await asyncio.wait_for(self.loads.drained(), grace)
+        except TimeoutError:
+            log.warning("grace period over with %d GetLoads calls still in flight", self.loads.in_flight)
+        for session in self.registry.sessions():
+            session.close()
+        await stopping
+        self._stopped.set()
+        log.info("aggregator stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: AggregatorConfig) -> None:
+    """Run an aggregator until SIGTERM/SIGINT, then shut down gracefully."""
+    aggregator = Aggregator(config)
+    await aggregator.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: shutting down (grace %.1f s)", config.grace_s)
+    await aggregator.stop()

@@ -1,0 +1,82 @@
+"""LoadAggregator servicer: validate the request, get a round (joined, new or cached), return the caller's view."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import grpc
+
+from loadagg.answers import check_rank, response_bytes
+from loadagg.communicator import Communicator
+from loadagg.errors import DeadlineTooShort, LoadAggError, abort_with
+from loadagg.rounds import RoundResult
+from loadagg.sections import parse_include
+from loadagg.v1 import loadagg_pb2 as pb
+
+# Part of a caller's own deadline kept back to serialize and send the answer.
+_SEND_MARGIN_S = 0.02
+_MIN_BUDGET_S = 0.002
+
+
+def wait_budget(context: grpc.aio.ServicerContext) -> float | None:
+    """How long we may wait for a round and still answer before the caller's deadline (None: no deadline)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    budget = remaining - min(_SEND_MARGIN_S, remaining * 0.2)
+    if budget < _MIN_BUDGET_S:
+        raise DeadlineTooShort(f"the call's deadline leaves {remaining * 1000:.1f} ms: too little to collect loads")
+    return budget
+
+
+class LoadAggregatorService:
+    """Router-facing RPCs. Handlers return serialized bytes shared between callers of the same view."""
+
+    def __init__(self, communicator: Communicator, dp_size: int) -> None:
+        self.communicator = communicator
+        self.dp_size = dp_size
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cached: tuple[RoundResult, RoundResult] | None = None  # (last round, its cache-sourced twin)
+
+    async def result_for(self, request: pb.GetLoadsRequest, wait: float | None, received: float) -> RoundResult:
+        """The RoundResult this request's freshness asks for."""
+        freshness = request.freshness
+        if freshness == pb.FRESHNESS_CACHED:
+            cached = self._recent(request.max_staleness_ms)
+            if cached is not None:
+                return cached
+        started_after = received if freshness == pb.FRESHNESS_NEW_ROUND else None
+        return await self.communicator.collect(started_after=started_after, wait_timeout=wait)
+
+    def _recent(self, max_staleness_ms: int) -> RoundResult | None:
+        last = self.communicator.last_result
+        if last is None or last.age_ms() > max_staleness_ms:
+            return None
+        if self._cached is None or self._cached[0] is not last:
+            self._cached = (last, dataclasses.replace(last, source=pb.ANSWER_SOURCE_CACHE, cache={}))
+        return self._cached[1]
+
+    async def get_loads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
+        received = time.monotonic()
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            sections = parse_include(request.include)
+            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+            check_rank(dp_rank, self.dp_size)
+            result = await self.result_for(request, wait_budget(context), received)
+            return response_bytes(result, dp_rank, sections, request.allow_stale)
+        except LoadAggError as error:
+            await abort_with(context, error)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        """Returns once no GetLoads call is in flight (used by graceful shutdown)."""
+        await self._idle.wait()

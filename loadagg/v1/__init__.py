@@ -1,0 +1,1 @@
+"""Generated contract of loadagg.v1 (see protos/; regenerate with scripts/gen_protos.py)."""

@@ -1,0 +1,3 @@
+from scheduler_agent.cli import main
+
+main()

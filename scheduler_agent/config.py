@@ -1,0 +1,42 @@
+"""AgentConfig: every setting of a scheduler agent, built once from CLI flags and LOADAGG_* env vars."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`."""
+    return os.environ.get(f"LOADAGG_{name}", default)
+
+
+def default_instance_id() -> str:
+    """Stable for this process: a reconnect with the same id replaces the old link instead of conflicting."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    aggregator: str = "127.0.0.1:50051"
+    dp_ranks: tuple[int, ...] = (0,)
+    dp_size: int = 0  # 0: accept the aggregator's dp_size
+    instance_id: str = field(default_factory=default_instance_id)
+    source: str = "simulator"
+    model: str = ""
+    seed: int | None = None
+    collect_latency_ms: float = 0.0  # simulator: how long answering a collect takes
+    push_interval_ms: int = 0  # 0: only answer collect rounds
+    backoff_initial_ms: int = 100
+    backoff_max_ms: int = 5_000
+
+    def __post_init__(self) -> None:
+        if not self.dp_ranks:
+            raise ValueError("an agent must serve at least one dp rank")
+        if any(r < 0 for r in self.dp_ranks):
+            raise ValueError(f"dp ranks must be >= 0, got {list(self.dp_ranks)}")
+        if self.dp_size and any(r >= self.dp_size for r in self.dp_ranks):
+            raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
+        if self.collect_latency_ms < 0:
+            raise ValueError("collect_latency_ms must be >= 0")
