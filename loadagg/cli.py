@@ -72,11 +72,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loadagg", description="gRPC load aggregation for data-parallel LLM schedulers.")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
 
-    s = sub.add_parser("serve", help="run the aggregator", formatter_class=fmt)
+    s = sub.add_parser("serve", help="run the aggregator", parents=[common], formatter_class=fmt)
     s.add_argument("--host", default=env("HOST", "0.0.0.0"), help="bind address [LOADAGG_HOST]")
     s.add_argument("--port", type=int, default=env_int("PORT", 50051), help="gRPC port [LOADAGG_PORT]")
     s.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 1), help="expected dp ranks [LOADAGG_DP_SIZE]")
@@ -88,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
                    help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
     s.set_defaults(func=_serve)
 
-    q = sub.add_parser("loads", help="call GetLoads and print the answer", formatter_class=fmt)
+    q = sub.add_parser("loads", help="call GetLoads and print the answer", parents=[common], formatter_class=fmt)
     q.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
     q.add_argument("--dp-rank", type=int, default=None, help="only this rank")
     q.add_argument("--include", default="", help="sections, comma-separated: core,memory,gpu,spec,lora,disagg,queues,all")
@@ -97,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=5.0, help="seconds")
     q.set_defaults(func=_loads)
 
-    d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", formatter_class=fmt)
+    d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", parents=[common], formatter_class=fmt)
     d.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 4), help="[LOADAGG_DP_SIZE]")
     d.add_argument("--agents", type=int, default=0, help="agent processes (default: one per rank)")
     d.add_argument("--port", type=int, default=env_int("PORT", 0), help="0 picks a free port [LOADAGG_PORT]")

@@ -1,0 +1,71 @@
+"""The console entry points as separate processes: `loadagg serve`, `scheduler-agent`, `loadagg loads`, demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, free_port
+
+
+def _loads(port: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loadagg", "loads", "--target", f"127.0.0.1:{port}", *args],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+def _wait_for_ranks(port: int, ranks: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _loads(port, "--json")
+        if result.returncode == 0:
+            body = json.loads(result.stdout)
+            if len(body.get("loads", [])) == ranks:
+                return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ranks never all answered: {result.stdout} {result.stderr}")
+        time.sleep(0.2)
+
+
+def test_serve_agent_and_loads_as_separate_processes(processes):
+    port = free_port()
+    server = processes.start("loadagg", "serve", "--host", "127.0.0.1", "--port", str(port), "--dp-size", "3")
+    processes.agent(port, [0, 1], 3, "--seed", "1")
+    # Configured through the environment only, as in a container.
+    processes.start("scheduler_agent", env={"LOADAGG_AGGREGATOR": f"127.0.0.1:{port}", "LOADAGG_DP_RANKS": "2",
+                                            "LOADAGG_DP_SIZE": "3", "LOADAGG_COLLECT_LATENCY_MS": "5"})
+    body = _wait_for_ranks(port, 3)
+    assert [load.get("dp_rank", 0) for load in body["loads"]] == [0, 1, 2]  # JSON omits dp_rank 0
+    assert body["summary"]["num_ranks"] == 3
+
+    one = _loads(port, "--dp-rank", "2", "--include", "core,memory", "--json")
+    (load,) = json.loads(one.stdout)["loads"]
+    assert load["dp_rank"] == 2 and "memory" in load and "gpu" not in load
+
+    table = _loads(port)
+    assert table.returncode == 0 and "total: 3 ranks" in table.stdout
+
+    bad = _loads(port, "--dp-rank", "7")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "out of range" in bad.stderr
+
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=15) == 0
+    assert "aggregator stopped" in server.stdout.read()
+
+
+def test_demo_shows_a_live_cluster():
+    result = subprocess.run(
+        [sys.executable, "-m", "loadagg", "demo", "--dp-size", "4", "--agents", "2", "--duration", "4",
+         "--interval", "0.5", "--log-level", "WARNING"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    frames = [f for f in result.stdout.split("loadagg demo:") if f.strip()]
+    assert len(frames) >= 3
+    last = frames[-1]
+    assert "4/4 ranks linked from 2 agent processes" in last
+    assert "total: 4 ranks" in last
+    round_ids = [int(f.split("round ")[1].split()[0]) for f in frames]
+    assert round_ids == sorted(round_ids) and len(set(round_ids)) == len(round_ids)  # refreshing

@@ -1,0 +1,89 @@
+"""Per-caller views: dp_rank filter, include sections, and clear INVALID_ARGUMENT on bad input."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+
+SECTION_FIELDS = ("memory", "gpu", "spec", "lora", "disagg", "queues")
+
+
+@pytest.fixture
+async def stub(start_aggregator, start_agents, channel_to):
+    agg = await start_aggregator(dp_size=4)
+    await start_agents(agg, [[0, 1], [2], [3]])
+    return pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+
+
+async def test_dp_rank_filter_returns_exactly_that_rank(stub):
+    for rank in range(4):
+        response = await stub.GetLoads(pb.GetLoadsRequest(dp_rank=rank), timeout=5)
+        assert [load.dp_rank for load in response.loads] == [rank]
+        assert response.summary.num_ranks == 1
+        assert response.summary.total_running_reqs == response.loads[0].num_running_reqs
+        assert response.dp_size == 4
+
+
+async def test_whole_answer_sorted_with_summary(stub):
+    response = await stub.GetLoads(pb.GetLoadsRequest(), timeout=5)
+    assert [load.dp_rank for load in response.loads] == [0, 1, 2, 3]
+    assert not response.missing_ranks
+    assert response.round_id > 0 and response.timestamp_ms > 0
+    assert response.source == pb.ANSWER_SOURCE_ROUND
+    s = response.summary
+    assert s.num_ranks == 4
+    assert s.total_running_reqs == sum(l.num_running_reqs for l in response.loads)
+    assert s.total_waiting_reqs == sum(l.num_waiting_reqs for l in response.loads)
+    assert s.avg_token_usage == pytest.approx(sum(l.token_usage for l in response.loads) / 4)
+    assert s.total_gen_throughput == pytest.approx(sum(l.gen_throughput for l in response.loads))
+
+
+@pytest.mark.parametrize("include", [[], ["all"], ["core", "all"]])
+async def test_empty_or_all_include_returns_every_section(stub, include):
+    response = await stub.GetLoads(pb.GetLoadsRequest(include=include), timeout=5)
+    for load in response.loads:
+        assert all(load.HasField(f) for f in SECTION_FIELDS), load
+        assert load.HasField("num_running_reqs")
+
+
+@pytest.mark.parametrize("include", [["core"], ["memory"], ["gpu", "queues"], ["core,spec"], ["LoRA", "disagg"]])
+async def test_include_trims_sections(stub, include):
+    wanted = {s.strip().lower() for item in include for s in item.split(",")} - {"core"}
+    response = await stub.GetLoads(pb.GetLoadsRequest(include=include, dp_rank=2), timeout=5)
+    (load,) = response.loads
+    assert {f for f in SECTION_FIELDS if load.HasField(f)} == wanted
+    assert load.HasField("num_running_reqs") and load.HasField("token_usage")  # core always comes
+
+
+async def test_filters_do_not_leak_between_callers_of_one_round(stub):
+    """One caller trimming its view must not trim the shared result another caller reads."""
+    import asyncio
+
+    trimmed, whole = await asyncio.gather(
+        stub.GetLoads(pb.GetLoadsRequest(include=["core"]), timeout=5),
+        stub.GetLoads(pb.GetLoadsRequest(), timeout=5),
+    )
+    assert trimmed.round_id == whole.round_id
+    assert not any(l.HasField("memory") for l in trimmed.loads)
+    assert all(l.HasField("memory") for l in whole.loads)
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.GetLoadsRequest(dp_rank=4), "dp_rank 4 is out of range"),
+        (pb.GetLoadsRequest(dp_rank=-1), "dp_rank -1 is out of range"),
+        (pb.GetLoadsRequest(include=["memroy"]), "unknown section 'memroy'"),
+        (pb.GetLoadsRequest(include=["core", "bogus"]), "valid sections are"),
+    ],
+)
+async def test_bad_requests_get_invalid_argument(stub, request_, message):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetLoads(request_, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.details()
+    # and the server keeps serving
+    assert len((await stub.GetLoads(pb.GetLoadsRequest(), timeout=5)).loads) == 4

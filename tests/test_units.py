@@ -1,0 +1,78 @@
+"""Pure functions: include parsing, trimming, report validation, summary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loadagg.answers import summarize
+from loadagg.errors import InvalidRequest
+from loadagg.sections import ALL_SECTIONS, parse_include, trim
+from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.validation import load_problem, validate_hello
+from scheduler_agent.sources.simulator import SimulatedSource
+
+
+def test_parse_include():
+    assert parse_include([]) == ALL_SECTIONS
+    assert parse_include(["all"]) == ALL_SECTIONS
+    assert parse_include(["core"]) == frozenset()
+    assert parse_include(["core, memory", "GPU"]) == {"memory", "gpu"}
+    with pytest.raises(InvalidRequest, match="unknown section 'x'"):
+        parse_include(["memory", "x"])
+
+
+def test_trim_never_mutates_the_shared_load():
+    load = SimulatedSource(seed=1).snapshot(0)
+    before = load.SerializeToString()
+    trimmed = trim(load, frozenset({"memory"}))
+    assert trimmed.HasField("memory") and not trimmed.HasField("gpu")
+    assert load.SerializeToString() == before
+    assert trim(load, ALL_SECTIONS) is load
+
+
+def test_simulator_is_seeded_and_valid():
+    a, b = SimulatedSource(seed=7), SimulatedSource(seed=7)
+    for _ in range(50):
+        la, lb = a.snapshot(3), b.snapshot(3)
+        la.timestamp_ms = lb.timestamp_ms = 0
+        assert la == lb
+        assert load_problem(la) is None
+
+
+@pytest.mark.parametrize(
+    ("load", "problem"),
+    [
+        (pb.RankLoad(num_running_reqs=-1), "num_running_reqs is negative"),
+        (pb.RankLoad(token_usage=math.nan), "token_usage is nan"),
+        (pb.RankLoad(cache_hit_rate=1.5), "must be a ratio"),
+        (pb.RankLoad(gen_throughput=math.inf), "gen_throughput is inf"),
+        (pb.RankLoad(memory=pb.MemoryMetrics(kv_cache_gb=-2)), "memory.kv_cache_gb is negative"),
+        (pb.RankLoad(spec=pb.SpeculativeMetrics(accept_rate=2)), "spec.accept_rate must be a ratio"),
+        (pb.RankLoad(gpu=pb.GpuMetrics(devices=[pb.GpuDevice(index=1, utilization=3)])), "gpu[1].utilization"),
+        (pb.RankLoad(stale=True), "set by the aggregator"),
+    ],
+)
+def test_impossible_loads_are_refused(load, problem):
+    assert problem in load_problem(load)
+
+
+def test_validate_hello():
+    hello = pb.AgentHello(instance_id="a", dp_ranks=[2, 0], dp_size=4)
+    assert validate_hello(hello, 4) == (0, 2)
+    with pytest.raises(InvalidRequest, match="outside"):
+        validate_hello(pb.AgentHello(instance_id="a", dp_ranks=[4]), 4)
+    with pytest.raises(InvalidRequest, match="dp_size=8"):
+        validate_hello(pb.AgentHello(instance_id="a", dp_ranks=[0], dp_size=8), 4)
+    with pytest.raises(InvalidRequest, match="repeats"):
+        validate_hello(pb.AgentHello(instance_id="a", dp_ranks=[1, 1]), 4)
+    with pytest.raises(InvalidRequest, match="instance_id"):
+        validate_hello(pb.AgentHello(dp_ranks=[1]), 4)
+
+
+def test_summary_means_only_count_ranks_that_report():
+    s = summarize([pb.RankLoad(num_running_reqs=2, token_usage=0.5), pb.RankLoad(num_running_reqs=3)])
+    assert s.num_ranks == 2 and s.total_running_reqs == 5
+    assert s.avg_token_usage == 0.5
+    assert s.total_reqs == 5
