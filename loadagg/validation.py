@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from loadagg.errors import InvalidRequest
 from loadagg.v1 import loadagg_pb2 as pb
 
@@ -71,8 +73,49 @@ def _check_message(prefix: str, msg, ratios: tuple[str, ...]) -> str | None:
     return None
 
 
+def _numeric_fields(descriptor, ratios: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """(field name, upper bound) of every singular numeric field: the fast path reads them all, set or not."""
+    skip = {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BOOL,
+            FieldDescriptor.TYPE_BYTES}
+    return tuple(
+        (f.name, 1.0 + 1e-9 if f.name in ratios else math.inf)
+        for f in descriptor.fields
+        if f.type not in skip and not f.is_repeated
+    )
+
+
+_FAST_CORE = tuple((name, 1.0 + 1e-9 if name in _RATIOS_CORE else math.inf)
+                   for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput",))
+_FAST_SECTIONS = tuple(
+    (section, _numeric_fields(pb.RankLoad.DESCRIPTOR.fields_by_name[section].message_type, _SECTION_RATIOS.get(section, ())))
+    for section in ("memory", "spec", "lora", "disagg", "queues")
+)
+_FAST_GPU = _numeric_fields(pb.GpuDevice.DESCRIPTOR, _SECTION_RATIOS["gpu"])
+
+
+def _plausible(msg, fields: tuple[tuple[str, float], ...]) -> bool:
+    """True when every numeric field is finite and within [0, bound] (an unset field reads 0: fine)."""
+    for name, bound in fields:
+        value = getattr(msg, name)
+        if not (0 <= value <= bound) or value == math.inf:  # NaN fails the comparison
+            return False
+    return True
+
+
+def _looks_valid(load: pb.RankLoad) -> bool:
+    """The common case, cheaply (a few µs per rank): every figure plausible. False sends it to the detailed check."""
+    if load.stale or load.age_ms or not _plausible(load, _FAST_CORE):
+        return False
+    for section, fields in _FAST_SECTIONS:
+        if not _plausible(getattr(load, section), fields):
+            return False
+    return all(_plausible(device, _FAST_GPU) for device in load.gpu.devices)
+
+
 def load_problem(load: pb.RankLoad) -> str | None:
     """Why `load` cannot be true (negative count, NaN, ratio outside [0, 1]...), or None when it can."""
+    if _looks_valid(load):
+        return None
     if load.stale or load.age_ms:
         return "stale/age_ms are set by the aggregator, not by agents"
     for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput",):
