@@ -25,6 +25,15 @@ LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
 
 
+# gRPC core sheds calls that wait for the application beyond a backlog (random early drop from 1,000, all
+# beyond 3,000), answering CANCELLED. A storm of routers is what the aggregator exists to absorb, and those
+# calls are cheap to join to one round: queue up to these many before shedding.
+SERVER_OPTIONS = (
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+)
+
+
 def _serialize(message) -> bytes:
     """Handlers may return bytes already serialized (shared between callers) or a message."""
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -72,7 +81,7 @@ class Aggregator:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers(self._handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (LOAD_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
