@@ -1,0 +1,160 @@
+"""Harness side of the child processes: start them, talk JSON lines, end only what we started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ChildError(RuntimeError):
+    pass
+
+
+class Child:
+    """A `python -m MODULE ...` child: JSON lines on its stdout, commands on its stdin."""
+
+    def __init__(self, module: str, *args: str, name: str = "") -> None:
+        self.name = name or module
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump_stdout, daemon=True).start()
+        threading.Thread(target=self._pump_stderr, daemon=True).start()
+
+    def _pump_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # the child exited
+
+    def _pump_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def read(self, timeout: float = 60.0) -> dict:
+        """The next JSON line the child prints (non-JSON lines are skipped)."""
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                raise ChildError(f"{self.name}: no answer within {timeout:.0f} s; stderr: {self.stderr_tail()}") from None
+            if line is None:
+                raise ChildError(f"{self.name} exited ({self.proc.wait()}); stderr: {self.stderr_tail()}")
+            with contextlib.suppress(json.JSONDecodeError):
+                payload = json.loads(line)
+                if isinstance(payload, dict):
+                    return payload
+
+    def ask(self, command: str, timeout: float = 30.0) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read(timeout)
+
+    def stderr_tail(self, lines: int = 15) -> str:
+        return "".join(line for line in self._stderr[-lines:] if line)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask it to quit; kill it (only this child) if it does not."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+
+
+def run_client(spec: dict, timeout: float = 300.0) -> dict:
+    """Run the load generator (bench.clients) in its own process with `spec`; its JSON result."""
+    child = Child("bench.clients", json.dumps(spec), name=f"client[{spec.get('mode')}]")
+    try:
+        result = child.read(timeout)
+    finally:
+        child.close()
+    if "error" in result:
+        raise ChildError(f"client failed: {result['error']}")
+    return result
+
+
+@dataclass
+class Cluster:
+    """An aggregator child and its agent-host children."""
+
+    aggregator: Child
+    port: int
+    agent_hosts: list[Child] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        return self.aggregator.ask("stats")
+
+    def agent_stats(self) -> dict:
+        totals: dict[str, float] = {}
+        for host in self.agent_hosts:
+            for key, value in host.ask("stats").items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def close(self) -> None:
+        for child in [*self.agent_hosts, self.aggregator]:
+            child.close()
+
+
+def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, agents_per_process: int | None = None,
+                  ranks_per_agent: int = 1, collect_latency_ms: float = 0.0, source: str = "simulator",
+                  round_timeout_ms: int = 500, profile: str = "") -> Cluster:
+    """An aggregator serving `dp_size` ranks, all of them linked by agents spread over `processes` children."""
+    args = ["--dp-size", str(dp_size), "--mode", mode, "--round-timeout-ms", str(round_timeout_ms)]
+    aggregator = Child("bench.agg_proc", *args, *(["--profile", profile] if profile else []), name=f"aggregator[{mode}]")
+    cluster = Cluster(aggregator, 0)
+    try:
+        cluster.port = aggregator.read(60)["port"]
+        agents = dp_size // ranks_per_agent
+        per_process = agents_per_process or -(-agents // processes)
+        first = 0
+        while first < dp_size:
+            count = min(per_process, (dp_size - first) // ranks_per_agent)
+            cluster.agent_hosts.append(Child(
+                "bench.agent_host", "--aggregator", cluster.target, "--dp-size", str(dp_size),
+                "--first-rank", str(first), "--agents", str(count), "--ranks-per-agent", str(ranks_per_agent),
+                "--collect-latency-ms", str(collect_latency_ms), "--source", source, name=f"agents[{first}]"))
+            first += count * ranks_per_agent
+        for host in cluster.agent_hosts:
+            if not host.read(90).get("ready"):
+                raise ChildError(f"{host.name} did not link: {host.stderr_tail()}")
+        if cluster.stats()["live_ranks"] != dp_size:
+            raise ChildError(f"only {cluster.stats()['live_ranks']} of {dp_size} ranks linked")
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def start_echo(payload: bytes, path: str) -> tuple[Child, int]:
+    with open(path, "wb") as f:
+        f.write(payload)
+    echo = Child("bench.echo_proc", "--payload", path, name="echo")
+    try:
+        return echo, echo.read(60)["port"]
+    except BaseException:
+        echo.close()
+        raise

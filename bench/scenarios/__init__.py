@@ -1,0 +1,14 @@
+"""One module per scenario; each exposes `run(tiny: bool) -> Outcome`."""
+
+from __future__ import annotations
+
+from bench.scenarios import cpu, fanin, routers, storm, throughput, watch
+
+SCENARIOS = {
+    "storm": storm.run,
+    "throughput": throughput.run,
+    "fanin": fanin.run,
+    "routers": routers.run,
+    "watch": watch.run,
+    "cpu": cpu.run,
+}
