@@ -7,6 +7,7 @@ source cannot poison the answers routers read.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -73,43 +74,54 @@ def _check_message(prefix: str, msg, ratios: tuple[str, ...]) -> str | None:
     return None
 
 
-def _numeric_fields(descriptor, ratios: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
-    """(field name, upper bound) of every singular numeric field: the fast path reads them all, set or not."""
+def _getter(names: list[str]):
+    """One C call reading every field in `names` into a tuple."""
+    if not names:
+        return lambda msg: ()
+    if len(names) == 1:
+        single = attrgetter(names[0])
+        return lambda msg: (single(msg),)
+    return attrgetter(*names)
+
+
+def _numeric_getters(descriptor, ratios: tuple[str, ...]):
+    """(counts getter, ratios getter) over every singular numeric field of a message type, set or not."""
     skip = {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BOOL,
             FieldDescriptor.TYPE_BYTES}
-    return tuple(
-        (f.name, 1.0 + 1e-9 if f.name in ratios else math.inf)
-        for f in descriptor.fields
-        if f.type not in skip and not f.is_repeated
-    )
+    names = [f.name for f in descriptor.fields if f.type not in skip and not f.is_repeated]
+    return _getter([n for n in names if n not in ratios]), _getter([n for n in names if n in ratios])
 
 
-_FAST_CORE = tuple((name, 1.0 + 1e-9 if name in _RATIOS_CORE else math.inf)
-                   for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput",))
-_FAST_SECTIONS = tuple(
-    (section, _numeric_fields(pb.RankLoad.DESCRIPTOR.fields_by_name[section].message_type, _SECTION_RATIOS.get(section, ())))
-    for section in ("memory", "spec", "lora", "disagg", "queues")
+_SECTION_NAMES = ("memory", "spec", "lora", "disagg", "queues")
+_SECTIONS = attrgetter(*_SECTION_NAMES)
+_CORE_GETTERS = (_getter([*_COUNTS_CORE, "gen_throughput"]), _getter(list(_RATIOS_CORE)))
+_SECTION_GETTERS = tuple(
+    _numeric_getters(pb.RankLoad.DESCRIPTOR.fields_by_name[name].message_type, _SECTION_RATIOS.get(name, ()))
+    for name in _SECTION_NAMES
 )
-_FAST_GPU = _numeric_fields(pb.GpuDevice.DESCRIPTOR, _SECTION_RATIOS["gpu"])
-
-
-def _plausible(msg, fields: tuple[tuple[str, float], ...]) -> bool:
-    """True when every numeric field is finite and within [0, bound] (an unset field reads 0: fine)."""
-    for name, bound in fields:
-        value = getattr(msg, name)
-        if not (0 <= value <= bound) or value == math.inf:  # NaN fails the comparison
-            return False
-    return True
+_GPU_GETTERS = _numeric_getters(pb.GpuDevice.DESCRIPTOR, _SECTION_RATIOS["gpu"])
+_RATIO_MAX = 1.0 + 1e-9
 
 
 def _looks_valid(load: pb.RankLoad) -> bool:
-    """The common case, cheaply (a few µs per rank): every figure plausible. False sends it to the detailed check."""
-    if load.stale or load.age_ms or not _plausible(load, _FAST_CORE):
+    """The common case, cheaply: every figure plausible. False sends the load to the detailed check.
+
+    Under a 1024-rank fan-in the field-by-field check was most of the aggregator's CPU. Here every numeric
+    field (unset ones read 0, which is plausible) is read a message at a time by attrgetter, and the checks
+    run in C over the gathered tuples: a sum is finite only when no value is NaN or infinite.
+    """
+    if load.stale or load.age_ms:
         return False
-    for section, fields in _FAST_SECTIONS:
-        if not _plausible(getattr(load, section), fields):
-            return False
-    return all(_plausible(device, _FAST_GPU) for device in load.gpu.devices)
+    counts = _CORE_GETTERS[0](load)
+    ratios = _CORE_GETTERS[1](load)
+    for section, (section_counts, section_ratios) in zip(_SECTIONS(load), _SECTION_GETTERS):
+        counts += section_counts(section)
+        ratios += section_ratios(section)
+    for device in load.gpu.devices:
+        counts += _GPU_GETTERS[0](device)
+        ratios += _GPU_GETTERS[1](device)
+    return (math.isfinite(sum(counts)) and min(counts) >= 0
+            and math.isfinite(sum(ratios)) and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX)
 
 
 def load_problem(load: pb.RankLoad) -> str | None:
