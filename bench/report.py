@@ -26,6 +26,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     series: dict = field(default_factory=dict)  # for the plot
     skipped: str = ""
+    details: str = ""  # a preformatted block (e.g. a profile)
 
 
 def fmt(value) -> str:
@@ -80,6 +81,8 @@ def print_outcome(outcome: Outcome) -> None:
         print(text_table(targets_rows(outcome)))
     for note in outcome.notes:
         print(f"  note: {note}")
+    if outcome.details:
+        print(outcome.details)
 
 
 def machine() -> str:
@@ -98,6 +101,8 @@ def write_markdown(outcomes: list[Outcome], path: str, command: str, plot: str |
         if o.rows:
             parts.append(markdown_table(o.rows) + "\n")
         parts += [f"- {note}" for note in o.notes]
+        if o.details:
+            parts.append("\n```\n" + o.details + "\n```")
         parts.append("")
     if plot:
         parts.append(f"![latency vs concurrency]({os.path.basename(plot)})\n")

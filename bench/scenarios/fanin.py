@@ -1,5 +1,59 @@
-from bench.report import Outcome
+"""Scenario 3, fan-in: 256 and 1024 ranks answering rounds; round p50/p99 as the aggregator measured them
+(round_duration_ms) and the aggregator's peak RSS.
+
+Layouts: 8 agent processes, one agent each serving 32 or 128 ranks (8 AgentLink streams); and, harder, 1024
+ranks as 128 agents of 8 ranks (one per 8-GPU node) spread over the same 8 processes (128 streams).
+
+Each call asks FRESHNESS_NEW_ROUND, one after another, so each call is one fresh round of every rank.
+Agents answer at once from canned snapshots (the simulator's, re-stamped), so the rounds time the
+aggregator's fan-out/fan-in rather than the simulator's Python on the same 2 cores.
+"""
+
+from __future__ import annotations
+
+from bench.procs import run_client, start_cluster
+from bench.report import Outcome, Target
+from bench.stats import percentile
+
+PROCESSES = 8
 
 
 def run(tiny: bool = False) -> Outcome:
-    return Outcome("fanin", "todo", skipped="todo")
+    processes = 2 if tiny else PROCESSES
+    # (ranks, ranks per agent): one agent per process, then 8 ranks per agent.
+    layouts = [(16, 8), (32, 16), (32, 8)] if tiny else [(256, 32), (1024, 128), (1024, 8)]
+    calls = 5 if tiny else 200
+    outcome = Outcome("fanin", "round time and aggregator memory at " + " and ".join(sorted({str(n) for n, _ in layouts})) + " ranks")
+    measured = {}
+    for dp_size, ranks_per_agent in layouts:
+        cluster = start_cluster(dp_size, processes=processes, ranks_per_agent=ranks_per_agent,
+                                source="canned", collect_latency_ms=0.0, round_timeout_ms=1000)
+        try:
+            linked = cluster.stats()
+            result = run_client({"mode": "sequential", "target": cluster.target, "calls": calls, "warmup": 5,
+                                 "freshness": "new_round", "timeout_s": 10}, timeout=300)["results"][0]
+            after = cluster.stats()
+        finally:
+            cluster.close()
+        durations = result["round_durations_ms"]
+        measured[dp_size, ranks_per_agent] = row = {
+            "ranks": dp_size, "agents": dp_size // ranks_per_agent, "processes": processes, "rounds": len(durations),
+            "round_p50_ms": percentile(durations, 50), "round_p99_ms": percentile(durations, 99),
+            "round_max_ms": max(durations, default=0), "call_p50_ms": result["latency"]["p50_ms"],
+            "call_p99_ms": result["latency"]["p99_ms"], "timed_out_rounds": after["rounds_timed_out"],
+            "rss_linked_mb": round(linked["rss_kb"] / 1024, 1), "peak_rss_mb": round(after["vmhwm_kb"] / 1024, 1),
+            "errors": sum(result["errors"].values()),
+        }
+        outcome.rows.append(row)
+    for (dp_size, ranks_per_agent), row in list(measured.items())[1:]:
+        layout = f"{dp_size} ranks, {row['agents']} agents"
+        outcome.targets += [
+            Target(f"round p99, {layout}", f"{row['round_p99_ms']:.0f} ms", "<= 50 ms", row["round_p99_ms"] <= 50),
+            Target(f"aggregator peak RSS, {layout}", f"{row['peak_rss_mb']:.0f} MB", "<= 200 MB", row["peak_rss_mb"] <= 200),
+        ]
+    outcome.notes = [
+        f"{calls} NEW_ROUND calls one after another per size; round times are round_duration_ms (whole ms) as the "
+        "aggregator reports them; call latency adds building and sending the all-ranks answer.",
+        "peak RSS is VmHWM of the aggregator process (its own /proc status) after the run; rss_linked is once all agents linked.",
+    ]
+    return outcome

@@ -1,5 +1,79 @@
-from bench.report import Outcome
+"""Scenario 4, routers' way today: 16 routers each polling 64 sglang-style `/v1/loads` HTTP endpoints in
+parallel, against the same 16 routers calling GetLoads on the aggregator (64 ranks behind it).
+
+Both sides' "schedulers" take 20 ms to answer. Routers poll together at synchronized ticks (the storm the
+watching communicator exists for). Scheduler hits are counted where they land: HTTP requests served by
+the endpoints; collects answered (source reads) by the agents.
+"""
+
+from __future__ import annotations
+
+from bench.procs import Child, run_client, start_cluster
+from bench.report import Outcome, Target
+from bench.stats import ratio
+
+RANKS = 64
+ROUTERS = 16
+PROCESSES = 4
+COLLECT_MS = 20.0
+
+
+def start_http_ranks(processes: int) -> tuple[list[Child], list[str]]:
+    children, urls = [], []
+    per = RANKS // processes
+    try:
+        for i in range(processes):
+            children.append(Child("bench.http_ranks", "--first-rank", str(i * per), "--ranks", str(per),
+                                  "--dp-size", str(RANKS), "--collect-latency-ms", str(COLLECT_MS), name=f"http[{i}]"))
+        for child in children:
+            urls += [f"http://127.0.0.1:{port}/v1/loads" for port in child.read(60)["ports"]]
+    except BaseException:
+        for child in children:
+            child.close()
+        raise
+    return children, urls
 
 
 def run(tiny: bool = False) -> Outcome:
-    return Outcome("routers", "todo", skipped="todo")
+    polls, interval = (3, 0.2) if tiny else (20, 0.5)
+    processes = 2 if tiny else PROCESSES
+    outcome = Outcome("routers", f"{ROUTERS} routers polling {RANKS} ranks: HTTP /v1/loads fan-out vs GetLoads")
+    http, urls = start_http_ranks(processes)
+    cluster = None
+    try:
+        cluster = start_cluster(RANKS, processes=processes, collect_latency_ms=COLLECT_MS)
+        base = {"mode": "routers", "routers": ROUTERS, "polls": polls, "interval_s": interval, "timeout_s": 10}
+        hits_before = sum(c.ask("stats")["hits"] for c in http)
+        http_result = run_client({**base, "kind": "http", "urls": urls}, timeout=300)["results"][0]
+        http_hits = sum(c.ask("stats")["hits"] for c in http) - hits_before
+        reads_before = cluster.agent_stats()["source_reads"]
+        rounds_before = cluster.stats()["rounds_started"]
+        grpc_result = run_client({**base, "kind": "grpc", "target": cluster.target}, timeout=300)["results"][0]
+        agg_hits = cluster.agent_stats()["source_reads"] - reads_before
+        rounds = cluster.stats()["rounds_started"] - rounds_before
+    finally:
+        for child in http:
+            child.close()
+        if cluster is not None:
+            cluster.close()
+    router_polls = ROUTERS * polls
+    for name, result, hits in (("HTTP /v1/loads x64 per poll", http_result, http_hits),
+                               ("GetLoads on the aggregator", grpc_result, agg_hits)):
+        outcome.rows.append({
+            "routers poll via": name, "polls": result["latency"]["n"], "p50_ms": result["latency"]["p50_ms"],
+            "p99_ms": result["latency"]["p99_ms"], "scheduler_hits": hits,
+            "hits_per_poll": round(hits / router_polls, 2), "errors": sum(result["errors"].values()),
+        })
+    p50 = ratio(http_result["latency"]["p50_ms"], grpc_result["latency"]["p50_ms"])
+    fewer = ratio(http_hits, agg_hits)
+    outcome.targets = [
+        Target("router-visible p50: HTTP / GetLoads", f"{p50:.1f}x lower", ">= 5x lower", p50 >= 5),
+        Target("scheduler hits: HTTP / GetLoads", f"{fewer:.1f}x fewer", ">= 10x fewer", fewer >= 10),
+    ]
+    outcome.notes = [
+        f"{polls} ticks {interval} s apart; at each tick all {ROUTERS} routers poll at once (routers in one client "
+        f"process; HTTP endpoints and agents in {processes} processes each; every scheduler answers after {COLLECT_MS:.0f} ms).",
+        f"the aggregator ran {rounds} rounds for {router_polls} router polls (one collect per rank per round).",
+        "HTTP hits include each router's keep-alive warm-up poll; an HTTP poll parses 64 JSON bodies, a GetLoads one message.",
+    ]
+    return outcome
