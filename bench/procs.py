@@ -123,6 +123,8 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
                   ranks_per_agent: int = 1, collect_latency_ms: float = 0.0, source: str = "simulator",
                   round_timeout_ms: int = 500, profile: str = "") -> Cluster:
     """An aggregator serving `dp_size` ranks, all of them linked by agents spread over `processes` children."""
+    if dp_size % ranks_per_agent:
+        raise ValueError(f"dp_size {dp_size} is not a multiple of ranks_per_agent {ranks_per_agent}")
     args = ["--dp-size", str(dp_size), "--mode", mode, "--round-timeout-ms", str(round_timeout_ms)]
     aggregator = Child("bench.agg_proc", *args, *(["--profile", profile] if profile else []), name=f"aggregator[{mode}]")
     cluster = Cluster(aggregator, 0)

@@ -21,7 +21,7 @@ PROCESSES = 8
 def run(tiny: bool = False) -> Outcome:
     processes = 2 if tiny else PROCESSES
     # (ranks, ranks per agent): one agent per process, then 8 ranks per agent.
-    layouts = [(16, 8), (32, 16), (32, 8)] if tiny else [(256, 32), (1024, 128), (1024, 8)]
+    layouts = [(16, 8), (16, 4)] if tiny else [(256, 32), (1024, 128), (1024, 8)]
     calls = 5 if tiny else 200
     outcome = Outcome("fanin", "round time and aggregator memory at " + " and ".join(sorted({str(n) for n, _ in layouts})) + " ranks")
     measured = {}

@@ -31,7 +31,7 @@ def profile_top(path: str, lines: int = 14) -> str:
 
 
 def run(tiny: bool = False) -> Outcome:
-    duration = 0.3 if tiny else 2.5
+    duration = 0.2 if tiny else 2.5
     processes = 2 if tiny else RANKS
     outcome = Outcome("throughput", f"GetLoads calls/s, {CONCURRENCY} concurrent callers, {RANKS} ranks, all sections")
     tmp = tempfile.mkdtemp(prefix="loadagg-bench-")

@@ -1,0 +1,56 @@
+"""The benchmark suite still runs: every scenario at tiny size, in real processes over loopback.
+
+This checks that `python -m bench all` works and reports its fields; it asserts nothing about speed
+(the numbers at this size mean nothing). Real measurements: `python -m bench all` (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu"]
+
+
+@pytest.mark.timeout(240)
+def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
+    pytest.importorskip("aiohttp")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outcomes = {o["scenario"]: o for o in json.loads((tmp_path / "latest.json").read_text())}
+    assert list(outcomes) == SCENARIOS
+    for name, outcome in outcomes.items():
+        assert outcome["targets"], f"{name} reported no targets"
+        if name == "watch" and outcome["skipped"]:
+            assert "UNIMPLEMENTED" in outcome["skipped"]  # WatchLoads not served yet: skipped cleanly
+            continue
+        assert not outcome["skipped"], f"{name}: {outcome['skipped']}"
+        assert outcome["rows"], f"{name} reported no rows"
+        assert all(t["met"] in (True, False) for t in outcome["targets"]), name
+    markdown = (tmp_path / "latest.md").read_text()
+    for name in SCENARIOS:
+        assert f"## {name}:" in markdown
+
+    storm = outcomes["storm"]
+    servers = {row["server"] for row in storm["rows"]}
+    assert servers == {"watching", "queueing", "echo"}
+    watching = [row for row in storm["rows"] if row["server"] == "watching"]
+    assert all(row["rounds"] >= 1 and row["other_errors"] == 0 for row in watching)
+    assert {"p50_ms", "p99_ms", "collects_per_agent", "timeouts"} <= set(storm["rows"][0])
+    throughput = outcomes["throughput"]
+    assert throughput["rows"][0]["server"].startswith("echo") and throughput["rows"][0]["calls_per_s"] > 0
+    assert "ncalls" in throughput["details"]  # the aggregator's profile
+    fanin = outcomes["fanin"]["rows"]
+    assert all(row["rounds"] == 5 and row["peak_rss_mb"] > 0 and row["errors"] == 0 for row in fanin)
+    routers = {row["routers poll via"].split()[0]: row for row in outcomes["routers"]["rows"]}
+    assert routers["HTTP"]["scheduler_hits"] > routers["GetLoads"]["scheduler_hits"] > 0
+    cpu = outcomes["cpu"]["rows"][0]
+    assert cpu["rounds"] > 0 and cpu["aggregator_cores"] > 0
