@@ -22,23 +22,29 @@ def run(tiny: bool = False) -> Outcome:
     processes = 2 if tiny else PROCESSES
     # (ranks, ranks per agent): one agent per process, then 8 ranks per agent.
     layouts = [(16, 8), (16, 4)] if tiny else [(256, 32), (1024, 128), (1024, 8)]
-    calls = 5 if tiny else 200
-    outcome = Outcome("fanin", "round time and aggregator memory at " + " and ".join(sorted({str(n) for n, _ in layouts})) + " ranks")
+    calls, passes = (5, 1) if tiny else (100, 3)
+    sizes = sorted({n for n, _ in layouts})
+    outcome = Outcome("fanin", "round time and aggregator memory at " + " and ".join(map(str, sizes)) + " ranks")
     measured = {}
     for dp_size, ranks_per_agent in layouts:
         cluster = start_cluster(dp_size, processes=processes, ranks_per_agent=ranks_per_agent,
                                 source="canned", collect_latency_ms=0.0, round_timeout_ms=1000)
         try:
             linked = cluster.stats()
-            result = run_client({"mode": "sequential", "target": cluster.target, "calls": calls, "warmup": 5,
-                                 "freshness": "new_round", "timeout_s": 10}, timeout=300)["results"][0]
+            spec = {"mode": "sequential", "target": cluster.target, "calls": calls, "warmup": 5,
+                    "freshness": "new_round", "timeout_s": 10}
+            results = run_client({**spec, "runs": [{}] * passes}, timeout=300)["results"]
             after = cluster.stats()
         finally:
             cluster.close()
+        # Passes of `calls` rounds each; the pass with the median p99 counts (other jobs on a shared box spike tails).
+        p99s = [percentile(r["round_durations_ms"], 99) for r in results]
+        result = sorted(results, key=lambda r: percentile(r["round_durations_ms"], 99))[len(results) // 2]
         durations = result["round_durations_ms"]
         measured[dp_size, ranks_per_agent] = row = {
             "ranks": dp_size, "agents": dp_size // ranks_per_agent, "processes": processes, "rounds": len(durations),
             "round_p50_ms": percentile(durations, 50), "round_p99_ms": percentile(durations, 99),
+            "p99_of_passes": "/".join(f"{p:.0f}" for p in p99s),
             "round_max_ms": max(durations, default=0), "call_p50_ms": result["latency"]["p50_ms"],
             "call_p99_ms": result["latency"]["p99_ms"], "timed_out_rounds": after["rounds_timed_out"],
             "rss_linked_mb": round(linked["rss_kb"] / 1024, 1), "peak_rss_mb": round(after["vmhwm_kb"] / 1024, 1),
@@ -52,7 +58,8 @@ def run(tiny: bool = False) -> Outcome:
             Target(f"aggregator peak RSS, {layout}", f"{row['peak_rss_mb']:.0f} MB", "<= 200 MB", row["peak_rss_mb"] <= 200),
         ]
     outcome.notes = [
-        f"{calls} NEW_ROUND calls one after another per size; round times are round_duration_ms (whole ms) as the "
+        f"{passes} passes of {calls} NEW_ROUND calls one after another per layout; the row is the pass with the "
+        "median round p99 (p99_of_passes lists all); round times are round_duration_ms (whole ms) as the "
         "aggregator reports them; call latency adds building and sending the all-ranks answer.",
         "peak RSS is VmHWM of the aggregator process (its own /proc status) after the run; rss_linked is once all agents linked.",
     ]

@@ -54,67 +54,74 @@ def counted(cluster: Cluster, spec: dict) -> tuple[list[dict], int, int]:
     return results, after["rounds_started"] - before["rounds_started"], after["collects_sent"] - before["collects_sent"]
 
 
+def median_run(results: list[dict]) -> dict:
+    """The run whose p99 is the median of the repetitions (other jobs on a shared box make single runs noisy)."""
+    return sorted(results, key=lambda r: r["latency"]["p99_ms"])[len(results) // 2]
+
+
 def run(tiny: bool = False) -> Outcome:
     sweep = [5] if tiny else [10, 100, 1000]
     big = 50 if tiny else 10_000
+    reps = 1 if tiny else 3
     outcome = Outcome("storm", f"burst of concurrent GetLoads, {RANKS} ranks, {COLLECT_MS:.0f} ms collect latency")
     processes = 2 if tiny else RANKS  # one agent process per rank, as one scheduler each (tiny: fewer, faster)
     watching = start_cluster(RANKS, mode="watching", processes=processes, collect_latency_ms=COLLECT_MS)
     queueing = echo = None
     rows: dict[tuple[str, int], dict] = {}
+    bounds: dict[int, tuple[int, float]] = {}  # callers -> (rounds the aggregator counted, summed bound)
     try:
         queueing = start_cluster(RANKS, mode="queueing", processes=processes, collect_latency_ms=COLLECT_MS)
         with tempfile.TemporaryDirectory() as tmp:
             echo, echo_port = start_echo(fetch_payload(watching), os.path.join(tmp, "payload.bin"))
         echo_run = {"target": f"127.0.0.1:{echo_port}", "method": "echo"}
-        for callers in sweep:
-            spec = {"mode": "burst", "callers": callers, "timeout_s": DEADLINE_S, "runs": [echo_run, {"target": watching.target}]}
-            (echo_result, watch_result), rounds, collects = counted(watching, spec)
-            rows["echo", callers] = row("echo", callers, echo_result)
-            rows["watching", callers] = row("watching", callers, watch_result, rounds, collects)
-            spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
-            (queue_result,), rounds, collects = counted(queueing, spec)
-            rows["queueing", callers] = row("queueing", callers, queue_result, rounds, collects)
-        # 10,000 callers: echo and watching bursts alternate twice in one client process; the best wall counts.
-        spec = {"mode": "burst", "callers": big, "timeout_s": DEADLINE_S, "runs": [echo_run, {"target": watching.target}] * 2}
-        results, big_rounds, _ = counted(watching, spec)
+        for callers in [*sweep, big]:
+            # Echo and watching bursts alternate `reps` times in one client process; the median run counts.
+            spec = {"mode": "burst", "callers": callers, "timeout_s": DEADLINE_S,
+                    "runs": [echo_run, {"target": watching.target}] * reps}
+            results, rounds, _ = counted(watching, spec)
+            mine = median_run(results[1::2])
+            rows["echo", callers] = row("echo", callers, median_run(results[0::2]))
+            # Rounds of that run: the distinct rounds its callers were answered from (one collect per agent each).
+            rows["watching", callers] = row("watching", callers, mine, mine["rounds_seen"], mine["rounds_seen"] * RANKS)
+            rows["watching", callers]["other_errors"] = sum(sum(r["errors"].values()) for r in results[1::2])
+            bounds[callers] = (rounds, sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in results[1::2]))
+            if callers != big:
+                spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
+                (queue_result,), rounds, collects = counted(queueing, spec)
+                rows["queueing", callers] = row("queueing", callers, queue_result, rounds, collects)
     finally:
         for child in (watching, queueing, echo):
             if child is not None:
                 child.close()
-    best_echo = min(results[0::2], key=lambda r: r["wall_s"])
-    watch_runs = results[1::2]
-    best_watch = min(watch_runs, key=lambda r: r["wall_s"])
-    rows["echo", big] = row("echo", big, best_echo)
-    # Per burst: the distinct rounds its callers were answered from (each is one collect per agent).
-    rows["watching", big] = row("watching", big, best_watch, best_watch["rounds_seen"], best_watch["rounds_seen"] * RANKS)
-    big_errors = sum(sum(r["errors"].values()) for r in watch_runs)
-    big_bound = sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in watch_runs)
-    outcome.rows = list(rows.values())
+    order = {"watching": 0, "queueing": 1, "echo": 2}
+    outcome.rows = [rows[k] for k in sorted(rows, key=lambda k: (k[1], order[k[0]]))]
 
     top = sweep[-1]
     w, q, e = rows["watching", top], rows["queueing", top], rows["echo", top]
+    wb, eb = rows["watching", big], rows["echo", big]
     speedup = ratio(q["p99_ms"], w["p99_ms"])
-    wall_ratio = ratio(best_watch["wall_s"], best_echo["wall_s"])
+    wall_ratio = ratio(wb["wall_s"], eb["wall_s"])
     outcome.targets = [
-        Target(f"watching rounds, {top} callers", f"{w['rounds']} (bound {w['rounds_bound']})",
-               "<= 1 + wall/round_time", w["rounds"] <= w["rounds_bound"]),
+        Target(f"watching rounds, {top} callers ({reps} bursts)", f"{bounds[top][0]} (bound {bounds[top][1]:.0f})",
+               "<= 1 + wall/round_time", bounds[top][0] <= bounds[top][1]),
         Target(f"watching p99, {top} callers", f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms)", "<= 500 ms",
                w["p99_ms"] <= 500),
         Target(f"queueing p99 / watching p99, {top} callers", f"{speedup:.0f}x", ">= 40x", speedup >= 40),
         Target(f"{big} callers: watching wall / echo wall", f"{wall_ratio:.2f}x", "<= 1.2x", wall_ratio <= 1.2),
-        Target(f"{big} callers: errors", str(big_errors), "0", big_errors == 0),
-        Target(f"{big} callers: rounds (2 bursts)", f"{big_rounds} (bound {big_bound:.0f})", "<= 1 + wall/round_time",
-               big_rounds <= big_bound),
+        Target(f"{big} callers: errors ({reps} bursts)", str(wb["other_errors"] + wb["timeouts"]), "0",
+               wb["other_errors"] + wb["timeouts"] == 0),
+        Target(f"{big} callers: rounds ({reps} bursts)", f"{bounds[big][0]} (bound {bounds[big][1]:.0f})",
+               "<= 1 + wall/round_time", bounds[big][0] <= bounds[big][1]),
     ]
     outcome.notes = [
+        f"{RANKS} agents (one rank each) in {processes} processes. Echo and watching bursts alternate {reps} times per size in one client "
+        "process (8 connections); each row is the run with the median p99. Queueing runs once per size.",
         f"queueing callers have a {QUEUEING_DEADLINE_S:.0f} s deadline (others {DEADLINE_S:.0f} s): its p99 is "
         "censored at the deadline (timeouts counted), so the speed-up is a lower bound.",
-        "latency counts from each call's issue; the client issues the whole burst at once from one process "
-        "(8 connections), so the p99 of a big burst is about the time the client and server take to process it; "
-        "the echo rows show that floor for a bare grpc.aio server.",
-        "rounds come from the aggregator's counters; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it). "
-        f"At {big} callers the row is the best of two bursts and its rounds are those its callers were answered from.",
+        "latency counts from each call's issue; the client issues the whole burst at once, so the p99 of a big burst "
+        "is about the time client and server need to get through it: the echo rows show that floor for a bare grpc.aio server.",
+        "rounds in a watching row are those its callers were answered from; the targets use the aggregator's own "
+        "counters over all bursts of that size; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it).",
     ]
     for (server, callers), r in rows.items():
         outcome.series.setdefault(server, []).append((callers, r["p50_ms"], r["p99_ms"]))

@@ -1,8 +1,10 @@
 """Scenario 2, throughput: GetLoads calls/s from 64 concurrent callers (8 ranks, all sections) against a bare
 grpc.aio echo server returning the same bytes, the same client process alternating between them.
 
-Variants: JOIN with ranks answering at once (every call needs a round: the worst case), JOIN with 20 ms
-ranks (callers pile up on each round), and CACHED (max_staleness 100 ms: answers from the last round).
+Variants: JOIN with 8 agents (one process each) answering at once (nearly every call needs its own round:
+the worst case), the same 8 ranks behind one agent (one sglang server with DP 8: one stream per round),
+JOIN with 20 ms ranks (callers pile up on each round, so latency-bound: 64 callers / ~1.5 rounds each),
+and CACHED (max_staleness 100 ms: answers from the last round: the per-call serving cost against echo).
 Afterwards the aggregator is profiled (cProfile) under the JOIN 0 ms load, outside the measured runs.
 """
 
@@ -37,14 +39,16 @@ def run(tiny: bool = False) -> Outcome:
     tmp = tempfile.mkdtemp(prefix="loadagg-bench-")
     prof = os.path.join(tmp, "aggregator.prof")
     fast = start_cluster(RANKS, processes=processes, collect_latency_ms=0.0, profile=prof)
-    slow = echo = None
+    slow = packed = echo = None
     try:
         slow = start_cluster(RANKS, processes=processes, collect_latency_ms=20.0)
+        packed = start_cluster(RANKS, processes=1, ranks_per_agent=RANKS, collect_latency_ms=0.0)
         echo, echo_port = start_echo(fetch_payload(fast), os.path.join(tmp, "payload.bin"))
         variants = {
             "echo (bare grpc.aio)": {"target": f"127.0.0.1:{echo_port}", "method": "echo"},
-            "GetLoads JOIN, ranks answer in 0 ms": {"target": fast.target},
-            "GetLoads JOIN, ranks answer in 20 ms": {"target": slow.target},
+            "GetLoads JOIN, 8 agents, ranks answer in 0 ms": {"target": fast.target},
+            "GetLoads JOIN, 1 agent serving 8 ranks, 0 ms": {"target": packed.target},
+            "GetLoads JOIN, 8 agents, ranks answer in 20 ms": {"target": slow.target},
             "GetLoads CACHED (max_staleness 100 ms)": {"target": fast.target, "freshness": "cached", "max_staleness_ms": 100},
         }
         before = fast.stats()
@@ -55,7 +59,7 @@ def run(tiny: bool = False) -> Outcome:
         run_client({"mode": "closed", "concurrency": CONCURRENCY, "duration_s": duration, "target": fast.target})
         fast.aggregator.ask("profile_off")
     finally:
-        for child in (fast, slow, echo):
+        for child in (fast, slow, packed, echo):
             if child is not None:
                 child.close()
     best = {}
@@ -78,7 +82,7 @@ def run(tiny: bool = False) -> Outcome:
     join_calls = sum(r["ok"] for r in results[1::len(variants)])
     outcome.notes = [
         f"{duration} s per run; each variant ran twice, alternating with the others in one client process; the best run counts.",
-        f"JOIN 0 ms: {after['rounds_started'] - before['rounds_started']} rounds for {join_calls} JOIN calls "
+        f"JOIN 8 agents 0 ms: {after['rounds_started'] - before['rounds_started']} rounds for {join_calls} JOIN calls "
         f"(and the CACHED runs) on that aggregator; CPU {after['cpu_s'] - before['cpu_s']:.1f} s.",
         "the aggregator's cProfile under JOIN 0 ms load (top by own time) is below; gRPC's C core is not in it.",
     ]
