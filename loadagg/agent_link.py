@@ -101,10 +101,11 @@ class AgentLinkService:
 
     def _report(self, session: AgentSession, report: pb.LoadReport) -> None:
         accepted: list[pb.RankLoad] = []
-        failed = [r for r in report.failed_ranks if r in session.dp_ranks]
+        served = frozenset(session.dp_ranks)  # an agent may serve 128 ranks: no tuple scan per load
+        failed = [r for r in report.failed_ranks if r in served]
         now = unix_ms()
         for load in report.loads:
-            if load.dp_rank not in session.dp_ranks:
+            if load.dp_rank not in served:
                 problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {list(session.dp_ranks)})"
             else:
                 problem = load_problem(load)
