@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m bench all
+
 protos: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py
 
