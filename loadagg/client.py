@@ -7,8 +7,8 @@
 * Deadlines: `timeout` (seconds) bounds a whole get_loads call, retries included.
 * Retries: a call that fails UNAVAILABLE (aggregator restarting, connection refused) is retried with
   exponential backoff and jitter, at most `RetryPolicy.attempts` times in all; any other status is
-  raised at once (grpc.RpcError). A watch stream that breaks is resubscribed under the same policy,
-  counted from its last good message.
+  raised at once (grpc.RpcError). A watch stream that breaks, or that the aggregator ends (graceful
+  shutdown), is resubscribed under the same policy, counted from its last good message.
 """
 
 from __future__ import annotations
@@ -163,6 +163,16 @@ class _Base:
         return delay
 
 
+    def _resubscribe_delay(self, error: grpc.RpcError | None, failures: int) -> float | None:
+        """A watch stream ended: cleanly (the aggregator shut down: it may come back) or with `error`."""
+        if error is None:
+            if failures >= self.retry.attempts:
+                return None
+            self.retries += 1
+            return self.retry.backoff(failures)
+        return self._should_retry(error, failures, None)
+
+
 class AsyncLoadClient(_Base):
     """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
 
@@ -197,19 +207,22 @@ class AsyncLoadClient(_Base):
         failures = 0
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
+            error: grpc.RpcError | None = None
             try:
                 async for response in call:
                     failures = 0
                     yield Loads(response)
-                return  # the server ended the stream cleanly
-            except grpc.aio.AioRpcError as error:
-                failures += 1
-                delay = self._should_retry(error, failures, None)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
+            except grpc.aio.AioRpcError as exc:
+                error = exc
             finally:
                 call.cancel()
+            failures += 1
+            delay = self._resubscribe_delay(error, failures)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -253,19 +266,22 @@ class LoadClient(_Base):
         failures = 0
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
+            error: grpc.RpcError | None = None
             try:
                 for response in call:
                     failures = 0
                     yield Loads(response)
-                return
-            except grpc.RpcError as error:
-                failures += 1
-                delay = self._should_retry(error, failures, None)
-                if delay is None:
-                    raise
-                time.sleep(delay)
+            except grpc.RpcError as exc:
+                error = exc
             finally:
                 call.cancel()
+            failures += 1
+            delay = self._resubscribe_delay(error, failures)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return
+            time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()

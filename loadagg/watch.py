@@ -137,6 +137,9 @@ class WatchHub:
     def tickers(self) -> int:
         return len(self._tickers)
 
+    def subscriptions(self) -> list[Subscription]:
+        return [sub for ticker in self._tickers.values() for sub in ticker.subscribers]
+
     def interval_for(self, requested_ms: int) -> int:
         """The interval a request gets: 0 = the server's default; out of bounds = InvalidRequest."""
         if requested_ms == 0:
