@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
 
-from conftest import free_port
+from smg_grpc_proto import sglang_scheduler_pb2 as sg
+from smg_grpc_proto import sglang_scheduler_pb2_grpc as sg_grpc
+from smg_grpc_proto import vllm_engine_pb2 as vl
+from smg_grpc_proto import vllm_engine_pb2_grpc as vl_grpc
+
+from conftest import ROOT, free_port
 from loadagg.client import NO_RETRY, AsyncLoadClient, LoadClient, Loads, RetryPolicy
 
 PATIENT = RetryPolicy(attempts=60, initial_backoff_s=0.05, max_backoff_s=0.5)
@@ -72,18 +80,6 @@ def test_retries_are_bounded_and_respect_the_deadline(processes):
         assert client.retries < PATIENT.attempts - 1  # the deadline ended the retries first
 
 
-def test_other_errors_are_not_retried(processes):
-    port = free_port()
-    _serve(processes, port)
-    with LoadClient(f"127.0.0.1:{port}", timeout=30, retry=PATIENT) as client:
-        client.get_loads()  # retries until the process listens
-        spent = client.retries
-        with pytest.raises(grpc.RpcError) as info:
-            client.get_loads(dp_rank=5)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in info.value.details()
-        assert client.retries == spent
-
-
 async def test_async_watch_resubscribes_across_an_aggregator_restart(processes):
     port = free_port()
     target = f"127.0.0.1:{port}"
@@ -119,3 +115,45 @@ async def test_async_get_loads_typed_answer(start_aggregator, start_agents):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await client.get_loads(include=["nonsense"])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_loads_cli_uses_the_client_with_freshness(start_aggregator, start_agents):
+    agg = await start_aggregator(dp_size=2)
+    await start_agents(agg, [[0], [1]])
+
+    async def loads(*args: str) -> dict:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadagg", "loads", "--target", f"127.0.0.1:{agg.port}", "--json", *args,
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        return json.loads(out)
+
+    first = await loads("--freshness", "new_round")
+    assert first["source"] == "ANSWER_SOURCE_ROUND" and len(first["loads"]) == 2
+    cached = await loads("--max-staleness-ms", "600000")
+    assert cached["source"] == "ANSWER_SOURCE_CACHE" and cached["round_id"] == first["round_id"]
+
+
+def test_serve_flags_http_port_and_compat_switch(processes):
+    port, http_port = free_port(), free_port()
+    processes.start("loadagg", "serve", "--host", "127.0.0.1", "--port", str(port), "--dp-size", "1",
+                    "--http-port", str(http_port), "--log-level", "WARNING",
+                    env={"LOADAGG_SGLANG_COMPAT": "false"})
+    with LoadClient(f"127.0.0.1:{port}", timeout=30, retry=PATIENT) as client:
+        assert client.get_loads().dp_size == 1  # retried until the process listened
+        spent = client.retries
+        with pytest.raises(grpc.RpcError) as info:  # any status but UNAVAILABLE is raised at once
+            client.get_loads(dp_rank=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in info.value.details()
+        assert client.retries == spent
+    body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/loads", timeout=10).read())
+    assert body["dp_rank_count"] == 0 and body["loads"] == []  # no agent yet: nothing to report
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    assert "loadagg_rounds_started_total" in metrics
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            sg_grpc.SglangSchedulerStub(channel).GetLoads(sg.GetLoadsRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # switched off by LOADAGG_SGLANG_COMPAT
+        vllm = vl_grpc.VllmEngineStub(channel).GetLoads(vl.GetLoadsRequest(), timeout=10)
+        assert vllm.dp_rank_count == 1  # still on
