@@ -61,6 +61,13 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(attempts=1)
 
 
+class _Default:
+    """The client's own timeout (None is taken: it means no deadline)."""
+
+
+DEFAULT = _Default()
+
+
 @dataclass(frozen=True, slots=True)
 class Loads:
     """One answer of the aggregator, typed. Ages are in ms at `timestamp_ms` unless `now_ms` is given."""
@@ -183,10 +190,10 @@ class AsyncLoadClient(_Base):
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     async def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
-                        timeout: float | None | type(...) = ..., **options) -> Loads:
+                        timeout: float | None | _Default = DEFAULT, **options) -> Loads:
         """One answer; options: freshness, max_staleness_ms, allow_stale (see build_request)."""
         request = build_request(dp_rank, include, **options)
-        timeout = self.timeout if timeout is ... else timeout
+        timeout = self.timeout if isinstance(timeout, _Default) else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         failures = 0
         while True:
@@ -244,9 +251,9 @@ class LoadClient(_Base):
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
-                  timeout: float | None | type(...) = ..., **options) -> Loads:
+                  timeout: float | None | _Default = DEFAULT, **options) -> Loads:
         request = build_request(dp_rank, include, **options)
-        timeout = self.timeout if timeout is ... else timeout
+        timeout = self.timeout if isinstance(timeout, _Default) else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         failures = 0
         while True:

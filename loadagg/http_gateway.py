@@ -84,7 +84,7 @@ class HttpGateway:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the bound port (port 0 picks one)
+        self.port = self.runner.addresses[-1][1]  # the bound port (port 0 picks one)
         return self.port
 
     async def stop(self) -> None:
