@@ -4,7 +4,7 @@
 #
 #   docker build -t loadagg:local .
 #   docker run -p 50051:50051 -e LOADAGG_DP_SIZE=4 loadagg:local                         # aggregator
-#   docker run --entrypoint scheduler-agent -e LOADAGG_AGGREGATOR=HOST:50051 loadagg:local  # an agent
+#   docker run --no-healthcheck --entrypoint scheduler-agent -e LOADAGG_AGGREGATOR=HOST:50051 loadagg:local  # agent
 
 # Stage 1: build wheels for loadagg and every runtime dependency (no compilers needed: all ship wheels).
 FROM python:3.11-slim AS builder

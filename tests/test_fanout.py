@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 
 import pytest
 
@@ -118,12 +119,16 @@ async def test_real_dns_resolution_of_localhost(start_aggregator, run_fanouts):
 async def test_agent_process_with_resolve_all_env(start_aggregator, processes):
     """The CLI path, configured by env as in a container: LOADAGG_RESOLVE_ALL=true, a name (localhost) to resolve."""
     aggregator = await start_aggregator(dp_size=4)
-    processes.start("scheduler_agent", env={
+    agent = processes.start("scheduler_agent", env={
         "LOADAGG_AGGREGATOR": f"localhost:{aggregator.port}", "LOADAGG_RESOLVE_ALL": "true",
         "LOADAGG_RESOLVE_INTERVAL_S": "1", "LOADAGG_DP_RANKS": "0,1,2,3", "LOADAGG_DP_SIZE": "4"})
     await wait_for(lambda: aggregator.registry.live_ranks() == frozenset(range(4)), timeout=30,
                    what="the agent process to link through resolution")
     assert len((await _answers_all(aggregator)).loads) == 4
+
+    agent.send_signal(signal.SIGTERM)  # graceful: every link closed, the process exits 0
+    assert await asyncio.to_thread(agent.wait, 15) == 0
+    await wait_for(lambda: aggregator.registry.live_ranks() == frozenset(), what="the agent's links to close")
 
 
 def test_targets_must_name_a_port():
