@@ -55,10 +55,22 @@ def join_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def pick_addresses(infos: Iterable[tuple], port: int) -> list[str]:
+    """getaddrinfo results -> sorted HOST:PORT targets of ONE address family: IPv4 when there is any, else IPv6.
+
+    A dual-stack name lists each replica twice (A and AAAA); linking to both would give one replica two links
+    with the same instance id, each replacing the other. One family means one link per replica.
+    """
+    by_family: dict[int, set[str]] = {}
+    for family, *_, sockaddr in infos:
+        by_family.setdefault(family, set()).add(join_target(sockaddr[0], port))
+    chosen = by_family.get(socket.AF_INET) or by_family.get(socket.AF_INET6) or set()
+    return sorted(chosen)
+
+
 async def resolve_all(host: str, port: int) -> list[str]:
-    """Every distinct address `host` resolves to (IPv4 and IPv6), as sorted HOST:PORT targets."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({join_target(sockaddr[0], port) for *_, sockaddr in infos})
+    """Every address of `host` (one family, see pick_addresses), as sorted HOST:PORT targets."""
+    return pick_addresses(await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), port)
 
 
 class SharedSource(LoadSource):

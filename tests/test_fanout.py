@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import signal
 
 import pytest
@@ -12,7 +13,8 @@ from conftest import wait_for
 from loadagg.client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, SharedSource, resolve_all, split_target
+from scheduler_agent.fanout import (AggregatorFanout, FanoutConfig, SharedSource, pick_addresses, resolve_all,
+                                    split_target)
 from scheduler_agent.sources.base import LoadSource, SourceError
 from scheduler_agent.sources.simulator import SimulatedSource
 
@@ -129,6 +131,16 @@ async def test_agent_process_with_resolve_all_env(start_aggregator, processes):
     agent.send_signal(signal.SIGTERM)  # graceful: every link closed, the process exits 0
     assert await asyncio.to_thread(agent.wait, 15) == 0
     await wait_for(lambda: aggregator.registry.live_ranks() == frozenset(), what="the agent's links to close")
+
+
+def test_one_address_family_so_a_dual_stack_replica_gets_one_link():
+    tcp = (socket.SOCK_STREAM, 6, "")
+    dual = [(socket.AF_INET6, *tcp, ("fd00::2", 50051, 0, 0)), (socket.AF_INET, *tcp, ("10.0.0.2", 50051)),
+            (socket.AF_INET6, *tcp, ("fd00::1", 50051, 0, 0)), (socket.AF_INET, *tcp, ("10.0.0.1", 50051)),
+            (socket.AF_INET, *tcp, ("10.0.0.1", 50051))]
+    assert pick_addresses(dual, 50051) == ["10.0.0.1:50051", "10.0.0.2:50051"]
+    assert pick_addresses(dual[:1] + dual[2:3], 7) == ["[fd00::1]:7", "[fd00::2]:7"]
+    assert pick_addresses([], 7) == []
 
 
 def test_targets_must_name_a_port():
