@@ -100,7 +100,8 @@ class HttpGateway:
         status = 200
         try:
             grpc_request = parse_query(request.query, self.service.dp_size)
-            result = await self.service.result_for(grpc_request, None, time.monotonic())
+            with self.service.tracked():
+                result = await self.service.result_for(grpc_request, None, time.monotonic())
             dp_rank = grpc_request.dp_rank if grpc_request.HasField("dp_rank") else None
             fmt = request.query.get("format") or "json"
             body = self._body(result, dp_rank, parse_include(grpc_request.include), fmt)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -60,22 +61,29 @@ class LoadAggregatorService:
         started_after = received if freshness == pb.FRESHNESS_NEW_ROUND else None
         return await self.communicator.collect(started_after=started_after, wait_timeout=wait)
 
-    async def get_loads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
-        received = time.monotonic()
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count a loads call in flight (GetLoads, the engine-compat GetLoads, HTTP) for graceful drain."""
         self.in_flight += 1
         self._idle.clear()
         try:
-            sections = parse_include(request.include)
-            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-            check_rank(dp_rank, self.dp_size)
-            result = await self.result_for(request, wait_budget(context), received)
-            return response_bytes(result, dp_rank, sections, request.allow_stale)
-        except LoadAggError as error:
-            await abort_with(context, error)
+            yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def get_loads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
+        received = time.monotonic()
+        with self.tracked():
+            try:
+                sections = parse_include(request.include)
+                dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+                check_rank(dp_rank, self.dp_size)
+                result = await self.result_for(request, wait_budget(context), received)
+                return response_bytes(result, dp_rank, sections, request.allow_stale)
+            except LoadAggError as error:
+                await abort_with(context, error)
 
     async def watch_loads(
         self, request: pb.WatchLoadsRequest, context: grpc.aio.ServicerContext

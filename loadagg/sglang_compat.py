@@ -92,7 +92,8 @@ class EngineCompat:
             sections = parse_include(request.include)
             dp_rank = request.dp_rank if request.HasField("dp_rank") else None
             check_rank(dp_rank, self.service.dp_size)
-            result: RoundResult = await self.service.communicator.collect(wait_timeout=wait_budget(context))
+            with self.service.tracked():
+                result: RoundResult = await self.service.communicator.collect(wait_timeout=wait_budget(context))
         except LoadAggError as error:
             await abort_with(context, error)
             return b""
