@@ -1,7 +1,25 @@
-"""GPU-side scheduler agent for loadagg: reads a scheduler's per-rank load and streams it to the aggregator."""
+"""GPU-side scheduler agent for loadagg: reads a scheduler's per-rank load and streams it to the aggregator.
 
+Embedding it in a Python scheduler (no HTTP hop):
+
+    agent = SchedulerAgent(AgentConfig(aggregator="10.0.0.5:50051", dp_ranks=(0, 1), dp_size=8))
+    task = asyncio.create_task(agent.run())
+    agent.publish(RankLoad(dp_rank=0, num_running_reqs=12, num_waiting_reqs=3))
+"""
+
+from loadagg.v1.loadagg_pb2 import GpuDevice, GpuMetrics, RankLoad
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.sources import LoadSource, SimulatedSource, SourceError, build_source
+from scheduler_agent.sources import (
+    CallbackSource,
+    LoadSource,
+    PublishedSource,
+    SimulatedSource,
+    SourceError,
+    build_source,
+)
 
-__all__ = ["AgentConfig", "LoadSource", "SchedulerAgent", "SimulatedSource", "SourceError", "build_source"]
+__all__ = [
+    "AgentConfig", "CallbackSource", "GpuDevice", "GpuMetrics", "LoadSource", "PublishedSource", "RankLoad",
+    "SchedulerAgent", "SimulatedSource", "SourceError", "build_source",
+]

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from loadagg.v1 import loadagg_pb2 as pb
 
 
 class SourceError(Exception):
-    """The source could not be read this time (engine down, bad payload, timeout). The agent keeps running."""
+    """The source could not be read this time (engine down, bad payload, timeout). The agent keeps running.
+
+    Messages are stable for one kind of failure (no timings, no counters) because the agent logs a
+    failure only when it changes, and compares messages to tell.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRanks:
+    """What an engine says about its data-parallel layout: the ranks it runs and its dp size."""
+
+    dp_ranks: tuple[int, ...]
+    dp_size: int
 
 
 class LoadSource(abc.ABC):
@@ -23,6 +36,17 @@ class LoadSource(abc.ABC):
     @abc.abstractmethod
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         """Current loads of `ranks` (a rank left out is reported as failed). Raises SourceError."""
+
+    async def discover(self) -> EngineRanks | None:
+        """The engine's dp ranks and dp size, for an agent told to serve "whatever the engine runs".
+
+        None: this source has no engine to ask (simulator, in-process). Raises SourceError while the
+        engine is not reachable yet (the agent retries before saying hello).
+        """
+        return None
+
+    def set_round_timeout(self, round_timeout_ms: int) -> None:
+        """The aggregator's round deadline (from Welcome): a source should give up on the engine before it."""
 
     async def close(self) -> None:
         """Release what start() opened."""
