@@ -7,7 +7,7 @@ Embedding it in a Python scheduler (no HTTP hop):
     agent.publish(RankLoad(dp_rank=0, num_running_reqs=12, num_waiting_reqs=3))
 """
 
-from loadagg.v1.loadagg_pb2 import GpuDevice, GpuMetrics, RankLoad
+from loadagg.v1 import loadagg_pb2 as _pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources import (
@@ -23,3 +23,8 @@ __all__ = [
     "AgentConfig", "CallbackSource", "GpuDevice", "GpuMetrics", "LoadSource", "PublishedSource", "RankLoad",
     "SchedulerAgent", "SimulatedSource", "SourceError", "build_source",
 ]
+
+# The contract's messages a scheduler fills in, re-exported so embedding needs one import.
+RankLoad = _pb.RankLoad
+GpuMetrics = _pb.GpuMetrics
+GpuDevice = _pb.GpuDevice
