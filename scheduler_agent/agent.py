@@ -50,7 +50,7 @@ class SchedulerAgent:
         self.dp_size = config.dp_size
         self.engine: EngineRanks | None = None
         self.health = SourceHealth(self.source.name)
-        self.pushes = PushTracker()
+        self.pushes = PushTracker(config.push_refresh_ms)
         self.pushes_sent = 0
         self.pushes_skipped = 0
         self.connected = asyncio.Event()

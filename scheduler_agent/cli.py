@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push-interval-ms", type=int, default=int(env("PUSH_INTERVAL_MS", "0")),
                    help="also push changed loads unasked at this interval; 0: only answer rounds "
                         "[LOADAGG_PUSH_INTERVAL_MS]")
+    p.add_argument("--push-refresh-ms", type=int, default=int(env("PUSH_REFRESH_MS", "0")),
+                   help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
+                        "[LOADAGG_PUSH_REFRESH_MS]")
     p.add_argument("--model", default=env("MODEL", ""), help="model name reported in hello [LOADAGG_MODEL]")
     p.add_argument("--seed", type=int, default=None if env("SEED") is None else int(env("SEED")),
                    help="simulator seed [LOADAGG_SEED]")
@@ -89,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         seed=args.seed,
         collect_latency_ms=args.collect_latency_ms,
         push_interval_ms=args.push_interval_ms,
+        push_refresh_ms=args.push_refresh_ms,
         engine_url=args.engine_url,
         engine_timeout_ms=args.engine_timeout_ms,
         ranks_from_engine=from_engine,

@@ -28,6 +28,7 @@ class AgentConfig:
     seed: int | None = None
     collect_latency_ms: float = 0.0  # simulator: how long answering a collect takes
     push_interval_ms: int = 0  # 0: only answer collect rounds
+    push_refresh_ms: int = 0  # re-push an unchanged rank after this long; 0: only changes are pushed
     # Engine sources (sglang, vllm): where the engine listens (http://... or grpc://...).
     engine_url: str = ""
     engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
@@ -47,7 +48,7 @@ class AgentConfig:
             raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
         if self.collect_latency_ms < 0:
             raise ValueError("collect_latency_ms must be >= 0")
-        if self.push_interval_ms < 0 or self.engine_timeout_ms < 0:
-            raise ValueError("push_interval_ms and engine_timeout_ms must be >= 0")
+        if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
+            raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError(f"gpu must be auto, on or off, got {self.gpu!r}")
