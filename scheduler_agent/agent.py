@@ -20,7 +20,7 @@ from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.push import PushTracker
 from scheduler_agent.source_health import SourceHealth
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError
 from scheduler_agent.sources.inprocess import PublishedSource
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,8 @@ class SchedulerAgent:
         try:
             loads = await self.source.read(ranks)
             error = ""
+        except PartialRead as exc:
+            loads, error = exc.loads, str(exc)
         except SourceError as exc:
             loads, error = {}, str(exc)
         except Exception as exc:  # a source bug must not take the agent down

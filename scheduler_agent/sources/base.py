@@ -17,6 +17,32 @@ class SourceError(Exception):
     """
 
 
+class PartialRead(SourceError):
+    """Some ranks were read, others were garbage: report `loads`, and `str(self)` says what was wrong."""
+
+    def __init__(self, message: str, loads: dict[int, pb.RankLoad]) -> None:
+        super().__init__(message)
+        self.loads = loads
+
+
+def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
+    """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank.
+
+    `entries` maps dp rank -> raw entry; `convert(entry)` returns a RankLoad or raises SourceError.
+    """
+    loads: dict[int, pb.RankLoad] = {}
+    problems: list[str] = []
+    for rank in ranks:
+        if rank in entries:
+            try:
+                loads[rank] = convert(entries[rank])
+            except SourceError as error:
+                problems.append(str(error))
+    if problems:
+        raise PartialRead("; ".join(problems), loads)
+    return loads
+
+
 @dataclass(frozen=True, slots=True)
 class EngineRanks:
     """What an engine says about its data-parallel layout: the ranks it runs and its dp size."""

@@ -16,7 +16,6 @@ Those protos give the core scalars no presence (0 is both "zero" and "not known"
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 
@@ -24,13 +23,17 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError
+from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, read_ranks
 from scheduler_agent.sources.http_client import DEFAULT_TIMEOUT_S, MIN_TIMEOUT_S, ROUND_SHARE
 
 _FLAVORS = {
     "sglang": (sglang_scheduler_pb2, sglang_scheduler_pb2_grpc.SglangSchedulerStub),
     "vllm": (vllm_engine_pb2, vllm_engine_pb2_grpc.VllmEngineStub),
 }
+# An engine that restarts should be read again within about a second, not after gRPC's default
+# backoff (which grows to two minutes).
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+              ("grpc.max_reconnect_backoff_ms", 1000)]
 _COUNTS = ("num_running_reqs", "num_waiting_reqs", "num_total_reqs")
 _OTHER_CORE = ("gen_throughput", "cache_hit_rate", "utilization", "num_waiting_uncached_tokens")
 _SECTIONS = {  # engine section -> (RankLoad section, fields copied by name)
@@ -115,7 +118,7 @@ class EngineGrpcSource(LoadSource):
     async def start(self) -> None:
         # The channel reconnects by itself when the engine comes back; wait_for_ready stays off so a
         # down engine fails fast (UNAVAILABLE) instead of eating the round's deadline.
-        self._channel = grpc.aio.insecure_channel(self.target)
+        self._channel = grpc.aio.insecure_channel(self.target, options=_RECONNECT)
         self._stub = self._stub_class(self._channel)
 
     async def _get_loads(self, include: list[str]):
@@ -129,16 +132,12 @@ class EngineGrpcSource(LoadSource):
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise SourceError("GetLoads: no answer within the engine timeout") from None
             raise SourceError(f"GetLoads: {error.code().name}") from None
-        except asyncio.CancelledError:
-            raise
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         response = await self._get_loads(["all"])
         now_ms = time.time_ns() // 1_000_000
-        by_rank = {}
-        for src in response.loads:
-            by_rank[src.dp_rank] = load_from_scheduler_load(src, self.flavor, now_ms)
-        return {rank: by_rank[rank] for rank in ranks if rank in by_rank}
+        entries = {src.dp_rank: src for src in response.loads}
+        return read_ranks(ranks, entries, lambda src: load_from_scheduler_load(src, self.flavor, now_ms))
 
     async def discover(self) -> EngineRanks:
         response = await self._get_loads(["core"])

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError
+from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, read_ranks
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
 
 V1_LOADS = "/v1/loads?include=all"
@@ -174,12 +174,11 @@ class SglangHttpSource(LoadSource):
         now_ms = time.time_ns() // 1_000_000
         path = LEGACY if legacy else "/v1/loads"
         entries = _entries(body, path)
-        loads = [
-            load_from_legacy(e, now_ms, single=len(entries) == 1) if legacy else load_from_v1(e, now_ms)
-            for e in entries
-        ]
-        by_rank = {load.dp_rank: load for load in loads}
-        return {rank: by_rank[rank] for rank in ranks if rank in by_rank}
+        single = len(entries) == 1
+        by_rank = {_rank_of(e, path, single): e for e in entries}
+        if legacy:
+            return read_ranks(ranks, by_rank, lambda e: load_from_legacy(e, now_ms, single))
+        return read_ranks(ranks, by_rank, lambda e: load_from_v1(e, now_ms))
 
     async def discover(self) -> EngineRanks:
         body, legacy = await self._body(V1_LOADS_CORE)
