@@ -111,8 +111,10 @@ class SchedulerAgent:
         while True:
             try:
                 engine = await self.source.discover()
-                if engine is None:
-                    return  # a source without an engine: keep the configured ranks
+                if engine is None:  # a source without an engine: keep the configured ranks
+                    if not self.dp_ranks:
+                        raise ValueError(f"source {self.source.name!r} cannot say which dp ranks to serve: give dp_ranks")
+                    return
                 self._adopt(engine)
                 return
             except SourceError as error:
