@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -13,10 +14,17 @@ from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING_NOTICES = 64
+
 
 @dataclass(eq=False)
 class AgentSession:
-    """One live AgentLink stream. The communicator writes to it through `send` (never blocks)."""
+    """One live AgentLink stream. The communicator writes to it through `send`, which never blocks.
+
+    What waits to be written is bounded even when the agent stops reading (SIGSTOP, a stuck network):
+    only the newest `collect` is kept (an older unanswered one belongs to a round that is over), and
+    other notices are capped.
+    """
 
     instance_id: str
     dp_ranks: tuple[int, ...]
@@ -25,18 +33,40 @@ class AgentSession:
     version: str = ""
     source: str = ""
     connected_at: float = field(default_factory=time.monotonic)
-    outbox: asyncio.Queue[pb.AggregatorMessage | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    _collect: pb.AggregatorMessage | None = None
+    _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, message: pb.AggregatorMessage) -> None:
-        if not self.closed:
-            self.outbox.put_nowait(message)
+        if self.closed:
+            return
+        if message.HasField("collect"):
+            self._collect = message
+        else:
+            self._notices.append(message)
+        self._wake.set()
+
+    async def next_message(self) -> pb.AggregatorMessage | None:
+        """The next message to write to the agent; None once the session is closed."""
+        while not self.closed:
+            if self._notices:
+                return self._notices.popleft()
+            if self._collect is not None:
+                message, self._collect = self._collect, None
+                return message
+            self._wake.clear()
+            await self._wake.wait()
+        return None
+
+    @property
+    def pending(self) -> int:
+        return len(self._notices) + (self._collect is not None)
 
     def close(self) -> None:
         """Ask the stream's writer to end the RPC (used when a reconnect replaces this session)."""
-        if not self.closed:
-            self.closed = True
-            self.outbox.put_nowait(None)
+        self.closed = True
+        self._wake.set()
 
 
 @dataclass(frozen=True, slots=True)
