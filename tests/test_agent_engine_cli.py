@@ -50,3 +50,23 @@ def test_cli_rejects_a_bad_engine_url():
     result = subprocess.run([sys.executable, "-m", "scheduler_agent", "--source", "vllm", "--engine-url",
                              "tcp://x:1"], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2 and "http://HOST:PORT or grpc://HOST:PORT" in result.stderr
+
+
+def test_every_new_flag_reads_its_env_var(monkeypatch):
+    from scheduler_agent.cli import config_from_args, parser
+
+    monkeypatch.setenv("LOADAGG_SOURCE", "vllm")
+    monkeypatch.setenv("LOADAGG_ENGINE_URL", "grpc://127.0.0.1:30001")
+    monkeypatch.setenv("LOADAGG_ENGINE_TIMEOUT_MS", "150")
+    monkeypatch.setenv("LOADAGG_GPU", "off")
+    monkeypatch.setenv("LOADAGG_GPU_DEVICES", "0=1")
+    monkeypatch.setenv("LOADAGG_PUSH_INTERVAL_MS", "250")
+    monkeypatch.setenv("LOADAGG_PUSH_REFRESH_MS", "5000")
+    config = config_from_args(parser().parse_args([]))
+    assert (config.source, config.engine_url, config.engine_timeout_ms) == ("vllm", "grpc://127.0.0.1:30001", 150)
+    assert (config.gpu, config.gpu_devices, config.push_interval_ms, config.push_refresh_ms) == ("off", "0=1", 250, 5000)
+    assert config.ranks_from_engine and config.dp_ranks == ()  # every rank the engine runs
+    assert config_from_args(parser().parse_args(["--gpu", "--dp-rank", "1"])).gpu == "on"
+    assert config_from_args(parser().parse_args(["--dp-rank", "1"])).dp_ranks == (1,)
+    monkeypatch.setenv("LOADAGG_SOURCE", "simulator")
+    assert config_from_args(parser().parse_args([])).dp_ranks == (0,)  # the simulator's default is unchanged
