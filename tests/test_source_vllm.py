@@ -28,6 +28,14 @@ def test_page_parses_per_engine_rank():
                         .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))
     assert set(single) == {0} and single[0]["kv_usage_v0"] == 0.25
 
+    noisy = engine.page() + "".join(
+        f'vllm:e2e_request_latency_seconds_bucket{{engine="0",le="{b}.0",model_name="m"}} 1.0\n' for b in range(500))
+    assert parse_page(noisy) == figures  # histograms are skipped before parsing, figures unchanged
+    broken = engine.page().replace('vllm:num_requests_waiting{engine="1",model_name="Qwen/Qwen3-8B"} 0.0',
+                                   'vllm:num_requests_waiting{engine="1",model_name="Qwen/Qwen3-8B"} zero')
+    with pytest.raises(SourceError):
+        parse_page(broken)  # a malformed line we read still fails the page
+
     no_label = parse_page("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 2\n")
     assert no_label == {0: {"running": 2.0}}  # no DP: everything is rank 0
     for garbage in ("<html>502</html>{{{", "# TYPE x gauge\nx 1\n", 'vllm:num_requests_running{engine="a"} 1\n'):

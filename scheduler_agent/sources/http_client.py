@@ -44,7 +44,7 @@ class EngineHttp:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # No connection pooling surprises: a restarted engine gets a fresh connection.
+            # Keep-alive to the one engine; aiohttp drops connections the engine closed (restart).
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=False))
         return self._session
 

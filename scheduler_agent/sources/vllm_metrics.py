@@ -43,6 +43,30 @@ _COUNTERS = {  # sample names (the parser keeps `_total` on samples, drops it fr
 }
 
 
+_FAMILIES = {name.removesuffix("_total") for name in _COUNTERS} | set(_GAUGES) | {"vllm:cache_config_info"}
+_SAMPLES = set(_GAUGES) | set(_COUNTERS) | {"vllm:cache_config_info"}
+
+
+def relevant_lines(text: str) -> str:
+    """Only the lines of the families read here (and their HELP/TYPE comments).
+
+    A real vLLM page is mostly histograms (thousands of bucket lines); parsing them all costs ~100 ms
+    per read on a busy host. Selecting lines by metric name first keeps the official parser for every
+    value used, at a fraction of the cost.
+    """
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2] in _FAMILIES:
+                kept.append(line)
+        else:
+            name = line.split("{", 1)[0].strip().split(" ", 1)[0]
+            if name in _SAMPLES:
+                kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def _engine_rank(labels: dict[str, str]) -> int:
     engine = labels.get("engine")
     if engine is None:
@@ -60,7 +84,7 @@ def parse_page(text: str) -> dict[int, dict[str, float]]:
     """Per rank: the figures above (summed over other labels such as model_name), from one page."""
     figures: dict[int, dict[str, float]] = defaultdict(dict)
     try:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(relevant_lines(text)):
             for sample in family.samples:
                 name = _GAUGES.get(sample.name) or _COUNTERS.get(sample.name)
                 if name is not None:
