@@ -54,6 +54,26 @@ async def test_callback_source_is_called_per_round(start_aggregator, channel_to)
         assert calls[-1] == (0, 1)
 
 
+async def test_background_agent_for_a_blocking_scheduler(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=300)
+    config = agent_config(agg.port, dp_ranks=(0,), dp_size=1, push_interval_ms=20)
+
+    def scheduler_thread_body(agent: scheduler_agent.BackgroundAgent) -> None:
+        for running_now in range(1, 6):  # a blocking scheduler loop publishing as it goes
+            agent.publish(RankLoad(dp_rank=0, num_running_reqs=running_now))
+            time.sleep(0.02)
+
+    with scheduler_agent.BackgroundAgent(config) as agent:
+        await wait_for(lambda: agent.connected, what="background agent linked")
+        await asyncio.to_thread(scheduler_thread_body, agent)
+        await wait_for(lambda: agg.registry.snapshot(0) is not None
+                       and agg.registry.snapshot(0).load.num_running_reqs == 5, what="last published figure pushed")
+        response = await get_loads(channel_to(agg.port))
+        assert [l.num_running_reqs for l in response.loads] == [5]
+    assert agent._thread is None  # stopped and joined
+    await wait_for(lambda: not agg.registry.live_ranks(), what="link closed")
+
+
 def test_push_tracker_ignores_timestamp_only_changes():
     tracker = PushTracker()
     load = RankLoad(dp_rank=0, num_running_reqs=1, timestamp_ms=1)
