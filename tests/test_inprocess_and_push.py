@@ -93,6 +93,7 @@ async def test_pushes_arrive_only_on_change(start_aggregator):
         await wait_for(lambda: agg.registry.snapshot(1) is not None, what="first push stored")
         assert agg.registry.snapshot(0).load.num_running_reqs == 4
         assert agg.communicator.stats.rounds_started == 0  # no router asked: these came unsolicited
+        await wait_for(lambda: agent.pushes_sent >= 1, what="push counted")
         sent = agent.pushes_sent
         assert sent == 1  # both ranks in one push
 

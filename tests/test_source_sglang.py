@@ -101,7 +101,7 @@ async def test_engine_failures_report_ranks_missing_log_once_and_recover(start_a
     caplog.set_level(logging.INFO, logger="scheduler_agent.source")
     engine = SglangHttpEngine(dp_size=2)
     await engine.start()
-    agg = await start_aggregator(dp_size=2, round_timeout_ms=1500)
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
     agent = engine_agent(agg.port, SglangHttpSource(engine.url))
     channel = channel_to(agg.port)
 
@@ -115,12 +115,14 @@ async def test_engine_failures_report_ranks_missing_log_once_and_recover(start_a
             for mode in ("error", "garbage", "hang"):
                 engine.set_mode(mode)
                 caplog.clear()
+                timed_out = agg.communicator.stats.rounds_timed_out
                 answers = await rounds(3)
                 assert all(r.missing_ranks == [0, 1] and not r.loads for r in answers), mode
                 warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
                 assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per state, not per round
-                # The agent gave up before the aggregator's deadline (it learned it from Welcome).
-                assert all(r.round_duration_ms < 1500 for r in answers), mode
+                # The agent gave up on the engine before the aggregator's deadline (1.2 s of the 2 s it
+                # learned from Welcome) and said so: the rounds ended on its report, not on the deadline.
+                assert agg.communicator.stats.rounds_timed_out == timed_out, mode
                 engine.set_mode("ok")
                 assert not (await rounds(1))[0].missing_ranks
             assert agent.health.healthy
