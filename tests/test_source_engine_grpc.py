@@ -101,5 +101,10 @@ async def test_vllm_grpc_engine_garbage_on_one_rank_fails_only_that_rank(start_a
                 response = await get_loads(channel_to(agg.port))
                 assert response.missing_ranks == [0] and [l.dp_rank for l in response.loads] == [1]
             assert "rank 0 num_waiting_reqs is negative" in caplog.text and len(caplog.records) == 1
+            for mode in ("error", "hang"):
+                engine.set_mode(mode)
+                assert (await get_loads(channel_to(agg.port))).missing_ranks == [0, 1], mode
+                engine.set_mode("ok")
+                assert not (await get_loads(channel_to(agg.port))).missing_ranks, mode
     finally:
         await server.stop(0)
