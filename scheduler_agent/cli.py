@@ -9,6 +9,7 @@ import signal
 
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig, default_instance_id, env
+from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
 
 
@@ -69,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
                    help="simulator seed [LOADAGG_SEED]")
     p.add_argument("--collect-latency-ms", type=float, default=float(env("COLLECT_LATENCY_MS", "0")),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
+    p.add_argument("--resolve-all", action="store_true",
+                   default=(env("RESOLVE_ALL", "") or "").lower() in ("1", "true", "yes", "on"),
+                   help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
+                        "following changes [LOADAGG_RESOLVE_ALL=true]")
+    p.add_argument("--resolve-interval-s", type=float, default=float(env("RESOLVE_INTERVAL_S", "10")),
+                   help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
     return p
 
@@ -101,9 +108,18 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGTERM/SIGINT."""
-    agent = SchedulerAgent(config, build_source(config))
+def fanout_from_args(args: argparse.Namespace) -> FanoutConfig:
+    if args.resolve_all:
+        split_target(args.aggregator)  # a bad target is a usage error now, not a crash later
+    return FanoutConfig(resolve_all=args.resolve_all, resolve_interval_s=args.resolve_interval_s)
+
+
+async def run_agent(config: AgentConfig, fanout: FanoutConfig | None = None) -> None:
+    """Run until SIGTERM/SIGINT: one link, or (--resolve-all) one link per aggregator replica."""
+    if fanout is not None and fanout.resolve_all:
+        agent = AggregatorFanout(config, build_source(config), fanout)
+    else:
+        agent = SchedulerAgent(config, build_source(config))
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -129,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        fanout = fanout_from_args(args)
     except ValueError as error:
         parser().error(str(error))
-    run(run_agent(config))
+    run(run_agent(config, fanout))
 
 
 if __name__ == "__main__":

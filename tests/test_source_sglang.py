@@ -153,3 +153,25 @@ async def test_agent_waits_for_the_engine_before_hello(start_aggregator):
             await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="ranks registered after engine start")
     finally:
         await engine.stop()
+
+
+async def test_engine_ranks_through_a_fanout_to_several_aggregators(start_aggregator, channel_to):
+    from agent_tasks import agent_config
+    from scheduler_agent.fanout import AggregatorFanout, FanoutConfig
+
+    engine = SglangHttpEngine(dp_size=2)
+    await engine.start()
+    aggs = [await start_aggregator(dp_size=2, round_timeout_ms=1000) for _ in range(2)]
+    config = agent_config(0, dp_ranks=(), ranks_from_engine=True)
+    fanout = AggregatorFanout(config, SglangHttpSource(engine.url), FanoutConfig(resolve_all=True),
+                              resolver=lambda: [f"127.0.0.1:{agg.port}" for agg in aggs])
+    task = asyncio.create_task(fanout.run())
+    try:
+        for agg in aggs:  # every link asked the engine for its ranks before its hello
+            await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="engine ranks on each replica")
+            response = await get_loads(channel_to(agg.port))
+            assert [l.num_running_reqs for l in response.loads] == [5, 6]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await engine.stop()
