@@ -14,7 +14,7 @@ from conftest import wait_for
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.sources import PublishedSource, build_source
+from scheduler_agent.sources import EngineRanks, PublishedSource, build_source
 from scheduler_agent.sources.gpu import NvmlTelemetry, WithGpuTelemetry, parse_gpu_devices
 
 GIB = 1 << 30
@@ -87,6 +87,22 @@ async def test_visible_devices_split_evenly_over_ranks(monkeypatch):
     assert (gpu.temperature_c, gpu.power_w, gpu.power_limit_w) == (41.0, 350.5, 700.0)  # mW -> W
     no_power = loads[1].gpu.devices[1]
     assert no_power.index == 3 and not no_power.HasField("power_w") and no_power.HasField("power_limit_w")
+
+
+async def test_a_restricted_agent_maps_its_ranks_where_the_engine_placed_them(monkeypatch):
+    FakeNvml(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    class TwoRankEngine(PublishedSource):
+        async def discover(self):
+            return EngineRanks((0, 1), 2)
+
+    inner = TwoRankEngine()
+    inner.publish(pb.RankLoad(dp_rank=1, num_running_reqs=1))
+    source = WithGpuTelemetry(inner, NvmlTelemetry())
+    await source.discover()
+    loads = await source.read([1])  # this agent serves only rank 1 (--dp-rank 1)
+    assert [d.index for d in loads[1].gpu.devices] == [2, 3]  # rank 1's GPUs, not all four
 
 
 async def test_cuda_visible_devices_and_explicit_mapping(monkeypatch):

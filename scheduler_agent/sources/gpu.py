@@ -9,8 +9,9 @@ once and every read returns nothing, so the gpu section stays unset.
 devices. Rank -> devices, in order of preference:
 1. `--gpu-devices "0=0,1;1=2,3"` (LOADAGG_GPU_DEVICES): explicit NVML indices or UUIDs per dp rank;
 2. otherwise the visible devices (CUDA_VISIBLE_DEVICES as indices or UUIDs, else every NVML device)
-   split evenly, in order, over the ranks the agent serves: sglang and vLLM place dp rank k on the
-   k-th group of tp_size GPUs, so 2 ranks on 4 GPUs give rank 0 GPUs 0,1 and rank 1 GPUs 2,3.
+   split evenly, in order, over the engine's ranks (when the engine said which it runs; else over the
+   ranks the agent serves): sglang and vLLM place dp rank k on the k-th group of tp_size GPUs, so 2
+   ranks on 4 GPUs give rank 0 GPUs 0,1 and rank 1 GPUs 2,3, also when `--dp-rank 1` serves only one.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class WithGpuTelemetry(LoadSource):
         self.name = inner.name
         self.telemetry = telemetry
         self.explicit = rank_devices or {}
+        self.engine_ranks: tuple[int, ...] = ()  # every rank the engine runs, once discover() said
         self._devices: dict[tuple[int, ...], dict[int, list[int]]] = {}
 
     def devices_for(self, ranks: Sequence[int]) -> dict[int, list[int]]:
@@ -168,9 +170,11 @@ class WithGpuTelemetry(LoadSource):
                     mapping[rank] = [i for i in resolved if i is not None]
             else:
                 visible = self.telemetry.visible()
-                per_rank = len(visible) // len(key) if key else 0
-                for k, rank in enumerate(key):
-                    mapping[rank] = visible[k * per_rank:(k + 1) * per_rank][:MAX_DEVICES_PER_RANK]
+                placed = self.engine_ranks if set(key) <= set(self.engine_ranks) else key
+                per_rank = len(visible) // len(placed) if placed else 0
+                for k, rank in enumerate(placed):
+                    if rank in key:
+                        mapping[rank] = visible[k * per_rank:(k + 1) * per_rank][:MAX_DEVICES_PER_RANK]
             if self.telemetry.available:
                 log.info("GPU devices per dp rank: %s", mapping)
             self._devices[key] = mapping
@@ -183,7 +187,11 @@ class WithGpuTelemetry(LoadSource):
         await self.inner.start()
 
     async def discover(self) -> EngineRanks | None:
-        return await self.inner.discover()
+        engine = await self.inner.discover()
+        if engine is not None:
+            self.engine_ranks = tuple(sorted(engine.dp_ranks))
+            self._devices.clear()
+        return engine
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         loads = await self.inner.read(ranks)
