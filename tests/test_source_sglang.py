@@ -29,6 +29,11 @@ def test_v1_entry_maps_every_documented_field_and_leaves_absent_ones_unset():
     for absent in ("num_waiting_reqs", "token_usage", "gen_throughput", "max_total_num_tokens", "memory", "spec"):
         assert not bare.HasField(absent), absent  # never a made-up 0
 
+    import time
+    now_ms = int(time.time() * 1000)
+    assert load_from_v1({"dp_rank": 0, "timestamp": now_ms / 1000 - 2}, now_ms).timestamp_ms == now_ms - 2000
+    assert load_from_v1({"dp_rank": 0, "timestamp": 12.5}, now_ms).timestamp_ms == now_ms  # not a unix time
+
     newer = load_from_v1({"dp_rank": 0, "disaggregation": {"mode": "prefill", "prefill_bootstrap_queue_reqs": 4}}, 1)
     assert newer.disagg.prefill_prealloc_queue_reqs == 4 and not newer.disagg.HasField("decode_transfer_queue_reqs")
 

@@ -99,10 +99,19 @@ def _rank_of(entry: Any, where: str, single: bool) -> int:
     return _value(f"{where}: dp_rank", rank, _INT)
 
 
+def _taken_at(stamp: Any, now_ms: int) -> int:
+    """The scheduler's own snapshot time (unix seconds, some sglang versions send it), if plausible; else now."""
+    if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) and math.isfinite(stamp):
+        stamp_ms = int(stamp * 1000)
+        if abs(now_ms - stamp_ms) < 3_600_000:  # not a monotonic clock or a unit mix-up
+            return stamp_ms
+    return now_ms
+
+
 def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads") -> pb.RankLoad:
     """One `/v1/loads` entry as a RankLoad: keys present are copied, keys absent stay unset."""
     rank = _rank_of(entry, where, single=False)
-    load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms)
+    load = pb.RankLoad(dp_rank=rank, timestamp_ms=_taken_at(entry.get("timestamp"), now_ms))
     for key, kind in _CORE.items():
         raw = entry.get(key)
         if raw is not None:
