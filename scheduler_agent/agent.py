@@ -53,6 +53,8 @@ class SchedulerAgent:
         self.pushes = PushTracker(config.push_refresh_ms)
         self.pushes_sent = 0
         self.pushes_skipped = 0
+        self.rejections = 0
+        self._last_rejection = ""
         self.connected = asyncio.Event()
         self.collects_received = 0
         self.reports_sent = 0
@@ -188,7 +190,11 @@ class SchedulerAgent:
             )
         elif kind == "rejected":
             r = message.rejected
-            log.warning("aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
+            self.rejections += 1
+            # A source that keeps sending an impossible figure is refused every round: say it once per reason.
+            level = logging.DEBUG if r.reason == self._last_rejection else logging.WARNING
+            self._last_rejection = r.reason
+            log.log(level, "aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
 
     async def report(self, call, round_id: int) -> None:
         """Read the source and send one report for `round_id` (0: a push, only of ranks that changed)."""
