@@ -83,6 +83,13 @@ class SharedSource(LoadSource):
         self.joined = 0  # reads answered by joining a read already in flight
         self._in_flight: dict[tuple[int, ...], asyncio.Future] = {}
 
+    async def discover(self):
+        """The engine's ranks (engine sources), asked by each link before its hello."""
+        return await self.inner.discover()
+
+    def set_round_timeout(self, round_timeout_ms: int) -> None:
+        self.inner.set_round_timeout(round_timeout_ms)
+
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         key = tuple(ranks)
         future = self._in_flight.get(key)
