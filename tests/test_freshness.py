@@ -155,3 +155,26 @@ async def test_every_answer_states_round_source_and_rank_times(start_aggregator,
             assert load.timestamp_ms > 0 and 0 <= loads.age_ms(load.dp_rank) < 60_000
         with pytest.raises(ValueError):
             await client.get_loads(freshness="soon")
+
+
+async def test_real_agents_pushes_feed_snapshot_answers(start_aggregator, channel_to):
+    """SchedulerAgent's own pushes (push_interval_ms) are enough for CACHED callers: no round at all."""
+    from scheduler_agent.agent import SchedulerAgent
+    from scheduler_agent.config import AgentConfig
+    from scheduler_agent.sources.simulator import SimulatedSource
+
+    agg = await start_aggregator(dp_size=2)
+    config = AgentConfig(aggregator=f"127.0.0.1:{agg.port}", dp_ranks=(0, 1), dp_size=2, instance_id="pushing-agent",
+                         seed=3, push_interval_ms=50, backoff_initial_ms=20, backoff_max_ms=200)
+    task = asyncio.create_task(SchedulerAgent(config, SimulatedSource(seed=3)).run())
+    try:
+        await wait_for(lambda: len(agg.registry.snapshots()) == 2, what="the agent's first push")
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        answers = [await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=5_000))
+                   for _ in range(5)]
+        assert all(a.source == pb.ANSWER_SOURCE_SNAPSHOTS and len(a.loads) == 2 for a in answers)
+        assert agg.communicator.stats.rounds_started == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
