@@ -59,8 +59,9 @@ def build_agents(args: argparse.Namespace) -> list[SchedulerAgent]:
         source = (CannedSource(seed, args.collect_latency_ms) if args.source == "canned"
                   else SimulatedSource(seed=seed, collect_latency_ms=args.collect_latency_ms))
         config = AgentConfig(aggregator=args.aggregator, dp_ranks=ranks, dp_size=args.dp_size,
-                             instance_id=f"bench-agent-{first}", seed=seed,
-                             collect_latency_ms=args.collect_latency_ms, backoff_initial_ms=50, backoff_max_ms=500)
+                             instance_id=f"bench-agent-{first}", seed=seed, gpu="off",
+                             collect_latency_ms=args.collect_latency_ms, push_interval_ms=args.push_interval_ms,
+                             backoff_initial_ms=50, backoff_max_ms=500)
         agents.append(SchedulerAgent(config, source))
     return agents
 
@@ -81,6 +82,7 @@ async def main(args: argparse.Namespace) -> None:
             "collects_received": sum(a.collects_received for a in agents),
             "reports_sent": sum(a.reports_sent for a in agents),
             "source_reads": sum(a.source.reads for a in agents),
+            "pushes_sent": sum(getattr(a, "pushes_sent", 0) for a in agents),
             **own_usage(),
         }
 
@@ -102,5 +104,6 @@ if __name__ == "__main__":
     parser.add_argument("--collect-latency-ms", type=float, default=0.0)
     parser.add_argument("--source", choices=("simulator", "canned"), default="simulator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push-interval-ms", type=int, default=0, help="also push changed ranks this often")
     logging.basicConfig(level=logging.ERROR)
     run(main(parser.parse_args()))

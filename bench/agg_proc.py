@@ -25,8 +25,10 @@ async def main(args: argparse.Namespace) -> None:
     profiler = cProfile.Profile() if args.profile else None
 
     def stats() -> dict:
+        watch = getattr(aggregator.loads, "watch", None)  # WatchLoads (issue 5): its ticks prove sharing
         return {
             **dataclasses.asdict(aggregator.communicator.stats),
+            **({f"watch_{k}": v for k, v in dataclasses.asdict(watch.stats).items()} if watch else {}),
             "live_ranks": len(aggregator.registry.live_ranks()),
             "agents": len(aggregator.registry.sessions()),
             **own_usage(),

@@ -121,7 +121,7 @@ class Cluster:
 
 def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, agents_per_process: int | None = None,
                   ranks_per_agent: int = 1, collect_latency_ms: float = 0.0, source: str = "simulator",
-                  round_timeout_ms: int = 500, profile: str = "") -> Cluster:
+                  round_timeout_ms: int = 500, profile: str = "", push_interval_ms: int = 0) -> Cluster:
     """An aggregator serving `dp_size` ranks, all of them linked by agents spread over `processes` children."""
     if dp_size % ranks_per_agent:
         raise ValueError(f"dp_size {dp_size} is not a multiple of ranks_per_agent {ranks_per_agent}")
@@ -138,7 +138,8 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
             cluster.agent_hosts.append(Child(
                 "bench.agent_host", "--aggregator", cluster.target, "--dp-size", str(dp_size),
                 "--first-rank", str(first), "--agents", str(count), "--ranks-per-agent", str(ranks_per_agent),
-                "--collect-latency-ms", str(collect_latency_ms), "--source", source, name=f"agents[{first}]"))
+                "--collect-latency-ms", str(collect_latency_ms), "--source", source,
+                "--push-interval-ms", str(push_interval_ms), name=f"agents[{first}]"))
             first += count * ranks_per_agent
         for host in cluster.agent_hosts:
             if not host.read(90).get("ready"):

@@ -28,11 +28,19 @@ class AgentConfig:
     seed: int | None = None
     collect_latency_ms: float = 0.0  # simulator: how long answering a collect takes
     push_interval_ms: int = 0  # 0: only answer collect rounds
+    push_refresh_ms: int = 0  # re-push an unchanged rank after this long; 0: only changes are pushed
+    # Engine sources (sglang, vllm): where the engine listens (http://... or grpc://...).
+    engine_url: str = ""
+    engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
+    # Serve the dp ranks the engine reports (dp_ranks, when given, restricts them); dp_size 0 takes the engine's.
+    ranks_from_engine: bool = False
+    gpu: str = "auto"  # NVML telemetry: "auto" (when NVML is there), "on" (say loudly when it is not), "off"
+    gpu_devices: str = ""  # "RANK=DEV[,DEV];..." NVML indices or UUIDs; empty: split visible devices over ranks
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5_000
 
     def __post_init__(self) -> None:
-        if not self.dp_ranks:
+        if not self.dp_ranks and not self.ranks_from_engine:
             raise ValueError("an agent must serve at least one dp rank")
         if any(r < 0 for r in self.dp_ranks):
             raise ValueError(f"dp ranks must be >= 0, got {list(self.dp_ranks)}")
@@ -40,3 +48,7 @@ class AgentConfig:
             raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
         if self.collect_latency_ms < 0:
             raise ValueError("collect_latency_ms must be >= 0")
+        if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
+            raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
+        if self.gpu not in ("auto", "on", "off"):
+            raise ValueError(f"gpu must be auto, on or off, got {self.gpu!r}")
