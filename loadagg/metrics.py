@@ -81,6 +81,7 @@ class AggregatorMetrics:
             "loadagg_getloads_duration_seconds", "Loads calls by API and outcome (gRPC status or HTTP status).",
             ["api", "code"], buckets=_LATENCY_BUCKETS, registry=self.registry,
         )
+        self._call_children: dict[tuple[str, str], Histogram] = {}  # labels() costs a lock and checks per call
         communicator.on_round_end(self.round_ended)
 
     def round_ended(self, result: RoundResult) -> None:
@@ -90,7 +91,10 @@ class AggregatorMetrics:
         self.missing_rank_total.inc(len(result.missing))
 
     def observe_call(self, api: str, code: str, seconds: float) -> None:
-        self.call_duration.labels(api=api, code=code).observe(seconds)
+        child = self._call_children.get((api, code))
+        if child is None:
+            child = self._call_children[api, code] = self.call_duration.labels(api=api, code=code)
+        child.observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,8 @@ def parse_include(include: Iterable[str]) -> frozenset[str]:
 
     Accepts comma-separated items too ("core,memory"), since that is how people type them.
     """
+    if not include:  # the common call: everything
+        return ALL_SECTIONS
     wanted: set[str] = set()
     seen_any = False
     for item in include:
