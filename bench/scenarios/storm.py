@@ -85,6 +85,8 @@ def run(tiny: bool = False) -> Outcome:
             rows["watching", callers] = row("watching", callers, mine, mine["rounds_seen"], mine["rounds_seen"] * RANKS)
             rows["watching", callers]["other_errors"] = sum(sum(r["errors"].values()) for r in results[1::2])
             bounds[callers] = (rounds, sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in results[1::2]))
+            if callers == big:
+                walls = {"echo": [r["wall_s"] for r in results[0::2]], "watching": [r["wall_s"] for r in results[1::2]]}
             if callers != big:
                 spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
                 (queue_result,), rounds, collects = counted(queueing, spec)
@@ -98,16 +100,20 @@ def run(tiny: bool = False) -> Outcome:
 
     top = sweep[-1]
     w, q, e = rows["watching", top], rows["queueing", top], rows["echo", top]
-    wb, eb = rows["watching", big], rows["echo", big]
+    wb = rows["watching", big]
     speedup = ratio(q["p99_ms"], w["p99_ms"])
-    wall_ratio = ratio(wb["wall_s"], eb["wall_s"])
+    # Walls: each side's fastest burst (like timeit's min: other jobs on the box only ever add time).
+    best_walls = {server: min(walls[server]) for server in ("watching", "echo")}
+    wall_ratio = ratio(best_walls["watching"], best_walls["echo"])
     outcome.targets = [
         Target(f"watching rounds, {top} callers ({reps} bursts)", f"{bounds[top][0]} (bound {bounds[top][1]:.0f})",
                "<= 1 + wall/round_time", bounds[top][0] <= bounds[top][1]),
         Target(f"watching p99, {top} callers", f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms)", "<= 500 ms",
                w["p99_ms"] <= 500),
         Target(f"queueing p99 / watching p99, {top} callers", f"{speedup:.0f}x", ">= 40x", speedup >= 40),
-        Target(f"{big} callers: watching wall / echo wall", f"{wall_ratio:.2f}x", "<= 1.2x", wall_ratio <= 1.2),
+        Target(f"{big} callers: watching wall / echo wall (fastest of {reps})",
+               f"{wall_ratio:.2f}x ({best_walls['watching']:.2f} s / {best_walls['echo']:.2f} s)", "<= 1.2x",
+               wall_ratio <= 1.2),
         Target(f"{big} callers: errors ({reps} bursts)", str(wb["other_errors"] + wb["timeouts"]), "0",
                wb["other_errors"] + wb["timeouts"] == 0),
         Target(f"{big} callers: rounds ({reps} bursts)", f"{bounds[big][0]} (bound {bounds[big][1]:.0f})",
@@ -115,7 +121,8 @@ def run(tiny: bool = False) -> Outcome:
     ]
     outcome.notes = [
         f"{RANKS} agents (one rank each) in {processes} processes. Echo and watching bursts alternate {reps} times per size in one client "
-        "process (8 connections); each row is the run with the median p99. Queueing runs once per size.",
+        "process (8 connections); each row is the run with the median p99; the 10,000-caller wall target compares "
+        "each side's fastest burst. Queueing runs once per size.",
         f"queueing callers have a {QUEUEING_DEADLINE_S:.0f} s deadline (others {DEADLINE_S:.0f} s): its p99 is "
         "censored at the deadline (timeouts counted), so the speed-up is a lower bound.",
         "latency counts from each call's issue; the client issues the whole burst at once, so the p99 of a big burst "
