@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from loadagg.limits import LimitsConfig
+from loadagg.security import SecurityConfig
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -27,6 +30,8 @@ class AggregatorConfig:
     grace_s: float = 5.0  # SIGTERM: time for in-flight calls to finish
     default_watch_interval_ms: int = 1000
     aggregator_id: str = ""
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # tokens, TLS (loadagg/security.py)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # message size, streams, keepalive (limits.py)
 
     def __post_init__(self) -> None:
         if self.dp_size < 1:

@@ -13,8 +13,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loadagg.agent_link import AgentLinkService
+from loadagg.auth import TokenPolicy
 from loadagg.communicator import MODES, Communicator
 from loadagg.config import AggregatorConfig
+from loadagg.guard import GuardInterceptor
 from loadagg.registry import AgentRegistry
 from loadagg.service import LoadAggregatorService
 from loadagg.v1 import loadagg_pb2 as pb
@@ -46,6 +48,9 @@ class Aggregator:
             hello_timeout_s=config.hello_timeout_ms / 1000,
         )
         self.health = health.aio.HealthServicer()
+        security = config.security
+        self.guard = GuardInterceptor(TokenPolicy(security.agent_token, security.router_token),
+                                      config.limits.max_agent_links)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -72,12 +77,16 @@ class Aggregator:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=self.config.limits.server_options(), interceptors=[self.guard])
         server.add_generic_rpc_handlers(self._handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (LOAD_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
-        self.port = server.add_insecure_port(self.config.address)
+        credentials = self.config.security.server_credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(self.config.address)
+        else:
+            self.port = server.add_secure_port(self.config.address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
         await server.start()
@@ -85,8 +94,9 @@ class Aggregator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         log.info(
-            "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms)",
+            "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms; %s)",
             self.config.host, self.port, self.config.dp_size, self.config.mode, self.config.round_timeout_ms,
+            self.config.security.describe(),
         )
         return self.port
 
@@ -95,6 +105,7 @@ class Aggregator:
         if self.server is None or self._stopped.is_set():
             return
         grace = self.config.grace_s if grace is None else grace
+        self.guard.draining = True  # new calls get UNAVAILABLE from here on; calls in flight go on
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.create_task(self.server.stop(grace))
         try:

@@ -45,7 +45,7 @@ class SchedulerAgent:
         self.connects = 0
         self.last_refusal: grpc.aio.AioRpcError | None = None
         self._write_lock = asyncio.Lock()
-        self._answers: set[asyncio.Task] = set()
+        self._answers: dict[asyncio.Task, None] = {}  # insertion-ordered: oldest first
 
     def hello(self) -> pb.AgentMessage:
         return pb.AgentMessage(
@@ -65,37 +65,47 @@ class SchedulerAgent:
         failures = 0
         try:
             while True:
+                linked_before = self.connects
                 try:
                     await self._link()
-                    failures = 0  # the link was up and ended: retry soon
                 except grpc.aio.AioRpcError as error:
+                    if self.connects != linked_before:
+                        failures = 0  # the link was up: this is a fresh outage, not one more failed dial
                     failures += 1
                     if error.code() in _REFUSALS:
                         self.last_refusal = error
                         failures = max(failures, 64)
                         log.error("aggregator refused this agent: %s: %s", error.code().name, error.details())
                     else:
-                        log.warning("link to %s lost: %s", self.config.aggregator, error.code().name)
+                        log.warning("link to %s lost: %s: %s", self.config.aggregator, error.code().name,
+                                    error.details())
+                else:
+                    failures = 0  # the aggregator ended the link (shutdown, replaced): redial soon
                 finally:
                     self.connected.clear()
-                ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
-                await asyncio.sleep(random.uniform(ceiling / 2, ceiling) / 1000)
+                await asyncio.sleep(self.backoff_s(failures))
         finally:
             await self.source.close()
 
+    def backoff_s(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(max, initial * 2**failures)], so restarted fleets spread out."""
+        ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
+        return random.uniform(0, ceiling) / 1000
+
     async def _link(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.aggregator) as channel:
-            call = pb_grpc.AgentLinkStub(channel).Connect()
+        security = self.config.security
+        async with security.channel(self.config.aggregator) as channel:
+            call = pb_grpc.AgentLinkStub(channel).Connect(metadata=security.metadata())
             await call.write(self.hello())
             try:
                 while True:
                     message = await call.read()
-                    if message is grpc.aio.EOF:
+                    if message is grpc.aio.EOF:  # (read() raises instead when the status is an error)
                         log.info("aggregator closed the link")
                         return
                     self._handle(call, message)
             finally:
-                for task in self._answers:
+                for task in list(self._answers):
                     task.cancel()
                 call.cancel()
 
@@ -107,8 +117,8 @@ class SchedulerAgent:
                 for task in list(self._answers)[: len(self._answers) - _MAX_ANSWERS_IN_FLIGHT + 1]:
                     task.cancel()
             task = asyncio.create_task(self._answer(call, message.collect.round_id))
-            self._answers.add(task)
-            task.add_done_callback(self._answers.discard)
+            self._answers[task] = None
+            task.add_done_callback(lambda done: self._answers.pop(done, None))
         elif kind == "welcome":
             self.connects += 1
             self.connected.set()

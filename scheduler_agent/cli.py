@@ -8,6 +8,7 @@ import logging
 import signal
 
 from scheduler_agent.agent import SchedulerAgent
+from scheduler_agent.channel import add_link_flags, link_security_from_args
 from scheduler_agent.config import AgentConfig, default_instance_id, env
 from scheduler_agent.sources import SOURCE_NAMES, build_source
 
@@ -38,6 +39,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--collect-latency-ms", type=float, default=float(env("COLLECT_LATENCY_MS", "0")),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
+    p.add_argument("--backoff-initial-ms", type=int, default=int(env("BACKOFF_INITIAL_MS", "100")),
+                   help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
+    p.add_argument("--backoff-max-ms", type=int, default=int(env("BACKOFF_MAX_MS", "5000")),
+                   help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
+    add_link_flags(p)
     return p
 
 
@@ -52,6 +58,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         model=args.model,
         seed=args.seed,
         collect_latency_ms=args.collect_latency_ms,
+        backoff_initial_ms=args.backoff_initial_ms,
+        backoff_max_ms=args.backoff_max_ms,
+        security=link_security_from_args(args),
     )
 
 

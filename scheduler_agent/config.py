@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from scheduler_agent.channel import LinkSecurity
+
 
 def env(name: str, default: str | None = None) -> str | None:
     """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`."""
@@ -30,6 +32,7 @@ class AgentConfig:
     push_interval_ms: int = 0  # 0: only answer collect rounds
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5_000
+    security: LinkSecurity = field(default_factory=LinkSecurity)  # TLS, token, keepalive of the link
 
     def __post_init__(self) -> None:
         if not self.dp_ranks:
@@ -40,3 +43,5 @@ class AgentConfig:
             raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
         if self.collect_latency_ms < 0:
             raise ValueError("collect_latency_ms must be >= 0")
+        if not 1 <= self.backoff_initial_ms <= self.backoff_max_ms:
+            raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
