@@ -9,7 +9,10 @@ import sys
 
 import grpc
 
+from loadagg.channels import add_client_flags
 from loadagg.config import AggregatorConfig, env, env_int
+from loadagg.limits import add_server_flags as add_limit_flags
+from loadagg.security import add_server_flags as add_security_flags
 
 
 def run(coro):
@@ -22,6 +25,8 @@ def run(coro):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from loadagg.limits import limits_from_args
+    from loadagg.security import security_from_args
     from loadagg.server import serve
 
     config = AggregatorConfig(
@@ -31,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
         mode=args.mode,
         round_timeout_ms=args.round_timeout_ms,
         grace_s=args.grace_s,
+        security=security_from_args(args),
+        limits=limits_from_args(args),
     )
     run(serve(config))
     return 0
@@ -40,8 +47,10 @@ def _loads(args: argparse.Namespace) -> int:
     from loadagg.client import LoadClient
     from loadagg.render import to_json, to_table
 
+    from loadagg.channels import channel_security_from_args
+
     include = [s for s in (args.include or "").split(",") if s]
-    with LoadClient(args.target, timeout=args.timeout) as client:
+    with LoadClient(args.target, timeout=args.timeout, security=channel_security_from_args(args)) as client:
         try:
             response = client.get_loads(args.dp_rank, include, allow_stale=args.allow_stale)
         except grpc.RpcError as error:
@@ -87,6 +96,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
     s.add_argument("--grace-s", type=float, default=float(env("GRACE_S", "5")),
                    help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
+    add_security_flags(s)
+    add_limit_flags(s)
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("loads", help="call GetLoads and print the answer", parents=[common], formatter_class=fmt)
@@ -96,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-stale", action="store_true", help="show last known loads of ranks that missed the round")
     q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_client_flags(q)
     q.set_defaults(func=_loads)
 
     d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", parents=[common], formatter_class=fmt)

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import grpc
 
+from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -29,10 +30,10 @@ def build_request(
 class AsyncLoadClient:
     """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0) -> None:
+    def __init__(self, target: str, *, timeout: float | None = 5.0, security: ChannelSecurity | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = aio_channel(target, security)  # TLS / mTLS and the router token, when configured
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     async def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), **options) -> pb.GetLoadsResponse:
@@ -52,10 +53,10 @@ class AsyncLoadClient:
 class LoadClient:
     """Blocking twin of AsyncLoadClient, for scripts and sync routers."""
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0) -> None:
+    def __init__(self, target: str, *, timeout: float | None = 5.0, security: ChannelSecurity | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._channel = sync_channel(target, security)
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), **options) -> pb.GetLoadsResponse:

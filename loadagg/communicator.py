@@ -38,6 +38,7 @@ class CommunicatorStats:
     reports_accepted: int = 0
     reports_dropped: int = 0  # answers for a round that is not (or no longer) in flight
     partial_answers: int = 0  # callers answered before their round ended, to meet their deadline
+    max_rounds_in_flight: int = 0  # high-water mark: 1 in watching mode, whatever the load
 
 
 class _Communicator:
@@ -64,6 +65,7 @@ class _Communicator:
         self._next_id += 1
         self._rounds[rnd.id] = rnd
         self.stats.rounds_started += 1
+        self.stats.max_rounds_in_flight = max(self.stats.max_rounds_in_flight, len(self._rounds))
         message = pb.AggregatorMessage(collect=pb.CollectRequest(round_id=rnd.id, include=["all"]))
         for session in self.registry.sessions():
             session.send(message)

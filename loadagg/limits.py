@@ -41,6 +41,11 @@ class LimitsConfig:
             options += [
                 ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
                 ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout_s * 1000)),  # the ack wait newer cores use
+                # Keep pinging an idle stream (an agent between rounds sends no data): without these,
+                # gRPC stops after 2 pings or waits 5 minutes between them, and a hung peer goes unnoticed.
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.min_time_between_pings_ms", int(self.keepalive_s * 1000)),
             ]
         return options
 

@@ -13,6 +13,10 @@ from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# Messages queued for one agent at most. Only a hung agent (connection open, not reading) gets near it:
+# each round ends at its deadline, so its backlog of collects grows by at most a few per second.
+MAX_OUTBOX = 256
+
 
 @dataclass(eq=False)
 class AgentSession:
@@ -27,10 +31,16 @@ class AgentSession:
     connected_at: float = field(default_factory=time.monotonic)
     outbox: asyncio.Queue[pb.AggregatorMessage | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    dropped: int = 0  # messages not queued because the agent stopped reading (see MAX_OUTBOX)
 
     def send(self, message: pb.AggregatorMessage) -> None:
-        if not self.closed:
-            self.outbox.put_nowait(message)
+        """Queue for the stream's writer; a hung agent's backlog is capped (old collects are useless)."""
+        if self.closed:
+            return
+        if self.outbox.qsize() >= MAX_OUTBOX:
+            self.dropped += 1
+            return
+        self.outbox.put_nowait(message)
 
     def close(self) -> None:
         """Ask the stream's writer to end the RPC (used when a reconnect replaces this session)."""

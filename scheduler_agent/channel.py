@@ -61,8 +61,10 @@ class LinkSecurity:
             options += [
                 ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
                 ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.ping_timeout_ms", 10_000),  # what newer gRPC cores actually wait for an ack
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.max_pings_without_data", 0),  # keep pinging while no round runs
+                ("grpc.http2.min_time_between_pings_ms", int(self.keepalive_s * 1000)),
             ]
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
