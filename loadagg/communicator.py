@@ -89,6 +89,11 @@ class _Communicator:
         self.last_result = result
         rnd.future.set_result(result)
 
+    def end_rounds(self) -> None:
+        """End every round in flight now, as at its deadline (shutdown past its grace period)."""
+        for rnd in list(self._rounds.values()):
+            self._finish(rnd, timed_out=True)
+
     async def _await(self, rnd: Round, wait_timeout: float | None) -> RoundResult:
         """Wait for `rnd` without ever cancelling it; past `wait_timeout`, answer with what has arrived."""
         rnd.callers += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -22,6 +23,9 @@ from loadagg.service import LoadAggregatorService
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# After the grace period: time left to send the answers of rounds ended early, before calls are cancelled.
+_ANSWER_MARGIN_S = 1.0
 
 LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
@@ -54,6 +58,7 @@ class Aggregator:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future | None = None
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
         load_handlers = {
@@ -101,17 +106,30 @@ class Aggregator:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: refuse new RPCs, let in-flight GetLoads finish (up to `grace`), then close agent streams."""
-        if self.server is None or self._stopped.is_set():
+        """Graceful: refuse new RPCs, answer the GetLoads in flight, then close agent streams cleanly.
+
+        Calls in flight get up to `grace` to finish; past it, rounds still running end as if at their
+        deadline, so their callers get an answer (ranks missing) rather than a cancelled call.
+        Calling it again (a second signal) waits for the same shutdown.
+        """
+        if self.server is None:
             return
-        grace = self.config.grace_s if grace is None else grace
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self, grace: float) -> None:
         self.guard.draining = True  # new calls get UNAVAILABLE from here on; calls in flight go on
         await self.health.enter_graceful_shutdown()
-        stopping = asyncio.create_task(self.server.stop(grace))
+        stopping = asyncio.create_task(self.server.stop(grace + _ANSWER_MARGIN_S))
         try:
             await asyncio.wait_for(self.loads.drained(), grace)
         except TimeoutError:
-            log.warning("grace period over with %d GetLoads calls still in flight", self.loads.in_flight)
+            log.warning("grace period over with %d GetLoads calls in flight: ending their rounds now",
+                        self.loads.in_flight)
+            self.communicator.end_rounds()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.loads.drained(), _ANSWER_MARGIN_S / 2)
         for session in self.registry.sessions():
             session.close()
         await stopping
