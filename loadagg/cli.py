@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         mode=args.mode,
         round_timeout_ms=args.round_timeout_ms,
         grace_s=args.grace_s,
+        hello_timeout_ms=args.hello_timeout_ms,
         security=security_from_args(args),
         limits=limits_from_args(args),
     )
@@ -96,6 +97,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
     s.add_argument("--grace-s", type=float, default=float(env("GRACE_S", "5")),
                    help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
+    s.add_argument("--hello-timeout-ms", type=int, default=env_int("HELLO_TIMEOUT_MS", 10_000),
+                   help="an agent link that says no hello this soon is closed [LOADAGG_HELLO_TIMEOUT_MS]")
     add_security_flags(s)
     add_limit_flags(s)
     s.set_defaults(func=_serve)
