@@ -73,14 +73,14 @@ class AgentLinkService:
         reader = asyncio.create_task(self._read(session, requests), name=f"agent-reader-{session.instance_id}")
         try:
             yield self.welcome
-            while (message := await session.outbox.get()) is not None:
+            while (message := await session.next_message()) is not None:
                 yield message
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # never skip the unregister below
                 await reader
             self.registry.unregister(session)
-            session.closed = True
+            session.close()
             log.info("agent %s left (ranks %s)", session.instance_id, list(session.dp_ranks))
 
     async def _read(self, session: AgentSession, requests: AsyncIterator[pb.AgentMessage]) -> None:

@@ -126,11 +126,13 @@ def sync_channel(target: str, security: ChannelSecurity | None = None, options=(
     return grpc.intercept_channel(channel, _SyncToken(security.token)) if security.token else channel
 
 
-def add_client_flags(p: argparse.ArgumentParser) -> None:
+def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     from loadagg.config import env
 
     g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
-    g.add_argument("--token", default=None, help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
+    if token:
+        g.add_argument("--token", default=None,
+                       help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
     g.add_argument("--tls", action="store_true", default=env("TLS", "") not in ("", "0", "false"),
                    help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
@@ -144,7 +146,7 @@ def channel_security_from_args(args: argparse.Namespace) -> ChannelSecurity:
     from loadagg.config import env
 
     return ChannelSecurity(
-        token=args.token if args.token is not None else env("ROUTER_TOKEN", ""),
+        token=getattr(args, "token", None) if getattr(args, "token", None) is not None else env("ROUTER_TOKEN", ""),
         tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_server_name=args.tls_server_name,
     )

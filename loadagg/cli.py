@@ -1,4 +1,4 @@
-"""`loadagg` command: serve, loads, demo. Every flag also reads a LOADAGG_* environment variable."""
+"""`loadagg` command: serve, loads, demo, health. Every flag also reads a LOADAGG_* environment variable."""
 
 from __future__ import annotations
 
@@ -80,6 +80,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from loadagg.channels import channel_security_from_args
+    from loadagg.health_check import check_health
+
+    result = check_health(args.target, args.service, timeout=args.timeout, security=channel_security_from_args(args))
+    print(f"loadagg health: {result.message}", file=sys.stdout if result.serving else sys.stderr)
+    return 0 if result.serving else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loadagg", description="gRPC load aggregation for data-parallel LLM schedulers.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -122,6 +131,18 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
     d.add_argument("--mode", choices=("watching", "queueing"), default="watching")
     d.set_defaults(func=_demo)
+
+    from loadagg.health_check import default_target
+
+    h = sub.add_parser("health", help="grpc.health.v1 Check: exit 0 when SERVING, 1 otherwise (container probes)",
+                       parents=[common], formatter_class=fmt)
+    h.add_argument("--target", default=default_target(),
+                   help="HOST:PORT [LOADAGG_TARGET; else 127.0.0.1:$LOADAGG_PORT]")
+    h.add_argument("--service", default="", help="health service name; '' = the whole server, "
+                   "or loadagg.v1.LoadAggregator / loadagg.v1.AgentLink")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    add_client_flags(h, token=False)  # health is open: TLS flags only
+    h.set_defaults(func=_health)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -13,14 +14,17 @@ from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Messages queued for one agent at most. Only a hung agent (connection open, not reading) gets near it:
-# each round ends at its deadline, so its backlog of collects grows by at most a few per second.
-MAX_OUTBOX = 256
+MAX_PENDING_NOTICES = 64
 
 
 @dataclass(eq=False)
 class AgentSession:
-    """One live AgentLink stream. The communicator writes to it through `send` (never blocks)."""
+    """One live AgentLink stream. The communicator writes to it through `send`, which never blocks.
+
+    What waits to be written is bounded even when the agent stops reading (SIGSTOP, a stuck network):
+    only the newest `collect` is kept (an older unanswered one belongs to a round that is over), and
+    other notices are capped.
+    """
 
     instance_id: str
     dp_ranks: tuple[int, ...]
@@ -29,24 +33,42 @@ class AgentSession:
     version: str = ""
     source: str = ""
     connected_at: float = field(default_factory=time.monotonic)
-    outbox: asyncio.Queue[pb.AggregatorMessage | None] = field(default_factory=asyncio.Queue)
     closed: bool = False
-    dropped: int = 0  # messages not queued because the agent stopped reading (see MAX_OUTBOX)
+    _collect: pb.AggregatorMessage | None = None
+    _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def send(self, message: pb.AggregatorMessage) -> None:
-        """Queue for the stream's writer; a hung agent's backlog is capped (old collects are useless)."""
         if self.closed:
             return
-        if self.outbox.qsize() >= MAX_OUTBOX:
-            self.dropped += 1
-            return
-        self.outbox.put_nowait(message)
+        if message.HasField("collect"):
+            self._collect = message
+        else:
+            self._notices.append(message)
+        self._wake.set()
+
+    async def next_message(self) -> pb.AggregatorMessage | None:
+        """The next message to write to the agent; None once the session is closed and its notices are out
+        (a rejection queued just before the agent half-closed still reaches it; a collect does not)."""
+        while True:
+            if self._notices:
+                return self._notices.popleft()
+            if self.closed:
+                return None
+            if self._collect is not None:
+                message, self._collect = self._collect, None
+                return message
+            self._wake.clear()
+            await self._wake.wait()
+
+    @property
+    def pending(self) -> int:
+        return len(self._notices) + (self._collect is not None)
 
     def close(self) -> None:
         """Ask the stream's writer to end the RPC (used when a reconnect replaces this session)."""
-        if not self.closed:
-            self.closed = True
-            self.outbox.put_nowait(None)
+        self.closed = True
+        self._wake.set()
 
 
 @dataclass(frozen=True, slots=True)

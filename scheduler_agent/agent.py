@@ -1,6 +1,8 @@
-"""SchedulerAgent: dials the aggregator, says hello, answers collect rounds, reconnects with backoff.
+"""SchedulerAgent: dials the aggregator, says hello, answers collect rounds, pushes changes, reconnects.
 
 The agent only shares the generated contract (loadagg.v1) with the aggregator, nothing else.
+In front of an engine it first asks the engine which dp ranks it runs (retrying until the engine is
+up), then says hello with them. A Python scheduler can embed it and `publish` its own figures.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import grpc
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.sources.base import LoadSource, SourceError
+from scheduler_agent.push import PushTracker
+from scheduler_agent.source_health import SourceHealth
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError
+from scheduler_agent.sources.inprocess import PublishedSource
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,20 @@ def _version() -> str:
 class SchedulerAgent:
     """One agent process's link to one aggregator."""
 
-    def __init__(self, config: AgentConfig, source: LoadSource) -> None:
+    def __init__(self, config: AgentConfig, source: LoadSource | None = None) -> None:
         self.config = config
-        self.source = source
+        # No source: an embedded agent whose scheduler calls `publish`.
+        self.source = source if source is not None else PublishedSource()
+        # What the hello says; an agent in front of an engine fills these from the engine (discover).
+        self.dp_ranks: tuple[int, ...] = tuple(config.dp_ranks)
+        self.dp_size = config.dp_size
+        self.engine: EngineRanks | None = None
+        self.health = SourceHealth(self.source.name)
+        self.pushes = PushTracker(config.push_refresh_ms)
+        self.pushes_sent = 0
+        self.pushes_skipped = 0
+        self.rejections = 0
+        self._last_rejection = ""
         self.connected = asyncio.Event()
         self.collects_received = 0
         self.reports_sent = 0
@@ -51,8 +67,8 @@ class SchedulerAgent:
         return pb.AgentMessage(
             hello=pb.AgentHello(
                 instance_id=self.config.instance_id,
-                dp_ranks=list(self.config.dp_ranks),
-                dp_size=self.config.dp_size,
+                dp_ranks=list(self.dp_ranks),
+                dp_size=self.dp_size,
                 model=self.config.model,
                 version=_version(),
                 source=self.source.name,
@@ -64,6 +80,8 @@ class SchedulerAgent:
         await self.source.start()
         failures = 0
         try:
+            if self.config.ranks_from_engine:
+                await self._discover_ranks()
             while True:
                 linked_before = self.connects
                 try:
@@ -87,16 +105,56 @@ class SchedulerAgent:
         finally:
             await self.source.close()
 
+    def publish(self, *loads: pb.RankLoad) -> None:
+        """An embedded scheduler's own figures, read by the next collect or push (no HTTP hop)."""
+        if not isinstance(self.source, PublishedSource):
+            raise TypeError(f"publish needs an agent built without a source (this one reads {self.source.name!r})")
+        self.source.publish(*loads)
+
+    async def _discover_ranks(self) -> None:
+        """Ask the engine for its dp ranks before the first hello; retry (with backoff) until it answers."""
+        failures = 0
+        while True:
+            try:
+                engine = await self.source.discover()
+                if engine is None:  # a source without an engine: keep the configured ranks
+                    if not self.dp_ranks:
+                        raise ValueError(f"source {self.source.name!r} cannot say which dp ranks to serve: give dp_ranks")
+                    return
+                self._adopt(engine)
+                return
+            except SourceError as error:
+                failures += 1
+                if failures == 1 or failures % 50 == 0:
+                    log.warning("waiting for the engine (%s): %s", self.source.name, error)
+            await asyncio.sleep(self.backoff_s(failures))
+
+    def _adopt(self, engine: EngineRanks) -> None:
+        """Serve the engine's ranks (those of them --dp-rank names, when given); its dp_size unless configured."""
+        wanted = self.config.dp_ranks
+        ranks = tuple(r for r in engine.dp_ranks if not wanted or r in wanted)
+        absent = [r for r in wanted if r not in engine.dp_ranks]
+        if absent:
+            log.warning("the engine does not run dp ranks %s (it runs %s)", absent, list(engine.dp_ranks))
+        if not ranks:
+            raise SourceError(f"none of dp ranks {list(wanted)} runs on this engine (it runs {list(engine.dp_ranks)})")
+        self.engine = engine
+        self.dp_ranks = ranks
+        self.dp_size = self.config.dp_size or engine.dp_size
+        log.info("engine runs dp ranks %s of dp_size %d; serving %s", list(engine.dp_ranks), engine.dp_size, list(ranks))
+
     def backoff_s(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * 2**failures)], so restarted fleets spread out."""
         ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
         return random.uniform(0, ceiling) / 1000
 
     async def _link(self) -> None:
-        security = self.config.security
+        security = self.config.security  # TLS / mutual TLS, the agent token, keepalive
         async with security.channel(self.config.aggregator) as channel:
             call = pb_grpc.AgentLinkStub(channel).Connect(metadata=security.metadata())
+            self.pushes.reset()  # a new link (maybe a new aggregator): it holds nothing of ours yet
             await call.write(self.hello())
+            pusher: asyncio.Task | None = None
             try:
                 while True:
                     message = await call.read()
@@ -104,10 +162,22 @@ class SchedulerAgent:
                         log.info("aggregator closed the link")
                         return
                     self._handle(call, message)
+                    if pusher is None and self.config.push_interval_ms and self.connected.is_set():
+                        pusher = asyncio.create_task(self._push_loop(call), name="agent-push")
             finally:
                 for task in list(self._answers):
                     task.cancel()
+                if pusher is not None:
+                    pusher.cancel()
                 call.cancel()
+
+    async def _push_loop(self, call) -> None:
+        """Every push interval: send the ranks whose load changed since the aggregator last heard of them."""
+        interval = self.config.push_interval_ms / 1000
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+            while True:
+                await self.report(call, 0)
+                await asyncio.sleep(interval)
 
     def _handle(self, call, message: pb.AggregatorMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -121,35 +191,49 @@ class SchedulerAgent:
             task.add_done_callback(lambda done: self._answers.pop(done, None))
         elif kind == "welcome":
             self.connects += 1
+            self.source.set_round_timeout(message.welcome.round_timeout_ms)
             self.connected.set()
             log.info(
                 "linked to aggregator %s (dp_size=%d) serving ranks %s",
-                message.welcome.aggregator_id, message.welcome.dp_size, list(self.config.dp_ranks),
+                message.welcome.aggregator_id, message.welcome.dp_size, list(self.dp_ranks),
             )
         elif kind == "rejected":
             r = message.rejected
-            log.warning("aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
+            self.rejections += 1
+            # A source that keeps sending an impossible figure is refused every round: say it once per reason.
+            level = logging.DEBUG if r.reason == self._last_rejection else logging.WARNING
+            self._last_rejection = r.reason
+            log.log(level, "aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
 
     async def report(self, call, round_id: int) -> None:
-        """Read the source and send one report for `round_id` (0: a push)."""
-        ranks = self.config.dp_ranks
+        """Read the source and send one report for `round_id` (0: a push, only of ranks that changed)."""
+        ranks = self.dp_ranks
         try:
             loads = await self.source.read(ranks)
             error = ""
+        except PartialRead as exc:
+            loads, error = exc.loads, str(exc)
         except SourceError as exc:
             loads, error = {}, str(exc)
         except Exception as exc:  # a source bug must not take the agent down
-            log.exception("source %s failed", self.source.name)
             loads, error = {}, f"{type(exc).__name__}: {exc}"
-        report = pb.LoadReport(
-            round_id=round_id,
-            loads=[loads[r] for r in ranks if r in loads],
-            failed_ranks=[r for r in ranks if r not in loads],
-            error=error,
-        )
+            if error != self.health.state[0]:  # with its traceback, once per kind of failure
+                log.exception("source %s failed", self.source.name)
+        failed = [r for r in ranks if r not in loads]
+        self.health.observe(error, failed)
+        answered = [loads[r] for r in ranks if r in loads]
+        if round_id == 0:
+            answered = self.pushes.changed(answered)
+            if not answered:
+                self.pushes_skipped += 1
+                return
+        report = pb.LoadReport(round_id=round_id, loads=answered, failed_ranks=failed, error=error)
         async with self._write_lock:
             await call.write(pb.AgentMessage(report=report))
+        self.pushes.sent(answered)
         self.reports_sent += 1
+        if round_id == 0:
+            self.pushes_sent += 1
 
     async def _answer(self, call, round_id: int) -> None:
         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):

@@ -10,11 +10,23 @@ import signal
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import add_link_flags, link_security_from_args
 from scheduler_agent.config import AgentConfig, default_instance_id, env
-from scheduler_agent.sources import SOURCE_NAMES, build_source
+from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
+from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
 
 
 def _ranks(text: str) -> list[int]:
     return [int(part) for part in text.replace(" ", "").split(",") if part]
+
+
+_GPU_WORDS = {"auto": "auto", "on": "on", "1": "on", "true": "on", "yes": "on",
+              "off": "off", "0": "off", "false": "off", "no": "off"}
+
+
+def _gpu_mode(text: str | None) -> str:
+    mode = _GPU_WORDS.get((text or "auto").strip().lower())
+    if mode is None:
+        raise ValueError(f"LOADAGG_GPU={text!r}: use auto, on or off")
+    return mode
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,18 +38,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregator", default=env("AGGREGATOR", "127.0.0.1:50051"),
                    help="aggregator HOST:PORT [LOADAGG_AGGREGATOR]")
     p.add_argument("--dp-rank", dest="dp_ranks", type=int, action="append",
-                   help="a dp rank this agent serves; repeat for several [LOADAGG_DP_RANKS=0,1] (default: 0)")
+                   help="a dp rank this agent serves; repeat for several [LOADAGG_DP_RANKS=0,1] (default: 0; "
+                        "with --source sglang/vllm: every rank the engine runs)")
     p.add_argument("--dp-size", type=int, default=int(env("DP_SIZE", "0")),
-                   help="cluster dp size; 0 takes the aggregator's [LOADAGG_DP_SIZE]")
+                   help="cluster dp size; 0 takes the engine's (sglang/vllm) or the aggregator's [LOADAGG_DP_SIZE]")
     p.add_argument("--instance-id", default=env("INSTANCE_ID") or default_instance_id(),
                    help="stable id of this agent [LOADAGG_INSTANCE_ID]")
     p.add_argument("--source", choices=SOURCE_NAMES, default=env("SOURCE", "simulator"),
                    help="where loads come from [LOADAGG_SOURCE]")
+    p.add_argument("--engine-url", default=env("ENGINE_URL", ""),
+                   help="the engine beside this agent: http://HOST:PORT, or grpc://HOST:PORT for an engine in "
+                        "gRPC mode (default: sglang http://127.0.0.1:30000, vllm http://127.0.0.1:8000) "
+                        "[LOADAGG_ENGINE_URL]")
+    p.add_argument("--engine-timeout-ms", type=int, default=int(env("ENGINE_TIMEOUT_MS", "0")),
+                   help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
+                        "[LOADAGG_ENGINE_TIMEOUT_MS]")
+    p.add_argument("--gpu", dest="gpu", action="store_const", const="on", default=_gpu_mode(env("GPU")),
+                   help="add NVML GPU telemetry (default auto: when NVML is there, not for the simulator) "
+                        "[LOADAGG_GPU=auto|on|off]")
+    p.add_argument("--no-gpu", dest="gpu", action="store_const", const="off", help="no GPU telemetry")
+    p.add_argument("--gpu-devices", default=env("GPU_DEVICES", ""),
+                   help="GPUs per dp rank, 'RANK=DEV[,DEV];...' (NVML indices or UUIDs); default: the visible "
+                        "devices (CUDA_VISIBLE_DEVICES) split evenly over the ranks [LOADAGG_GPU_DEVICES]")
+    p.add_argument("--push-interval-ms", type=int, default=int(env("PUSH_INTERVAL_MS", "0")),
+                   help="also push changed loads unasked at this interval; 0: only answer rounds "
+                        "[LOADAGG_PUSH_INTERVAL_MS]")
+    p.add_argument("--push-refresh-ms", type=int, default=int(env("PUSH_REFRESH_MS", "0")),
+                   help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
+                        "[LOADAGG_PUSH_REFRESH_MS]")
     p.add_argument("--model", default=env("MODEL", ""), help="model name reported in hello [LOADAGG_MODEL]")
     p.add_argument("--seed", type=int, default=None if env("SEED") is None else int(env("SEED")),
                    help="simulator seed [LOADAGG_SEED]")
     p.add_argument("--collect-latency-ms", type=float, default=float(env("COLLECT_LATENCY_MS", "0")),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
+    p.add_argument("--resolve-all", action="store_true",
+                   default=(env("RESOLVE_ALL", "") or "").lower() in ("1", "true", "yes", "on"),
+                   help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
+                        "following changes [LOADAGG_RESOLVE_ALL=true]")
+    p.add_argument("--resolve-interval-s", type=float, default=float(env("RESOLVE_INTERVAL_S", "10")),
+                   help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
     p.add_argument("--backoff-initial-ms", type=int, default=int(env("BACKOFF_INITIAL_MS", "100")),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
@@ -48,7 +87,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
-    ranks = args.dp_ranks or _ranks(env("DP_RANKS", "0") or "0")
+    from_engine = args.source in ENGINE_SOURCES
+    ranks = args.dp_ranks or _ranks(env("DP_RANKS", "") or ("" if from_engine else "0"))
+    if from_engine:  # fail now on a bad URL or device map, not after the first connect
+        from scheduler_agent.sources import engine_endpoint
+        from scheduler_agent.sources.gpu import parse_gpu_devices
+
+        engine_endpoint(args.source, args.engine_url)
+        parse_gpu_devices(args.gpu_devices)
     return AgentConfig(
         aggregator=args.aggregator,
         dp_ranks=tuple(ranks),
@@ -61,12 +107,28 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         backoff_initial_ms=args.backoff_initial_ms,
         backoff_max_ms=args.backoff_max_ms,
         security=link_security_from_args(args),
+        push_interval_ms=args.push_interval_ms,
+        push_refresh_ms=args.push_refresh_ms,
+        engine_url=args.engine_url,
+        engine_timeout_ms=args.engine_timeout_ms,
+        ranks_from_engine=from_engine,
+        gpu=args.gpu,
+        gpu_devices=args.gpu_devices,
     )
 
 
-async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGTERM/SIGINT."""
-    agent = SchedulerAgent(config, build_source(config))
+def fanout_from_args(args: argparse.Namespace) -> FanoutConfig:
+    if args.resolve_all:
+        split_target(args.aggregator)  # a bad target is a usage error now, not a crash later
+    return FanoutConfig(resolve_all=args.resolve_all, resolve_interval_s=args.resolve_interval_s)
+
+
+async def run_agent(config: AgentConfig, fanout: FanoutConfig | None = None) -> None:
+    """Run until SIGTERM/SIGINT: one link, or (--resolve-all) one link per aggregator replica."""
+    if fanout is not None and fanout.resolve_all:
+        agent = AggregatorFanout(config, build_source(config), fanout)
+    else:
+        agent = SchedulerAgent(config, build_source(config))
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        fanout = fanout_from_args(args)
     except ValueError as error:
         parser().error(str(error))
-    run(run_agent(config))
+    run(run_agent(config, fanout))
 
 
 if __name__ == "__main__":

@@ -30,12 +30,20 @@ class AgentConfig:
     seed: int | None = None
     collect_latency_ms: float = 0.0  # simulator: how long answering a collect takes
     push_interval_ms: int = 0  # 0: only answer collect rounds
+    push_refresh_ms: int = 0  # re-push an unchanged rank after this long; 0: only changes are pushed
+    # Engine sources (sglang, vllm): where the engine listens (http://... or grpc://...).
+    engine_url: str = ""
+    engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
+    # Serve the dp ranks the engine reports (dp_ranks, when given, restricts them); dp_size 0 takes the engine's.
+    ranks_from_engine: bool = False
+    gpu: str = "auto"  # NVML telemetry: "auto" (when NVML is there), "on" (say loudly when it is not), "off"
+    gpu_devices: str = ""  # "RANK=DEV[,DEV];..." NVML indices or UUIDs; empty: split visible devices over ranks
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5_000
     security: LinkSecurity = field(default_factory=LinkSecurity)  # TLS, token, keepalive of the link
 
     def __post_init__(self) -> None:
-        if not self.dp_ranks:
+        if not self.dp_ranks and not self.ranks_from_engine:
             raise ValueError("an agent must serve at least one dp rank")
         if any(r < 0 for r in self.dp_ranks):
             raise ValueError(f"dp ranks must be >= 0, got {list(self.dp_ranks)}")
@@ -45,3 +53,7 @@ class AgentConfig:
             raise ValueError("collect_latency_ms must be >= 0")
         if not 1 <= self.backoff_initial_ms <= self.backoff_max_ms:
             raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
+        if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
+            raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
+        if self.gpu not in ("auto", "on", "off"):
+            raise ValueError(f"gpu must be auto, on or off, got {self.gpu!r}")

@@ -16,6 +16,7 @@ from certs import make_pki
 from conftest import ROOT, free_port, wait_for
 from loadagg.channels import ChannelSecurity, aio_channel
 from loadagg.client import AsyncLoadClient, LoadClient
+from loadagg.health_check import check_health
 from loadagg.limits import LimitsConfig
 from loadagg.security import SecurityConfig
 from loadagg.v1 import loadagg_pb2 as pb
@@ -132,6 +133,8 @@ async def test_tls_server_with_a_trusted_ca(start_aggregator, pki):
         await wait_for(lambda: 0 in agg.registry.live_ranks(), what="the agent over TLS")
         async with AsyncLoadClient(target, security=ChannelSecurity(tls_ca=pki.ca)) as client:
             assert not (await client.get_loads()).missing_ranks
+        assert (await asyncio.to_thread(check_health, target, security=ChannelSecurity(tls_ca=pki.ca))).serving
+        assert not (await asyncio.to_thread(check_health, target)).serving  # plaintext probe on a TLS port
         # Plaintext to a TLS port, or TLS trusting another CA: the handshake fails, the call is refused.
         for security in (ChannelSecurity(), ChannelSecurity(tls_ca=pki.rogue_ca)):
             async with AsyncLoadClient(target, security=security, timeout=5) as client:
@@ -157,6 +160,7 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_ca(start_aggreg
         good = ChannelSecurity(tls_ca=pki.ca, tls_cert=pki.client.cert, tls_key=pki.client.key)
         async with AsyncLoadClient(target, security=good) as client:
             response = await client.get_loads()
+        assert (await asyncio.to_thread(check_health, target, security=good)).serving
         assert [l.dp_rank for l in response.loads] == [0] and not response.missing_ranks
     finally:
         await _stop(task)
@@ -249,10 +253,12 @@ async def test_concurrent_streams_per_connection_are_capped(start_aggregator):
 
 async def test_agent_links_are_capped(start_aggregator):
     agg = await start_aggregator(dp_size=3, limits=LimitsConfig(max_agent_links=2))
-    a, b, c = (RawAgent(agg.port, f"agent-{i}", [i]) for i in range(3))
+    a, b = RawAgent(agg.port, "agent-0", [0]), RawAgent(agg.port, "agent-1", [1])
+    c = None
     try:
         await a.connect()
         await b.connect()
+        c = RawAgent(agg.port, "agent-2", [2])  # (its stream opens now: an open stream counts, hello or not)
         code, details = await _link_code(c)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-agent-links 2" in details
         await a.close()
@@ -265,7 +271,8 @@ async def test_agent_links_are_capped(start_aggregator):
             await c2.close()
     finally:
         for agent in (a, b, c):
-            await agent.close()
+            if agent is not None:
+                await agent.close()
     await wait_for(lambda: agg.guard.agent_links == 0, what="every link closed")
 
 

@@ -78,3 +78,19 @@ def test_summary_means_only_count_ranks_that_report():
     assert s.num_ranks == 2 and s.total_running_reqs == 5
     assert s.avg_token_usage == 0.5
     assert s.total_reqs == 5
+
+
+async def test_session_backlog_stays_bounded_when_the_agent_stops_reading():
+    from loadagg.registry import MAX_PENDING_NOTICES, AgentSession
+
+    session = AgentSession("a", (0,))
+    for round_id in range(1, 1001):
+        session.send(pb.AggregatorMessage(collect=pb.CollectRequest(round_id=round_id)))
+        session.send(pb.AggregatorMessage(rejected=pb.ReportRejected(round_id=round_id)))
+    assert session.pending == MAX_PENDING_NOTICES + 1
+    notices = [await session.next_message() for _ in range(MAX_PENDING_NOTICES)]
+    assert [n.rejected.round_id for n in notices] == list(range(1001 - MAX_PENDING_NOTICES, 1001))
+    newest = await session.next_message()
+    assert newest.collect.round_id == 1000  # only the newest collect is still worth answering
+    session.close()
+    assert await session.next_message() is None

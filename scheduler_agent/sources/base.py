@@ -4,12 +4,51 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from loadagg.v1 import loadagg_pb2 as pb
 
 
 class SourceError(Exception):
-    """The source could not be read this time (engine down, bad payload, timeout). The agent keeps running."""
+    """The source could not be read this time (engine down, bad payload, timeout). The agent keeps running.
+
+    Messages are stable for one kind of failure (no timings, no counters) because the agent logs a
+    failure only when it changes, and compares messages to tell.
+    """
+
+
+class PartialRead(SourceError):
+    """Some ranks were read, others were garbage: report `loads`, and `str(self)` says what was wrong."""
+
+    def __init__(self, message: str, loads: dict[int, pb.RankLoad]) -> None:
+        super().__init__(message)
+        self.loads = loads
+
+
+def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
+    """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank.
+
+    `entries` maps dp rank -> raw entry; `convert(entry)` returns a RankLoad or raises SourceError.
+    """
+    loads: dict[int, pb.RankLoad] = {}
+    problems: list[str] = []
+    for rank in ranks:
+        if rank in entries:
+            try:
+                loads[rank] = convert(entries[rank])
+            except SourceError as error:
+                problems.append(str(error))
+    if problems:
+        raise PartialRead("; ".join(problems), loads)
+    return loads
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRanks:
+    """What an engine says about its data-parallel layout: the ranks it runs and its dp size."""
+
+    dp_ranks: tuple[int, ...]
+    dp_size: int
 
 
 class LoadSource(abc.ABC):
@@ -23,6 +62,17 @@ class LoadSource(abc.ABC):
     @abc.abstractmethod
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         """Current loads of `ranks` (a rank left out is reported as failed). Raises SourceError."""
+
+    async def discover(self) -> EngineRanks | None:
+        """The engine's dp ranks and dp size, for an agent told to serve "whatever the engine runs".
+
+        None: this source has no engine to ask (simulator, in-process). Raises SourceError while the
+        engine is not reachable yet (the agent retries before saying hello).
+        """
+        return None
+
+    def set_round_timeout(self, round_timeout_ms: int) -> None:
+        """The aggregator's round deadline (from Welcome): a source should give up on the engine before it."""
 
     async def close(self) -> None:
         """Release what start() opened."""

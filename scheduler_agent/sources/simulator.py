@@ -29,14 +29,19 @@ class _RankState:
     cache_hit: float = 0.5
     accept_length: float = 3.0
     lora_used: int = 0
+    demand: float = 5.0  # mean arrivals per tick, drifting
 
     def step(self) -> None:
+        """One scheduler tick: demand drifts, requests arrive, some finish, the rest queue."""
         rng = self.rng
-        arrivals = rng.randint(0, 12)
-        finished = rng.randint(0, 10)
-        admitted = min(self.waiting + arrivals, self.max_running - self.running)
-        self.waiting = max(0, self.waiting + arrivals - admitted)
-        self.running = max(0, min(self.max_running, self.running + admitted - finished))
+        self.demand = min(12.0, max(0.5, self.demand + rng.uniform(-0.8, 0.8)))
+        arrivals = rng.randint(0, int(2 * self.demand))
+        finished = sum(1 for _ in range(self.running) if rng.random() < 0.12)
+        self.running -= finished
+        self.waiting += arrivals
+        admitted = min(self.waiting, self.max_running - self.running)
+        self.waiting -= admitted
+        self.running += admitted
         self.cache_hit = min(0.95, max(0.05, self.cache_hit + rng.uniform(-0.05, 0.05)))
         self.accept_length = min(4.0, max(1.5, self.accept_length + rng.uniform(-0.2, 0.2)))
         self.lora_used = min(8, max(0, self.lora_used + rng.choice((-1, 0, 0, 1))))
@@ -55,15 +60,16 @@ class SimulatedSource(LoadSource):
         state = self._ranks.get(rank)
         if state is None:
             rng = random.Random(self.seed * 100_003 + rank)
-            state = _RankState(rng, max_tokens=rng.choice((131_072, 262_144)), max_running=256)
-            state.running = rng.randint(0, 64)
+            state = _RankState(rng, max_tokens=rng.choice((131_072, 262_144)), max_running=64)
+            state.running = rng.randint(0, 32)
+            state.demand = rng.uniform(2.0, 9.0)
             self._ranks[rank] = state
         return state
 
     def snapshot(self, rank: int) -> pb.RankLoad:
         s = self._state(rank)
         s.step()
-        used = min(s.max_tokens, s.running * s.rng.randint(400, 1200))
+        used = min(s.max_tokens, s.running * s.rng.randint(800, 2400))
         usage = used / s.max_tokens
         throughput = s.running * 45.0 * (1.0 - 0.4 * usage)
         graph_gb = 1.6

@@ -1,0 +1,50 @@
+"""`loadagg health`: one grpc.health.v1 Check, as a container HEALTHCHECK or a script would run it.
+
+There is no grpc_health_probe binary in the image, so the image probes itself with this. Kubernetes does not
+need it (its native `grpc:` probes call the same health service).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadagg.channels import ChannelSecurity, sync_channel
+from loadagg.config import env
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def default_target() -> str:
+    """LOADAGG_TARGET when set, else this host's aggregator port (LOADAGG_PORT, 50051): right inside its container."""
+    return env("TARGET") or f"127.0.0.1:{env('PORT') or 50051}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthResult:
+    serving: bool
+    message: str
+
+
+def check_health(target: str, service: str = "", timeout: float = 3.0,
+                 security: ChannelSecurity | None = None) -> HealthResult:
+    """Ask `target`'s health service about `service` ("" = the server as a whole); TLS when `security` says so
+    (health needs no token)."""
+    what = f"service {service!r}" if service else "the server"
+    try:
+        with sync_channel(target, security) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError as error:
+        code = error.code()
+        if code == grpc.StatusCode.NOT_FOUND:
+            return HealthResult(False, f"NOT_FOUND: {target} does not know {what} (check --service)")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return HealthResult(False, f"DEADLINE_EXCEEDED: {target} did not answer within {timeout:g} s")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return HealthResult(False, f"UNIMPLEMENTED: {target} serves no grpc.health.v1.Health")
+        return HealthResult(False, f"{code.name}: cannot check {target}: {error.details()}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return HealthResult(reply.status == SERVING, f"{status}: {what} at {target}")

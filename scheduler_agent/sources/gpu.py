@@ -1,0 +1,211 @@
+"""GPU telemetry through NVML (PyPI `nvidia-ml-py`, module `pynvml`), added to any scheduler source.
+
+`NvmlTelemetry` reads one GpuDevice per NVML device index: memory used/total, GPU and memory
+utilization (NVML percent -> 0..1 ratio), temperature, power draw and enforced power limit. A query a
+device does not support (NVMLError) leaves that figure unset. Without NVML (no driver, CI) it says so
+once and every read returns nothing, so the gpu section stays unset.
+
+`WithGpuTelemetry` wraps a scheduler source and fills each rank's `gpu` section with that rank's
+devices. Rank -> devices, in order of preference:
+1. `--gpu-devices "0=0,1;1=2,3"` (LOADAGG_GPU_DEVICES): explicit NVML indices or UUIDs per dp rank;
+2. otherwise the visible devices (CUDA_VISIBLE_DEVICES as indices or UUIDs, else every NVML device)
+   split evenly, in order, over the engine's ranks (when the engine said which it runs; else over the
+   ranks the agent serves): sglang and vLLM place dp rank k on the k-th group of tp_size GPUs, so 2
+   ranks on 4 GPUs give rank 0 GPUs 0,1 and rank 1 GPUs 2,3, also when `--dp-rank 1` serves only one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+import pynvml
+
+from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.sources.base import EngineRanks, LoadSource
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICES_PER_RANK = 64
+
+
+def parse_gpu_devices(text: str) -> dict[int, tuple[str, ...]]:
+    """`"0=0,1;1=2,3"` -> {0: ("0", "1"), 1: ("2", "3")} (entries are NVML indices or GPU UUIDs)."""
+    mapping: dict[int, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        rank_text, sep, devices = part.partition("=")
+        if not sep or not rank_text.strip().isdigit():
+            raise ValueError(f"--gpu-devices entry {part!r} is not RANK=DEVICE[,DEVICE...]")
+        entries = tuple(d.strip() for d in devices.split(",") if d.strip())
+        if not entries:
+            raise ValueError(f"--gpu-devices entry {part!r} names no device")
+        mapping[int(rank_text)] = entries
+    return mapping
+
+
+class NvmlTelemetry:
+    """NVML, initialised once; `available` is False (and logged once) when there is no NVML."""
+
+    def __init__(self, required: bool = False) -> None:
+        self.required = required  # --gpu: its absence is a warning rather than a note
+        self.available: bool | None = None
+        self.reason = ""
+
+    def _init(self) -> bool:
+        if self.available is None:
+            try:
+                pynvml.nvmlInit()
+                self.available = True
+                log.info("NVML %s: %d GPU(s)", _text(pynvml.nvmlSystemGetDriverVersion()), pynvml.nvmlDeviceGetCount())
+            except pynvml.NVMLError as error:
+                self.available, self.reason = False, str(error) or type(error).__name__
+                level = logging.WARNING if self.required else logging.INFO
+                log.log(level, "no GPU telemetry: NVML is not available (%s); the gpu section stays unset", self.reason)
+        return self.available
+
+    def resolve(self, device: str) -> int | None:
+        """An NVML index for an index or UUID string (None: no such device)."""
+        if not self._init():
+            return None
+        try:
+            if device.isdigit():
+                index = int(device)
+                return index if index < pynvml.nvmlDeviceGetCount() else None
+            return pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(device))
+        except pynvml.NVMLError:
+            return None
+
+    def visible(self) -> list[int]:
+        """NVML indices of the devices this process may use (CUDA_VISIBLE_DEVICES, else all)."""
+        if not self._init():
+            return []
+        listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if listed is None:
+            return list(range(pynvml.nvmlDeviceGetCount()))
+        indices = []
+        for entry in filter(None, (e.strip() for e in listed.split(","))):
+            index = self.resolve(entry)
+            if index is None:
+                break  # CUDA stops at the first invalid entry; so do we
+            indices.append(index)
+        return indices
+
+    def device(self, index: int) -> pb.GpuDevice:
+        """One device's figures; a figure NVML refuses for this device stays unset."""
+        gpu = pb.GpuDevice(index=index)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        _try(lambda: setattr(gpu, "name", _text(pynvml.nvmlDeviceGetName(handle))))
+        _try(lambda: setattr(gpu, "uuid", _text(pynvml.nvmlDeviceGetUUID(handle))))
+
+        def memory() -> None:
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpu.memory_used_bytes, gpu.memory_total_bytes = int(info.used), int(info.total)
+
+        def utilization() -> None:
+            rates = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            gpu.utilization, gpu.memory_utilization = rates.gpu / 100, rates.memory / 100
+
+        _try(memory)
+        _try(utilization)
+        _try(lambda: setattr(gpu, "temperature_c", float(
+            pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))))
+        _try(lambda: setattr(gpu, "power_w", pynvml.nvmlDeviceGetPowerUsage(handle) / 1000))
+        _try(lambda: setattr(gpu, "power_limit_w", pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000))
+        return gpu
+
+    def read(self, indices: Sequence[int]) -> list[pb.GpuDevice]:
+        if not self._init():
+            return []
+        devices = []
+        for index in indices:
+            try:
+                devices.append(self.device(index))
+            except pynvml.NVMLError as error:  # the device vanished (GPU fell off the bus...)
+                log.debug("NVML device %d unreadable: %s", index, error)
+        return devices
+
+    def close(self) -> None:
+        if self.available:
+            try:
+                pynvml.nvmlShutdown()
+            except pynvml.NVMLError:
+                pass
+            self.available = None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _try(read) -> None:
+    try:
+        read()
+    except pynvml.NVMLError:
+        pass  # NotSupported and friends: the figure stays unset
+
+
+class WithGpuTelemetry(LoadSource):
+    """A scheduler source whose ranks also carry their GPUs' NVML figures."""
+
+    def __init__(self, inner: LoadSource, telemetry: NvmlTelemetry,
+                 rank_devices: dict[int, tuple[str, ...]] | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.telemetry = telemetry
+        self.explicit = rank_devices or {}
+        self.engine_ranks: tuple[int, ...] = ()  # every rank the engine runs, once discover() said
+        self._devices: dict[tuple[int, ...], dict[int, list[int]]] = {}
+
+    def devices_for(self, ranks: Sequence[int]) -> dict[int, list[int]]:
+        """Rank -> NVML indices (see the module docstring); computed once per set of ranks."""
+        key = tuple(sorted(ranks))
+        mapping = self._devices.get(key)
+        if mapping is None:
+            mapping = {}
+            if self.explicit:
+                for rank in key:
+                    resolved = [self.telemetry.resolve(d) for d in self.explicit.get(rank, ())]
+                    mapping[rank] = [i for i in resolved if i is not None]
+            else:
+                visible = self.telemetry.visible()
+                placed = self.engine_ranks if set(key) <= set(self.engine_ranks) else key
+                per_rank = len(visible) // len(placed) if placed else 0
+                for k, rank in enumerate(placed):
+                    if rank in key:
+                        mapping[rank] = visible[k * per_rank:(k + 1) * per_rank][:MAX_DEVICES_PER_RANK]
+            if self.telemetry.available:
+                log.info("GPU devices per dp rank: %s", mapping)
+            self._devices[key] = mapping
+        return mapping
+
+    def set_round_timeout(self, round_timeout_ms: int) -> None:
+        self.inner.set_round_timeout(round_timeout_ms)
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def discover(self) -> EngineRanks | None:
+        engine = await self.inner.discover()
+        if engine is not None:
+            self.engine_ranks = tuple(sorted(engine.dp_ranks))
+            self._devices.clear()
+        return engine
+
+    async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
+        loads = await self.inner.read(ranks)
+        if self.telemetry.available is False or not loads:
+            return loads
+        mapping = self.devices_for(ranks)
+        wanted = sorted({i for rank in loads for i in mapping.get(rank, ())})
+        devices = {d.index: d for d in await asyncio.to_thread(self.telemetry.read, wanted)}
+        for rank, load in loads.items():
+            mine = [devices[i] for i in mapping.get(rank, ()) if i in devices]
+            if mine:
+                load.gpu.CopyFrom(pb.GpuMetrics(devices=mine))
+        return loads
+
+    async def close(self) -> None:
+        await self.inner.close()
+        self.telemetry.close()

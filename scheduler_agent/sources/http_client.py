@@ -1,0 +1,79 @@
+"""EngineHttp: the one HTTP client the engine sources share (aiohttp), turning every failure into SourceError.
+
+aiohttp rather than httpx: the agent is asyncio end to end, aiohttp's per-request `ClientTimeout`
+bounds connect + read together, and the tests already serve real engines with `aiohttp.web`, so one
+library covers both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from scheduler_agent.sources.base import SourceError
+
+log = logging.getLogger(__name__)
+
+# Before the aggregator says its round deadline (Welcome), and as a ceiling afterwards.
+DEFAULT_TIMEOUT_S = 2.0
+# Share of the aggregator's round deadline an engine request may take: the rest is for the report.
+ROUND_SHARE = 0.6
+MIN_TIMEOUT_S = 0.02
+
+
+class NotFound(SourceError):
+    """HTTP 404: the engine does not serve this path (an older version)."""
+
+
+class EngineHttp:
+    """GETs against one engine base URL with a per-request timeout shorter than the aggregator's rounds."""
+
+    def __init__(self, base_url: str, timeout_s: float | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.fixed_timeout = timeout_s  # set by --engine-timeout-ms: wins over the round share
+        self.timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+        self._session: aiohttp.ClientSession | None = None
+
+    def set_round_timeout(self, round_timeout_ms: int) -> None:
+        if self.fixed_timeout is None and round_timeout_ms > 0:
+            self.timeout_s = max(MIN_TIMEOUT_S, min(DEFAULT_TIMEOUT_S, round_timeout_ms / 1000 * ROUND_SHARE))
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # Keep-alive to the one engine; aiohttp drops connections the engine closed (restart).
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=False))
+        return self._session
+
+    async def get_text(self, path: str) -> str:
+        url = f"{self.base_url}{path}"
+        try:
+            async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as response:
+                if response.status == 404:
+                    raise NotFound(f"GET {path}: HTTP 404")
+                if response.status != 200:
+                    raise SourceError(f"GET {path}: HTTP {response.status}")
+                return await response.text()
+        except (TimeoutError, asyncio.TimeoutError):
+            raise SourceError(f"GET {path}: no answer within the engine timeout") from None
+        except aiohttp.ClientConnectionError as error:
+            raise SourceError(f"GET {path}: engine unreachable ({type(error).__name__})") from None
+        except aiohttp.ClientError as error:
+            raise SourceError(f"GET {path}: {type(error).__name__}") from None
+        except UnicodeDecodeError:
+            raise SourceError(f"GET {path}: body is not text") from None
+
+    async def get_json(self, path: str) -> Any:
+        text = await self.get_text(path)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise SourceError(f"GET {path}: body is not JSON") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

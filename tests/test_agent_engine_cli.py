@@ -1,0 +1,72 @@
+"""`scheduler-agent --source sglang --engine-url http://...` as a real process beside a real engine stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from agent_tasks import get_loads
+from conftest import ROOT, wait_for
+from engines import SglangHttpEngine
+
+
+async def test_sglang_agent_process_serves_engine_ranks_and_survives_the_engine(start_aggregator, channel_to,
+                                                                                processes):
+    engine = SglangHttpEngine(dp_size=2)
+    await engine.start()
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=1000)
+    channel = channel_to(agg.port)
+    proc = processes.start("scheduler_agent", "--source", "sglang", "--engine-url", engine.url,
+                           "--aggregator", f"127.0.0.1:{agg.port}", "--push-interval-ms", "100",
+                           env={"LOADAGG_INSTANCE_ID": "sglang-beside-engine"})
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=30, what="agent process linked")
+        response = await get_loads(channel)
+        assert [l.num_running_reqs for l in response.loads] == [5, 6]  # no --dp-rank/--dp-size: the engine's
+        assert response.loads[0].memory.kv_cache_gb == 40.5
+        session = agg.registry.owner(0)
+        assert session.source == "sglang" and session.instance_id == "sglang-beside-engine"
+
+        await engine.stop()  # the engine goes away: ranks missing, the agent stays up and linked
+        for _ in range(3):
+            assert (await get_loads(channel)).missing_ranks == [0, 1]
+        assert proc.poll() is None and agg.registry.live_ranks() == {0, 1}
+        await engine.start()
+        engine.running[1] = 30
+        await wait_for(lambda: agg.registry.snapshot(1).load.num_running_reqs == 30, timeout=30,
+                       what="a push with the engine's new figure")
+        assert not (await get_loads(channel)).missing_ranks
+    finally:
+        await engine.stop()
+    proc.terminate()
+    output = await asyncio.to_thread(proc.communicate, timeout=20)
+    log = output[0]
+    assert log.count("source sglang failed") == 1, log  # logged once for the whole outage
+    assert log.count("NVML is not available") == 1 and "recovered" in log
+
+
+def test_cli_rejects_a_bad_engine_url():
+    result = subprocess.run([sys.executable, "-m", "scheduler_agent", "--source", "vllm", "--engine-url",
+                             "tcp://x:1"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 2 and "http://HOST:PORT or grpc://HOST:PORT" in result.stderr
+
+
+def test_every_new_flag_reads_its_env_var(monkeypatch):
+    from scheduler_agent.cli import config_from_args, parser
+
+    monkeypatch.setenv("LOADAGG_SOURCE", "vllm")
+    monkeypatch.setenv("LOADAGG_ENGINE_URL", "grpc://127.0.0.1:30001")
+    monkeypatch.setenv("LOADAGG_ENGINE_TIMEOUT_MS", "150")
+    monkeypatch.setenv("LOADAGG_GPU", "off")
+    monkeypatch.setenv("LOADAGG_GPU_DEVICES", "0=1")
+    monkeypatch.setenv("LOADAGG_PUSH_INTERVAL_MS", "250")
+    monkeypatch.setenv("LOADAGG_PUSH_REFRESH_MS", "5000")
+    config = config_from_args(parser().parse_args([]))
+    assert (config.source, config.engine_url, config.engine_timeout_ms) == ("vllm", "grpc://127.0.0.1:30001", 150)
+    assert (config.gpu, config.gpu_devices, config.push_interval_ms, config.push_refresh_ms) == ("off", "0=1", 250, 5000)
+    assert config.ranks_from_engine and config.dp_ranks == ()  # every rank the engine runs
+    assert config_from_args(parser().parse_args(["--gpu", "--dp-rank", "1"])).gpu == "on"
+    assert config_from_args(parser().parse_args(["--dp-rank", "1"])).dp_ranks == (1,)
+    monkeypatch.setenv("LOADAGG_SOURCE", "simulator")
+    assert config_from_args(parser().parse_args([])).dp_ranks == (0,)  # the simulator's default is unchanged

@@ -1,0 +1,71 @@
+"""`loadagg health` (the image's HEALTHCHECK) against a real aggregator: serving, stopped, draining, gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, free_port
+from loadagg.health_check import check_health
+
+
+def _health(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LOADAGG_")}
+    return subprocess.run([sys.executable, "-m", "loadagg", "health", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**environ, **(env or {})})
+
+
+def _wait_serving(port: int, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _health("--target", f"127.0.0.1:{port}")
+        if result.returncode == 0 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_health_command_follows_a_real_aggregator_process(processes):
+    port = free_port()
+    server = processes.start("loadagg", "serve", "--host", "127.0.0.1", "--port", str(port), "--dp-size", "2")
+    target = f"127.0.0.1:{port}"
+
+    ok = _wait_serving(port)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"loadagg health: SERVING: the server at {target}"
+
+    # The default target is this host's LOADAGG_PORT: what the image's HEALTHCHECK relies on.
+    by_env = _health(env={"LOADAGG_PORT": str(port)})
+    assert by_env.returncode == 0 and "SERVING" in by_env.stdout
+
+    named = _health("--target", target, "--service", "loadagg.v1.LoadAggregator")
+    assert named.returncode == 0 and "service 'loadagg.v1.LoadAggregator'" in named.stdout
+
+    unknown = _health("--target", target, "--service", "no.such.Service")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr and "--service" in unknown.stderr
+
+    # A stopped (SIGSTOP) aggregator accepts the connection but never answers: the deadline says so.
+    server.send_signal(signal.SIGSTOP)
+    try:
+        hung = _health("--target", target, "--timeout", "1")
+        assert hung.returncode == 1 and "DEADLINE_EXCEEDED" in hung.stderr, hung.stderr
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert _wait_serving(port).returncode == 0
+
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=15) == 0
+    gone = _health("--target", target)
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr and target in gone.stderr
+
+
+async def test_draining_aggregator_reports_not_serving(start_aggregator):
+    aggregator = await start_aggregator(dp_size=1)
+    target = f"127.0.0.1:{aggregator.port}"
+    assert (await asyncio.to_thread(check_health, target)).serving
+    await aggregator.health.enter_graceful_shutdown()  # what SIGTERM does first
+    result = await asyncio.to_thread(check_health, target)
+    assert not result.serving and result.message.startswith("NOT_SERVING")
