@@ -44,6 +44,20 @@ def _make_handler(shape: tuple[bool, bool], behaviour: Callable, serializer) -> 
     return factory(behaviour, request_deserializer=None, response_serializer=serializer)
 
 
+async def _relay(responses):
+    """Yield what a handler's generator (async or not) yields; closing the relay closes the handler's generator
+    at once (so its cleanup, e.g. releasing an agent's ranks, never waits for garbage collection)."""
+    if not inspect.isasyncgen(responses):
+        for response in responses:
+            yield response
+        return
+    try:
+        async for response in responses:
+            yield response
+    finally:
+        await responses.aclose()
+
+
 class GuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenPolicy, max_agent_links: int) -> None:
         self.tokens = tokens
@@ -97,21 +111,22 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         if not streaming_in and not streaming_out:
             async def unary_unary(raw, context):
-                return await inner(await decode_one(raw, context), context)
+                response = inner(await decode_one(raw, context), context)
+                return await response if inspect.isawaitable(response) else response
             behaviour = unary_unary
-        elif not streaming_in and inspect.isasyncgenfunction(inner):
-            async def unary_stream(raw, context):
-                responses = inner(await decode_one(raw, context), context)
-                try:
-                    async for response in responses:
-                        yield response
-                finally:
-                    await responses.aclose()
-            behaviour = unary_stream
-        elif not streaming_in:
-            async def unary_stream_writer(raw, context):  # handler writes with context.write()
+        elif not streaming_in and inspect.iscoroutinefunction(inner):
+            async def unary_stream_writer(raw, context):  # the handler writes with context.write()
                 return await inner(await decode_one(raw, context), context)
             behaviour = unary_stream_writer
+        elif not streaming_in:
+            async def unary_stream(raw, context):  # the handler returns an (async) generator
+                relay = _relay(inner(await decode_one(raw, context), context))
+                try:
+                    async for response in relay:
+                        yield response
+                finally:
+                    await relay.aclose()  # `async for` does not close what it iterates when left early
+            behaviour = unary_stream
         else:
             behaviour = self._wrap_streaming_in(method, service, parse, inner, streaming_out)
         return _make_handler((streaming_in, streaming_out), behaviour, handler.response_serializer)
@@ -148,16 +163,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             if capped:
                 self.agent_links += 1
 
-        if streaming_out and inspect.isasyncgenfunction(inner):
-            async def stream_stream(raw_requests, context):
+        if streaming_out and not inspect.iscoroutinefunction(inner):
+            async def stream_stream(raw_requests, context):  # the handler returns an (async) generator
                 await admit(context)
-                responses = inner(decoded(raw_requests, context), context)
+                relay = _relay(inner(decoded(raw_requests, context), context))
                 try:
-                    async for response in responses:
+                    async for response in relay:
                         yield response
                 finally:
                     try:
-                        await responses.aclose()
+                        await relay.aclose()  # `async for` does not close what it iterates when left early
                     finally:
                         if capped:
                             self.agent_links -= 1

@@ -220,3 +220,19 @@ async def test_aggregator_restarted_while_agents_run(processes):
         assert "aggregator closed the link" in log  # the SIGTERM: closed cleanly by the draining server
     record("aggregator_restart", faults_survived=2, agent_processes=2, reconnects=2 * len(agents),
            refused_while_down=refused_while_down)
+
+
+def test_reconnect_backoff_is_exponential_with_full_jitter():
+    """Delays are drawn from [0, min(max, initial * 2**failures)]: spread from ~0 to the ceiling."""
+    import random
+
+    from scheduler_agent.agent import SchedulerAgent
+    from scheduler_agent.config import AgentConfig
+    from scheduler_agent.sources.simulator import SimulatedSource
+
+    agent = SchedulerAgent(AgentConfig(backoff_initial_ms=100, backoff_max_ms=5000), SimulatedSource(seed=1))
+    random.seed(7)
+    for failures, ceiling in [(0, 0.1), (1, 0.2), (3, 0.8), (5, 3.2), (6, 5.0), (64, 5.0)]:
+        delays = [agent.backoff_s(failures) for _ in range(400)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert min(delays) < ceiling * 0.05 and max(delays) > ceiling * 0.95  # full jitter, not equal jitter
