@@ -43,7 +43,7 @@ class AgentLinkService:
         try:
             first = await asyncio.wait_for(anext(requests), self.hello_timeout_s)
         except TimeoutError:
-            raise InvalidRequest(f"no hello within {self.hello_timeout_s:.0f} s of connecting") from None
+            raise InvalidRequest(f"no hello within {self.hello_timeout_s:g} s of connecting") from None
         except StopAsyncIteration:
             raise InvalidRequest("stream ended before hello") from None
         if first.WhichOneof("kind") != "hello":

@@ -22,7 +22,6 @@ from loadagg.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
 
 log = logging.getLogger(__name__)
 
-_MISSING = object()
 DRAINING = "the aggregator is shutting down and takes no new calls; retry shortly (or on another replica)"
 
 
@@ -73,12 +72,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         service = service_of(method)
         if service in OPEN_SERVICES:
             return await continuation(details)
-        handler = self._guarded.get(method, _MISSING)
-        if handler is _MISSING:  # handlers are static: wrap each method once
+        handler = self._guarded.get(method)
+        if handler is None:  # handlers are static: wrap each known method once
             real = await continuation(details)
-            handler = self._guarded[method] = None if real is None else self._wrap(method, service, real)
-        if handler is None:
-            return None  # unknown method: gRPC answers UNIMPLEMENTED
+            if real is None:
+                return None  # unknown method (not cached: random names must not grow memory): UNIMPLEMENTED
+            handler = self._guarded[method] = self._wrap(method, service, real)
         if self.draining:
             return self._refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING)
         problem = self.tokens.problem(service, details.invocation_metadata)

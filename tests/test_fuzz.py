@@ -180,6 +180,18 @@ def test_random_valid_agent_messages(cluster, instance_id, ranks, dp_size, repor
     assert len(rejected) == expected
 
 
+@FUZZ
+@given(method=st.text(alphabet="abcXYZ./_-019", min_size=1, max_size=40))
+def test_unknown_methods_are_unimplemented(cluster, method):
+    _, channel = cluster
+    TRIED["unknown_methods"] += 1
+    path = f"/loadagg.v1.LoadAggregator/{method}" if "/" not in method else f"/{method.lstrip('/')}"
+    if path in (GET_LOADS, "/loadagg.v1.LoadAggregator/WatchLoads", CONNECT):
+        return
+    code = _status(lambda: channel.unary_unary(path)(b"", timeout=10))
+    assert code == grpc.StatusCode.UNIMPLEMENTED, (path, code)
+
+
 def test_server_still_answers_correctly_after_fuzzing(cluster):
     server, channel = cluster
     assert server.poll() is None
@@ -195,3 +207,4 @@ def test_server_still_answers_correctly_after_fuzzing(cluster):
         time.sleep(0.2)
     assert all(load_problem(l) is None for l in fresh) and response.summary.num_ranks == 3
     record("fuzz", inputs_tried=sum(TRIED.values()), **TRIED)
+

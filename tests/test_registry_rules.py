@@ -170,3 +170,17 @@ async def test_impossible_reports_are_rejected_and_never_stored(start_aggregator
         assert agg.agents.reports_rejected == 2
     finally:
         await agent.close()
+
+
+async def test_a_link_that_never_says_hello_is_closed(start_aggregator):
+    """A connection that holds a link slot without a hello (slowloris) is closed at the hello deadline."""
+    agg = await start_aggregator(dp_size=1, hello_timeout_ms=300)
+    silent = RawAgent(agg.port, "silent", [0])
+    try:
+        await wait_for(lambda: agg.guard.agent_links == 1, what="the silent link to open")
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await silent.read(timeout=10)
+        assert closed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no hello within" in closed.value.details()
+        await wait_for(lambda: agg.guard.agent_links == 0, what="the slot to be freed")
+    finally:
+        await silent.close()
