@@ -1,7 +1,7 @@
 """loadagg: gRPC load aggregation for data-parallel LLM schedulers.
 
 Public API (imported lazily, so `import loadagg.v1` — the contract agents share — stays light):
-Aggregator, AggregatorConfig, AsyncLoadClient, LoadClient, WatchingCommunicator, QueueingCommunicator,
+Aggregator, AggregatorConfig, AsyncLoadClient, LoadClient, Loads, RetryPolicy, WatchHub, WatchingCommunicator, QueueingCommunicator,
 AgentRegistry, and the exceptions of loadagg.errors.
 """
 
@@ -15,6 +15,9 @@ _EXPORTS = {
     "AggregatorConfig": "loadagg.config",
     "AsyncLoadClient": "loadagg.client",
     "LoadClient": "loadagg.client",
+    "Loads": "loadagg.client",
+    "RetryPolicy": "loadagg.client",
+    "WatchHub": "loadagg.watch",
     "WatchingCommunicator": "loadagg.communicator",
     "QueueingCommunicator": "loadagg.communicator",
     "AgentRegistry": "loadagg.registry",

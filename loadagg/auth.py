@@ -40,6 +40,10 @@ class TokenPolicy:
         role = "agent" if service == AGENT_SERVICE else "router"
         return role if self._tokens[role] else None
 
+    def http_problem(self, authorization: str | None) -> str | None:
+        """The same check for the HTTP gateway's /v1/loads (the router token; /metrics stays open like health)."""
+        return self.problem("loadagg.v1.LoadAggregator", [] if authorization is None else [(AUTHORIZATION, authorization)])
+
     def problem(self, service: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """Why a call to `service` with `metadata` is not authenticated, or None when it is."""
         role = self.role(service)
@@ -57,3 +61,19 @@ class TokenPolicy:
         if not hmac.compare_digest(presented.strip().encode(), self._tokens[role]):
             return f"the {role} token presented for {service} is not valid"
         return None
+
+
+def http_middleware(policy: TokenPolicy):
+    """aiohttp middleware: /v1/loads answers 401 (with the reason) unless the router token is presented."""
+    from aiohttp import web
+
+    @web.middleware
+    async def check_token(request, handler):
+        if request.path != "/metrics":
+            problem = policy.http_problem(request.headers.get("Authorization"))
+            if problem is not None:
+                return web.json_response({"error": problem, "code": "UNAUTHENTICATED"}, status=401,
+                                         headers={"WWW-Authenticate": 'Bearer realm="loadagg"'})
+        return await handler(request)
+
+    return check_token

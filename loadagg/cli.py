@@ -10,7 +10,7 @@ import sys
 import grpc
 
 from loadagg.channels import add_client_flags
-from loadagg.config import AggregatorConfig, env, env_int
+from loadagg.config import AggregatorConfig, env, env_bool, env_int
 from loadagg.limits import add_server_flags as add_limit_flags
 from loadagg.security import add_server_flags as add_security_flags
 
@@ -36,6 +36,11 @@ def _serve(args: argparse.Namespace) -> int:
         mode=args.mode,
         round_timeout_ms=args.round_timeout_ms,
         grace_s=args.grace_s,
+        http_port=None if args.http_port < 0 else args.http_port,
+        sglang_compat=args.sglang_compat,
+        vllm_compat=args.vllm_compat,
+        default_watch_interval_ms=args.watch_interval_ms,
+        min_watch_interval_ms=args.min_watch_interval_ms,
         hello_timeout_ms=args.hello_timeout_ms,
         security=security_from_args(args),
         limits=limits_from_args(args),
@@ -45,15 +50,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loads(args: argparse.Namespace) -> int:
+    from loadagg.channels import channel_security_from_args
     from loadagg.client import LoadClient
     from loadagg.render import to_json, to_table
-
-    from loadagg.channels import channel_security_from_args
 
     include = [s for s in (args.include or "").split(",") if s]
     with LoadClient(args.target, timeout=args.timeout, security=channel_security_from_args(args)) as client:
         try:
-            response = client.get_loads(args.dp_rank, include, allow_stale=args.allow_stale)
+            response = client.get_loads(
+                args.dp_rank, include, allow_stale=args.allow_stale, freshness=args.freshness,
+                max_staleness_ms=args.max_staleness_ms,
+            ).response
         except grpc.RpcError as error:
             print(f"loadagg loads: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
@@ -106,6 +113,17 @@ def parser() -> argparse.ArgumentParser:
                    help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
     s.add_argument("--grace-s", type=float, default=float(env("GRACE_S", "5")),
                    help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
+    s.add_argument("--http-port", type=int, default=env_int("HTTP_PORT", -1),
+                   help="serve sglang-compatible GET /v1/loads and /metrics on this port; -1: no HTTP, "
+                        "0: any free port [LOADAGG_HTTP_PORT]")
+    s.add_argument("--sglang-compat", action=argparse.BooleanOptionalAction, default=env_bool("SGLANG_COMPAT", True),
+                   help="also answer sglang.grpc.scheduler.SglangScheduler/GetLoads [LOADAGG_SGLANG_COMPAT]")
+    s.add_argument("--vllm-compat", action=argparse.BooleanOptionalAction, default=env_bool("VLLM_COMPAT", True),
+                   help="also answer vllm.grpc.engine.VllmEngine/GetLoads [LOADAGG_VLLM_COMPAT]")
+    s.add_argument("--watch-interval-ms", type=int, default=env_int("WATCH_INTERVAL_MS", 1000),
+                   help="WatchLoads interval when a watcher asks for 0 [LOADAGG_WATCH_INTERVAL_MS]")
+    s.add_argument("--min-watch-interval-ms", type=int, default=env_int("MIN_WATCH_INTERVAL_MS", 10),
+                   help="shortest WatchLoads interval accepted [LOADAGG_MIN_WATCH_INTERVAL_MS]")
     s.add_argument("--hello-timeout-ms", type=int, default=env_int("HELLO_TIMEOUT_MS", 10_000),
                    help="an agent link that says no hello this soon is closed [LOADAGG_HELLO_TIMEOUT_MS]")
     add_security_flags(s)
@@ -117,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--dp-rank", type=int, default=None, help="only this rank")
     q.add_argument("--include", default="", help="sections, comma-separated: core,memory,gpu,spec,lora,disagg,queues,all")
     q.add_argument("--allow-stale", action="store_true", help="show last known loads of ranks that missed the round")
+    q.add_argument("--freshness", choices=("join", "new_round", "cached"), default=None,
+                   help="join the round in flight (default), demand a new round, or accept a cached answer")
+    q.add_argument("--max-staleness-ms", type=int, default=None, help="with cached: oldest answer accepted")
     q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds")
     add_client_flags(q)
@@ -131,6 +152,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
     d.add_argument("--mode", choices=("watching", "queueing"), default="watching")
     d.set_defaults(func=_demo)
+
+    from loadagg.top import add_parser as add_top
+
+    add_top(sub, common, fmt)
 
     from loadagg.health_check import default_target
 

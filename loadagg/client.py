@@ -1,8 +1,23 @@
-"""Router-facing clients: AsyncLoadClient (grpc.aio) and LoadClient (blocking)."""
+"""Router-facing client library: AsyncLoadClient (grpc.aio) and LoadClient (blocking).
+
+* `get_loads()` and `watch_loads()` return `Loads`: a frozen, typed view over one GetLoadsResponse
+  (round id, source, per-rank loads with their timestamps and ages, missing ranks, summary). The
+  RankLoad entries are the generated proto messages (`loadagg.v1`), so every figure keeps its
+  set/unset state; `Loads.response` is the raw message.
+* Deadlines: `timeout` (seconds) bounds a whole get_loads call, retries included.
+* Retries: a call that fails UNAVAILABLE (aggregator restarting, connection refused) is retried with
+  exponential backoff and jitter, at most `RetryPolicy.attempts` times in all; any other status is
+  raised at once (grpc.RpcError). A watch stream that breaks, or that the aggregator ends (graceful
+  shutdown), is resubscribed under the same policy, counted from its last good message.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -10,35 +25,213 @@ from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
+FRESHNESS = {
+    "join": pb.FRESHNESS_JOIN,
+    "new_round": pb.FRESHNESS_NEW_ROUND,
+    "cached": pb.FRESHNESS_CACHED,
+}
+_SOURCES = {pb.ANSWER_SOURCE_ROUND: "round", pb.ANSWER_SOURCE_CACHE: "cache", pb.ANSWER_SOURCE_SNAPSHOTS: "snapshots"}
+# Reconnect quickly after an aggregator restart (gRPC's default first backoff is 1 s, growing to 120 s).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff for UNAVAILABLE: attempt n (1-based) waits initial * multiplier**(n-1), capped."""
+
+    attempts: int = 5  # calls in all, the first included (1 = never retry)
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # +- this fraction, so many clients do not retry in lockstep
+    retry_on: frozenset[grpc.StatusCode] = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be >= 1")
+
+    def backoff(self, failures: int) -> float:
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(0, failures - 1))
+        return base * (1 + random.uniform(-self.jitter, self.jitter))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+class _Default:
+    """The client's own timeout (None is taken: it means no deadline)."""
+
+
+DEFAULT = _Default()
+
+
+@dataclass(frozen=True, slots=True)
+class Loads:
+    """One answer of the aggregator, typed. Ages are in ms at `timestamp_ms` unless `now_ms` is given."""
+
+    response: pb.GetLoadsResponse
+
+    @property
+    def round_id(self) -> int:
+        """The collection round (0: answered from agents' pushed snapshots, no round)."""
+        return self.response.round_id
+
+    @property
+    def source(self) -> str:
+        """'round', 'cache' or 'snapshots'."""
+        return _SOURCES.get(self.response.source, "unspecified")
+
+    @property
+    def timestamp_ms(self) -> int:
+        return self.response.timestamp_ms
+
+    @property
+    def dp_size(self) -> int:
+        return self.response.dp_size
+
+    @property
+    def loads(self) -> tuple[pb.RankLoad, ...]:
+        return tuple(self.response.loads)
+
+    @property
+    def missing_ranks(self) -> tuple[int, ...]:
+        return tuple(self.response.missing_ranks)
+
+    @property
+    def summary(self) -> pb.LoadSummary:
+        return self.response.summary
+
+    @property
+    def complete(self) -> bool:
+        """Every wanted rank answered this round."""
+        return not self.response.missing_ranks
+
+    def rank(self, dp_rank: int) -> pb.RankLoad | None:
+        return next((load for load in self.response.loads if load.dp_rank == dp_rank), None)
+
+    def age_ms(self, dp_rank: int, now_ms: int | None = None) -> int | None:
+        """How old this rank's figures are: from its source timestamp to `now_ms` (default: the answer's time)."""
+        load = self.rank(dp_rank)
+        if load is None:
+            return None
+        now = self.response.timestamp_ms if now_ms is None else now_ms
+        return max(0, now - load.timestamp_ms) if load.timestamp_ms else int(load.age_ms)
+
 
 def build_request(
     dp_rank: int | None = None,
     include: Iterable[str] = (),
     *,
-    freshness: int = pb.FRESHNESS_JOIN,
-    max_staleness_ms: int = 0,
+    freshness: str | int | None = None,
+    max_staleness_ms: int | None = None,
     allow_stale: bool = False,
 ) -> pb.GetLoadsRequest:
+    """freshness: 'join' (default), 'new_round' or 'cached'; max_staleness_ms alone implies 'cached'."""
+    if freshness is None:
+        freshness = "cached" if max_staleness_ms is not None else "join"
+    if isinstance(freshness, str):
+        if freshness not in FRESHNESS:
+            raise ValueError(f"freshness must be one of {sorted(FRESHNESS)}, got {freshness!r}")
+        freshness = FRESHNESS[freshness]
     request = pb.GetLoadsRequest(
-        include=list(include), freshness=freshness, max_staleness_ms=max_staleness_ms, allow_stale=allow_stale
+        include=list(include), freshness=freshness, max_staleness_ms=max_staleness_ms or 0, allow_stale=allow_stale
     )
     if dp_rank is not None:
         request.dp_rank = dp_rank
     return request
 
 
-class AsyncLoadClient:
-    """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
+def watch_request(dp_rank: int | None, include: Iterable[str], interval_ms: int, allow_stale: bool) -> pb.WatchLoadsRequest:
+    request = pb.WatchLoadsRequest(include=list(include), interval_ms=interval_ms, allow_stale=allow_stale)
+    if dp_rank is not None:
+        request.dp_rank = dp_rank
+    return request
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0, security: ChannelSecurity | None = None) -> None:
+
+class _Base:
+    def __init__(self, target: str, timeout: float | None, retry: RetryPolicy, metadata) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = aio_channel(target, security)  # TLS / mTLS and the router token, when configured
+        self.retry = retry
+        self.metadata = tuple(metadata or ())
+        self.retries = 0  # calls or resubscriptions retried after UNAVAILABLE (tests, diagnostics)
+
+    def _should_retry(self, error: grpc.RpcError, failures: int, deadline: float | None) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up and raise `error`."""
+        if error.code() not in self.retry.retry_on or failures >= self.retry.attempts:
+            return None
+        delay = self.retry.backoff(failures)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        self.retries += 1
+        return delay
+
+
+    def _resubscribe_delay(self, error: grpc.RpcError | None, failures: int) -> float | None:
+        """A watch stream ended: cleanly (the aggregator shut down: it may come back) or with `error`."""
+        if error is None:
+            if failures >= self.retry.attempts:
+                return None
+            self.retries += 1
+            return self.retry.backoff(failures)
+        return self._should_retry(error, failures, None)
+
+
+class AsyncLoadClient(_Base):
+    """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
+
+    def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
+                 metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
+        super().__init__(target, timeout, retry, metadata)
+        # TLS / mutual TLS and the router token (on every call), when `security` configures them.
+        self._channel = aio_channel(target, security, options=[*CHANNEL_OPTIONS, *options])
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
-    async def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), **options) -> pb.GetLoadsResponse:
-        timeout = options.pop("timeout", self.timeout)
-        return await self._stub.GetLoads(build_request(dp_rank, include, **options), timeout=timeout)
+    async def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
+                        timeout: float | None | _Default = DEFAULT, **options) -> Loads:
+        """One answer; options: freshness, max_staleness_ms, allow_stale (see build_request)."""
+        request = build_request(dp_rank, include, **options)
+        timeout = self.timeout if isinstance(timeout, _Default) else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                return Loads(await self._stub.GetLoads(request, timeout=remaining, metadata=self.metadata))
+            except grpc.aio.AioRpcError as error:
+                failures += 1
+                delay = self._should_retry(error, failures, deadline)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
+                          allow_stale: bool = False) -> AsyncIterator[Loads]:
+        """Pushed answers at `interval_ms` (0: the server's default), resubscribing after UNAVAILABLE."""
+        request = watch_request(dp_rank, include, interval_ms, allow_stale)
+        failures = 0
+        while True:
+            call = self._stub.WatchLoads(request, metadata=self.metadata)
+            error: grpc.RpcError | None = None
+            try:
+                async for response in call:
+                    failures = 0
+                    yield Loads(response)
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            finally:
+                call.cancel()
+            failures += 1
+            delay = self._resubscribe_delay(error, failures)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -50,18 +243,54 @@ class AsyncLoadClient:
         await self.close()
 
 
-class LoadClient:
-    """Blocking twin of AsyncLoadClient, for scripts and sync routers."""
+class LoadClient(_Base):
+    """Blocking twin of AsyncLoadClient, for scripts, the CLI and sync routers."""
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0, security: ChannelSecurity | None = None) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = sync_channel(target, security)
+    def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
+                 metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
+        super().__init__(target, timeout, retry, metadata)
+        self._channel = sync_channel(target, security, options=[*CHANNEL_OPTIONS, *options])
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
-    def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), **options) -> pb.GetLoadsResponse:
-        timeout = options.pop("timeout", self.timeout)
-        return self._stub.GetLoads(build_request(dp_rank, include, **options), timeout=timeout)
+    def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
+                  timeout: float | None | _Default = DEFAULT, **options) -> Loads:
+        request = build_request(dp_rank, include, **options)
+        timeout = self.timeout if isinstance(timeout, _Default) else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                return Loads(self._stub.GetLoads(request, timeout=remaining, metadata=self.metadata))
+            except grpc.RpcError as error:
+                failures += 1
+                delay = self._should_retry(error, failures, deadline)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
+                    allow_stale: bool = False) -> Iterator[Loads]:
+        request = watch_request(dp_rank, include, interval_ms, allow_stale)
+        failures = 0
+        while True:
+            call = self._stub.WatchLoads(request, metadata=self.metadata)
+            error: grpc.RpcError | None = None
+            try:
+                for response in call:
+                    failures = 0
+                    yield Loads(response)
+            except grpc.RpcError as exc:
+                error = exc
+            finally:
+                call.cancel()
+            failures += 1
+            delay = self._resubscribe_delay(error, failures)
+            if delay is None:
+                if error is not None:
+                    raise error
+                return
+            time.sleep(delay)
 
     def close(self) -> None:
         self._channel.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loadagg.registry import AgentRegistry, AgentSession
@@ -51,7 +51,12 @@ class _Communicator:
         self.last_result: RoundResult | None = None
         self._rounds: dict[int, Round] = {}
         self._next_id = 1
+        self._round_listeners: list[Callable[[RoundResult], None]] = []
         registry.on_disconnect(self._agent_left)
+
+    def on_round_end(self, listener: Callable[[RoundResult], None]) -> None:
+        """Called with every round's result as it ends (metrics)."""
+        self._round_listeners.append(listener)
 
     # -- rounds -------------------------------------------------------------------------------
 
@@ -88,6 +93,8 @@ class _Communicator:
         result = rnd.result(self.registry)
         self.last_result = result
         rnd.future.set_result(result)
+        for listener in self._round_listeners:
+            listener(result)
 
     def end_rounds(self) -> None:
         """End every round in flight now, as at its deadline (shutdown past its grace period)."""

@@ -19,6 +19,17 @@ def env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def env_bool(name: str, default: bool) -> bool:
+    value = env(name)
+    if value in (None, ""):
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"LOADAGG_{name} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
     host: str = "127.0.0.1"
@@ -32,6 +43,10 @@ class AggregatorConfig:
     aggregator_id: str = ""
     security: SecurityConfig = field(default_factory=SecurityConfig)  # tokens, TLS (loadagg/security.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # message size, streams, keepalive (limits.py)
+    min_watch_interval_ms: int = 10  # WatchLoads asking for less (but not 0) gets INVALID_ARGUMENT
+    http_port: int | None = None  # sglang-compatible GET /v1/loads and /metrics; None = no HTTP; 0 = any free port
+    sglang_compat: bool = True  # also answer sglang.grpc.scheduler.SglangScheduler/GetLoads on the gRPC port
+    vllm_compat: bool = True  # also answer vllm.grpc.engine.VllmEngine/GetLoads on the gRPC port
 
     def __post_init__(self) -> None:
         if self.dp_size < 1:
@@ -42,6 +57,10 @@ class AggregatorConfig:
             raise ValueError("round_timeout_ms must be >= 1")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
+        if self.min_watch_interval_ms < 1 or self.default_watch_interval_ms < self.min_watch_interval_ms:
+            raise ValueError("watch intervals: need 1 <= min_watch_interval_ms <= default_watch_interval_ms")
 
     @property
     def address(self) -> str:

@@ -58,7 +58,7 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
     try:
         async with AsyncLoadClient(f"127.0.0.1:{port}") as client:
             while not config.duration_s or time.monotonic() - started < config.duration_s:
-                response = await client.get_loads(allow_stale=True)
+                response = (await client.get_loads(allow_stale=True)).response
                 live = len(aggregator.registry.live_ranks())
                 out.write(
                     f"{clear}loadagg demo: aggregator 127.0.0.1:{port}, {live}/{config.dp_size} ranks linked "

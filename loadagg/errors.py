@@ -44,3 +44,9 @@ class ShuttingDown(LoadAggError):
 async def abort_with(context: grpc.aio.ServicerContext, error: LoadAggError) -> None:
     """End an RPC with the status `error` maps to; never returns."""
     await context.abort(error.code, str(error))
+
+
+class NotServed(LoadAggError):
+    """An RPC of a peer contract (sglang, vLLM) that the aggregator does not answer."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED

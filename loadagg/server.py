@@ -13,14 +13,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loadagg import sglang_compat
 from loadagg.agent_link import AgentLinkService
 from loadagg.auth import TokenPolicy
 from loadagg.communicator import MODES, Communicator
 from loadagg.config import AggregatorConfig
 from loadagg.guard import GuardInterceptor
+from loadagg.http_gateway import HttpGateway
+from loadagg.metrics import AggregatorMetrics, timed_handler
 from loadagg.registry import AgentRegistry
 from loadagg.service import LoadAggregatorService
 from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.watch import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,15 @@ _ANSWER_MARGIN_S = 1.0
 
 LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("loadagg")
+    except Exception:  # running from a source tree that was never installed
+        return "0"
 
 
 def _serialize(message) -> bytes:
@@ -43,7 +56,17 @@ class Aggregator:
         self.config = config
         self.registry = AgentRegistry(config.dp_size)
         self.communicator: Communicator = MODES[config.mode](self.registry, config.round_timeout_ms / 1000)
-        self.loads = LoadAggregatorService(self.communicator, config.dp_size)
+        self.watch = WatchHub(
+            self.communicator,
+            default_interval_ms=config.default_watch_interval_ms,
+            min_interval_ms=config.min_watch_interval_ms,
+        )
+        self.loads = LoadAggregatorService(self.communicator, config.dp_size, watch=self.watch)
+        self.metrics = AggregatorMetrics(self.communicator, self.registry, self.watch)
+        self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{_version()}")
+        self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
+        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{_version()}", tokens=self.tokens)
+        self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,
             self.communicator,
@@ -52,9 +75,7 @@ class Aggregator:
             hello_timeout_s=config.hello_timeout_ms / 1000,
         )
         self.health = health.aio.HealthServicer()
-        security = config.security
-        self.guard = GuardInterceptor(TokenPolicy(security.agent_token, security.router_token),
-                                      config.limits.max_agent_links)
+        self.guard = GuardInterceptor(self.tokens, config.limits.max_agent_links)
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -63,8 +84,13 @@ class Aggregator:
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
         load_handlers = {
             "GetLoads": grpc.unary_unary_rpc_method_handler(
-                self.loads.get_loads,
+                timed_handler(self.metrics, "loadagg", self.loads.get_loads),
                 request_deserializer=pb.GetLoadsRequest.FromString,
+                response_serializer=_serialize,
+            ),
+            "WatchLoads": grpc.unary_stream_rpc_method_handler(
+                self.loads.watch_loads,
+                request_deserializer=pb.WatchLoadsRequest.FromString,
                 response_serializer=_serialize,
             ),
         }
@@ -75,9 +101,14 @@ class Aggregator:
                 response_serializer=_serialize,
             ),
         }
+        compat_handlers, self.compat_services = sglang_compat.handlers(
+            self.compat, sglang=self.config.sglang_compat, vllm=self.config.vllm_compat,
+            wrap=lambda api, handler: timed_handler(self.metrics, api, handler),
+        )
         return [
             grpc.method_handlers_generic_handler(LOAD_SERVICE, load_handlers),
             grpc.method_handlers_generic_handler(AGENT_SERVICE, agent_handlers),
+            *compat_handlers,
         ]
 
     async def start(self) -> int:
@@ -85,7 +116,7 @@ class Aggregator:
         server = grpc.aio.server(options=self.config.limits.server_options(), interceptors=[self.guard])
         server.add_generic_rpc_handlers(self._handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = (LOAD_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        services = (LOAD_SERVICE, AGENT_SERVICE, *self.compat_services, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         credentials = self.config.security.server_credentials()
         if credentials is None:
@@ -95,9 +126,12 @@ class Aggregator:
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
         await server.start()
-        for name in ("", LOAD_SERVICE, AGENT_SERVICE):
+        for name in ("", LOAD_SERVICE, AGENT_SERVICE, *self.compat_services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
+        if self.config.http_port is not None:
+            self.http_port = await self.http.start(self.config.host, self.config.http_port)
+            log.info("HTTP /v1/loads and /metrics on %s:%d", self.config.host, self.http_port)
         log.info(
             "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms; %s)",
             self.config.host, self.port, self.config.dp_size, self.config.mode, self.config.round_timeout_ms,
@@ -121,6 +155,7 @@ class Aggregator:
     async def _shutdown(self, grace: float) -> None:
         self.guard.draining = True  # new calls get UNAVAILABLE from here on; calls in flight go on
         await self.health.enter_graceful_shutdown()
+        await self.watch.close()  # watch streams end cleanly (OK) instead of holding the grace period
         stopping = asyncio.create_task(self.server.stop(grace + _ANSWER_MARGIN_S))
         try:
             await asyncio.wait_for(self.loads.drained(), grace)
@@ -133,6 +168,7 @@ class Aggregator:
         for session in self.registry.sessions():
             session.close()
         await stopping
+        await self.http.stop()
         self._stopped.set()
         log.info("aggregator stopped")
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from loadagg.answers import check_rank, response_bytes
 from loadagg.communicator import Communicator
 from loadagg.errors import DeadlineTooShort, LoadAggError, abort_with
+from loadagg.freshness import CachedAnswers
 from loadagg.rounds import RoundResult
 from loadagg.sections import parse_include
 from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.watch import WatchHub
 
 # Part of a caller's own deadline kept back to serialize and send the answer.
 _SEND_MARGIN_S = 0.02
@@ -34,48 +37,72 @@ def wait_budget(context: grpc.aio.ServicerContext) -> float | None:
 class LoadAggregatorService:
     """Router-facing RPCs. Handlers return serialized bytes shared between callers of the same view."""
 
-    def __init__(self, communicator: Communicator, dp_size: int) -> None:
+    def __init__(self, communicator: Communicator, dp_size: int, *, watch: WatchHub | None = None) -> None:
         self.communicator = communicator
+        self.watch = watch or WatchHub(communicator, default_interval_ms=1000, min_interval_ms=10)
         self.dp_size = dp_size
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._cached: tuple[RoundResult, RoundResult] | None = None  # (last round, its cache-sourced twin)
+        self.cached = CachedAnswers(communicator, communicator.registry)
 
     async def result_for(self, request: pb.GetLoadsRequest, wait: float | None, received: float) -> RoundResult:
-        """The RoundResult this request's freshness asks for."""
+        """The RoundResult this request's freshness asks for.
+
+        JOIN: the round in flight (or a new one). NEW_ROUND: only a round started after `received`.
+        CACHED: the last round or pushed snapshots when not older than max_staleness_ms, else JOIN.
+        """
         freshness = request.freshness
         if freshness == pb.FRESHNESS_CACHED:
-            cached = self._recent(request.max_staleness_ms)
+            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+            cached = self.cached.recent(request.max_staleness_ms, dp_rank)
             if cached is not None:
                 return cached
         started_after = received if freshness == pb.FRESHNESS_NEW_ROUND else None
         return await self.communicator.collect(started_after=started_after, wait_timeout=wait)
 
-    def _recent(self, max_staleness_ms: int) -> RoundResult | None:
-        last = self.communicator.last_result
-        if last is None or last.age_ms() > max_staleness_ms:
-            return None
-        if self._cached is None or self._cached[0] is not last:
-            self._cached = (last, dataclasses.replace(last, source=pb.ANSWER_SOURCE_CACHE, cache={}))
-        return self._cached[1]
-
-    async def get_loads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
-        received = time.monotonic()
+    @contextlib.contextmanager
+    def tracked(self) -> Iterator[None]:
+        """Count a loads call in flight (GetLoads, the engine-compat GetLoads, HTTP) for graceful drain."""
         self.in_flight += 1
         self._idle.clear()
         try:
-            sections = parse_include(request.include)
-            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-            check_rank(dp_rank, self.dp_size)
-            result = await self.result_for(request, wait_budget(context), received)
-            return response_bytes(result, dp_rank, sections, request.allow_stale)
-        except LoadAggError as error:
-            await abort_with(context, error)
+            yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def get_loads(self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
+        received = time.monotonic()
+        with self.tracked():
+            try:
+                sections = parse_include(request.include)
+                dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+                check_rank(dp_rank, self.dp_size)
+                result = await self.result_for(request, wait_budget(context), received)
+                return response_bytes(result, dp_rank, sections, request.allow_stale)
+            except LoadAggError as error:
+                await abort_with(context, error)
+
+    async def watch_loads(
+        self, request: pb.WatchLoadsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Push the caller's view at its interval; the ticker of that interval shares one round per tick."""
+        try:
+            sections = parse_include(request.include)
+            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+            check_rank(dp_rank, self.dp_size)
+            interval_ms = self.watch.interval_for(request.interval_ms)
+        except LoadAggError as error:
+            await abort_with(context, error)
+            return
+        subscription = self.watch.subscribe(interval_ms, dp_rank, sections, request.allow_stale)
+        try:
+            while (answer := await subscription.next()) is not None:
+                yield answer
+        finally:
+            self.watch.unsubscribe(subscription)
 
     async def drained(self) -> None:
         """Returns once no GetLoads call is in flight (used by graceful shutdown)."""

@@ -287,3 +287,19 @@ async def test_security_config_errors_are_clear(tmp_path):
     assert "secret" not in repr(SecurityConfig(agent_token="secret", router_token="secret"))
     assert "secret" not in repr(ChannelSecurity(token="secret")) and "secret" not in repr(LinkSecurity(token="secret"))
     aio_channel("127.0.0.1:1", ChannelSecurity(token="t"))  # builds without connecting
+
+
+async def test_http_loads_needs_the_router_token_metrics_stay_open(start_aggregator):
+    import aiohttp
+
+    agg = await start_aggregator(dp_size=1, http_port=0, security=SecurityConfig(router_token=ROUTER_TOKEN))
+    base = f"http://127.0.0.1:{agg.http_port}"
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": f"Bearer {AGENT_TOKEN}"}):
+            async with session.get(f"{base}/v1/loads", headers=headers) as reply:
+                assert reply.status == 401 and (await reply.json())["code"] == "UNAUTHENTICATED"
+                assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+        async with session.get(f"{base}/v1/loads", headers={"Authorization": f"Bearer {ROUTER_TOKEN}"}) as reply:
+            assert reply.status == 200
+        async with session.get(f"{base}/metrics") as reply:
+            assert reply.status == 200 and "loadagg_dp_size" in await reply.text()

@@ -1,0 +1,136 @@
+"""HTTP side of the aggregator (`loadagg serve --http-port P`): sglang's `GET /v1/loads`, and `/metrics`.
+
+`/v1/loads?dp_rank=&include=a,b&format=json|prometheus` answers with sglang's own body, so a router that
+polls an sglang server's /v1/loads can be pointed at the aggregator unchanged; the calls share rounds
+with every gRPC caller through the same watching communicator. loadagg's extras stay out of the body
+(it is sglang's shape, field for field) and travel in headers: X-Loadagg-Round-Id, X-Loadagg-Source,
+X-Loadagg-Missing-Ranks. `max_staleness_ms=N` (loadagg's extension) accepts a cached answer that young.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from loadagg.answers import build_response
+from loadagg.auth import TokenPolicy, http_middleware
+from loadagg.errors import InvalidRequest, LoadAggError
+from loadagg.metrics import CONTENT_TYPE, AggregatorMetrics
+from loadagg.sections import parse_include
+from loadagg.service import LoadAggregatorService
+from loadagg.sglang_shape import prometheus_text, response_dict
+from loadagg.v1 import loadagg_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_FORMATS = ("json", "prometheus")
+_PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
+
+
+def _int_param(query, name: str) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
+
+
+def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
+    """The GetLoadsRequest a /v1/loads query stands for; InvalidRequest (HTTP 400) saying what is wrong."""
+    unknown = sorted(set(query) - _PARAMS)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {unknown}; accepted: {sorted(_PARAMS)}")
+    fmt = query.get("format", "json") or "json"
+    if fmt not in _FORMATS:
+        raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {fmt!r}")
+    request = pb.GetLoadsRequest()
+    dp_rank = _int_param(query, "dp_rank")
+    if dp_rank is not None:
+        if not 0 <= dp_rank < dp_size:
+            raise InvalidRequest(f"dp_rank {dp_rank} is out of range: dp_size={dp_size} (ranks 0..{dp_size - 1})")
+        request.dp_rank = dp_rank
+    include = [s.strip() for s in query.get("include", "").split(",") if s.strip()]
+    parse_include(include)  # validates
+    request.include.extend(include)
+    staleness = _int_param(query, "max_staleness_ms")
+    if staleness is not None:
+        if staleness < 0:
+            raise InvalidRequest(f"max_staleness_ms must be >= 0, got {staleness}")
+        request.freshness = pb.FRESHNESS_CACHED
+        request.max_staleness_ms = staleness
+    return request
+
+
+class HttpGateway:
+    def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str,
+                 tokens: TokenPolicy | None = None) -> None:
+        self.tokens = tokens  # with a router token set, /v1/loads needs `Authorization: Bearer <token>`
+        self.service = service
+        self.metrics = metrics
+        self.version = version
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[http_middleware(self.tokens)] if self.tokens and self.tokens.enabled else [])
+        app.router.add_get("/v1/loads", self.loads)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        self.runner = web.AppRunner(self.app(), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.port = self.runner.addresses[-1][1]  # the bound port (port 0 picks one)
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def loads(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        status = 200
+        try:
+            grpc_request = parse_query(request.query, self.service.dp_size)
+            with self.service.tracked():
+                result = await self.service.result_for(grpc_request, None, time.monotonic())
+            dp_rank = grpc_request.dp_rank if grpc_request.HasField("dp_rank") else None
+            fmt = request.query.get("format") or "json"
+            body = self._body(result, dp_rank, parse_include(grpc_request.include), fmt)
+            headers = {
+                "Content-Type": "application/json" if fmt == "json" else CONTENT_TYPE,
+                "X-Loadagg-Round-Id": str(result.round_id),
+                "X-Loadagg-Source": pb.AnswerSource.Name(result.source),
+                "X-Loadagg-Missing-Ranks": ",".join(
+                    str(r) for r in result.missing if dp_rank is None or r == dp_rank
+                ),
+            }
+            return web.Response(body=body, headers=headers)
+        except LoadAggError as error:
+            status = 400 if isinstance(error, InvalidRequest) else 503
+            return web.json_response({"error": str(error), "code": error.code.name}, status=status)
+        finally:
+            self.metrics.observe_call("http", str(status), time.perf_counter() - started)
+
+    def _body(self, result, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
+        """sglang's body for this view, built once per round per view and shared."""
+        key = ("http", fmt, dp_rank, sections)
+        body = result.cache.get(key)
+        if body is None:
+            view = build_response(result, dp_rank, sections, allow_stale=False)
+            text = json.dumps(response_dict(view, self.version)) if fmt == "json" else prometheus_text(view)
+            body = text.encode()
+            if not result.partial:
+                result.cache[key] = body
+        return body

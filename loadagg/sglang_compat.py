@@ -1,0 +1,160 @@
+"""The engines' own gRPC load contracts, answered by the aggregator for the whole cluster.
+
+`sglang.grpc.scheduler.SglangScheduler/GetLoads` and `vllm.grpc.engine.VllmEngine/GetLoads` (stubs from
+PyPI smg-grpc-proto, never copied) are served on the aggregator's gRPC port: a client written against
+`SglangSchedulerStub` reads every rank's load with one call. Calls are coalesced through the same
+watching communicator as loadagg's own GetLoads; `dp_rank` and `include` are honoured; `dp_rank_count`
+is the cluster's dp_size. Every other RPC of those services answers UNIMPLEMENTED, naming loadagg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from smg_grpc_proto import sglang_scheduler_pb2 as sg
+from smg_grpc_proto import vllm_engine_pb2 as vl
+
+from loadagg.answers import build_response, check_rank
+from loadagg.errors import LoadAggError, NotServed, abort_with
+from loadagg.rounds import RoundResult
+from loadagg.sections import parse_include
+from loadagg.service import LoadAggregatorService, wait_budget
+from loadagg.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp
+from loadagg.v1 import loadagg_pb2 as pb
+
+SGLANG_SERVICE = sg.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
+VLLM_SERVICE = vl.DESCRIPTOR.services_by_name["VllmEngine"].full_name
+
+
+def _copy_scalars(target, source, names) -> None:
+    """Copy the figures `source` has into `target`, clamping to int32 where the peer's field is int32."""
+    for name in names:
+        if name not in target.DESCRIPTOR.fields_by_name or not source.HasField(name):
+            continue
+        value = getattr(source, name)
+        if target.DESCRIPTOR.fields_by_name[name].cpp_type == target.DESCRIPTOR.fields_by_name[name].CPPTYPE_INT32:
+            value = min(int(value), INT32_MAX)
+        setattr(target, name, value)
+
+
+def to_scheduler_load(load: pb.RankLoad, module) -> object:
+    """A loadagg RankLoad as the peer's SchedulerLoad (sections only where the peer has them)."""
+    out = module.SchedulerLoad(dp_rank=load.dp_rank)
+    _copy_scalars(out, load, CORE_FIELDS)
+    out.num_total_reqs = min(load.num_running_reqs + load.num_waiting_reqs, INT32_MAX)
+    fields = out.DESCRIPTOR.fields_by_name
+    for section, key in SECTION_KEYS.items():
+        if key in fields and load.HasField(section):
+            source = getattr(load, section)
+            target = getattr(out, key)
+            target.SetInParent()
+            _copy_scalars(target, source, [f.name for f, _ in source.ListFields()])
+    return out
+
+
+def sglang_response(response: pb.GetLoadsResponse, version: str) -> sg.GetLoadsResponse:
+    agg = aggregate(response.loads)
+    return sg.GetLoadsResponse(
+        timestamp=iso_timestamp(response.timestamp_ms),
+        version=version,
+        dp_rank_count=response.dp_size,
+        loads=[to_scheduler_load(load, sg) for load in response.loads],
+        aggregate=sg.AggregateMetrics(
+            total_running_reqs=min(agg["total_running_reqs"], INT32_MAX),
+            total_waiting_reqs=min(agg["total_waiting_reqs"], INT32_MAX),
+            total_reqs=min(agg["total_reqs"], INT32_MAX),
+            avg_token_usage=agg["avg_token_usage"],
+            avg_throughput=agg["avg_throughput"],
+            avg_utilization=agg["avg_utilization"],
+        ),
+    )
+
+
+def vllm_response(response: pb.GetLoadsResponse, version: str) -> vl.GetLoadsResponse:
+    return vl.GetLoadsResponse(
+        timestamp=iso_timestamp(response.timestamp_ms),
+        version=version,
+        dp_rank_count=response.dp_size,
+        loads=[to_scheduler_load(load, vl) for load in response.loads],
+    )
+
+
+class EngineCompat:
+    """GetLoads of the sglang and vLLM engine contracts, over loadagg's rounds."""
+
+    def __init__(self, service: LoadAggregatorService, version: str) -> None:
+        self.service = service
+        self.version = version
+
+    async def _answer(self, request, context, peer: str, convert: Callable) -> bytes:
+        try:
+            sections = parse_include(request.include)
+            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+            check_rank(dp_rank, self.service.dp_size)
+            with self.service.tracked():
+                result: RoundResult = await self.service.communicator.collect(wait_timeout=wait_budget(context))
+        except LoadAggError as error:
+            await abort_with(context, error)
+            return b""
+        key = (peer, dp_rank, sections)
+        answer = result.cache.get(key)
+        if answer is None:
+            view = build_response(result, dp_rank, sections, allow_stale=False)
+            answer = convert(view, self.version).SerializeToString()
+            if not result.partial:
+                result.cache[key] = answer
+        return answer
+
+    async def sglang_get_loads(self, request: sg.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._answer(request, context, "sglang", sglang_response)
+
+    async def vllm_get_loads(self, request: vl.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._answer(request, context, "vllm", vllm_response)
+
+
+def _unimplemented(service: str, method) -> grpc.RpcMethodHandler:
+    error = NotServed(
+        f"{service}/{method.name} is not served here: this is a loadagg aggregator, which answers only "
+        f"GetLoads of {service} (every dp rank of the cluster); send {method.name} to an engine"
+    )
+
+    async def unary(request, context):
+        await abort_with(context, error)
+
+    async def streaming(request, context):
+        await abort_with(context, error)
+        yield b""  # never reached: makes this an async generator, as a streaming handler must be
+
+    if method.client_streaming and method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming)
+    if method.client_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary)
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming)
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
+def _bytes(message) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def handlers(compat: EngineCompat, *, sglang: bool, vllm: bool,
+             wrap: Callable[[str, Callable], Callable] = lambda api, h: h) -> tuple[list, list[str]]:
+    """Generic handlers for the enabled peer services, and their names (for reflection and health)."""
+    out: list[grpc.GenericRpcHandler] = []
+    names: list[str] = []
+    for enabled, module, name, get_loads, api in (
+        (sglang, sg, "SglangScheduler", compat.sglang_get_loads, "sglang"),
+        (vllm, vl, "VllmEngine", compat.vllm_get_loads, "vllm"),
+    ):
+        if not enabled:
+            continue
+        descriptor = module.DESCRIPTOR.services_by_name[name]
+        methods = {m.name: _unimplemented(descriptor.full_name, m) for m in descriptor.methods}
+        methods["GetLoads"] = grpc.unary_unary_rpc_method_handler(
+            wrap(api, get_loads), request_deserializer=module.GetLoadsRequest.FromString, response_serializer=_bytes,
+        )
+        out.append(grpc.method_handlers_generic_handler(descriptor.full_name, methods))
+        names.append(descriptor.full_name)
+    return out, names

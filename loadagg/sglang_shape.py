@@ -1,0 +1,130 @@
+"""sglang's /v1/loads shape: field names, section names and the aggregate, as sglang itself builds them.
+
+Reference (read, not copied): sgl-project/sglang python/sglang/srt/entrypoints/v1_loads.py in the releases
+that answer `{timestamp, version, dp_rank_count, loads[], aggregate{}}`, and the `SchedulerLoad` /
+`AggregateMetrics` messages of `sglang.grpc.scheduler` (PyPI smg-grpc-proto). Used by the HTTP gateway
+(JSON and Prometheus text) and by the gRPC SglangScheduler/VllmEngine compat services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from loadagg.v1 import loadagg_pb2 as pb
+
+# Per-rank scalar fields, in sglang's order. A figure our source does not have is left out, as sglang
+# leaves out a None.
+CORE_FIELDS: tuple[str, ...] = (
+    "num_running_reqs",
+    "num_waiting_reqs",
+    "num_used_tokens",
+    "num_total_tokens",
+    "max_total_num_tokens",
+    "token_usage",
+    "gen_throughput",
+    "cache_hit_rate",
+    "utilization",
+    "max_running_requests",
+    "num_waiting_uncached_tokens",
+)
+# loadagg section field -> sglang's key for it (sglang names the objects, not the include words).
+SECTION_KEYS: dict[str, str] = {
+    "memory": "memory",
+    "spec": "speculative",
+    "lora": "lora",
+    "disagg": "disaggregation",
+    "queues": "queues",
+}
+# sglang's Prometheus prefixes: sglang_<field>, sglang_<prefix>_<field>.
+PROMETHEUS_PREFIX: dict[str, str] = {"speculative": "spec", "disaggregation": "disagg"}
+HELP: dict[str, str] = {
+    "num_running_reqs": "Requests running on this dp rank",
+    "num_waiting_reqs": "Requests waiting on this dp rank",
+    "num_total_reqs": "Running plus waiting requests",
+    "num_used_tokens": "Tokens held in the KV cache",
+    "num_total_tokens": "Used tokens plus tokens waiting for prefill",
+    "max_total_num_tokens": "Token capacity of the KV cache",
+    "token_usage": "Token pool usage ratio",
+    "gen_throughput": "Generation throughput in tokens per second",
+    "cache_hit_rate": "Prefix cache hit rate",
+    "utilization": "Overall utilization ratio",
+    "max_running_requests": "Running request capacity",
+    "num_waiting_uncached_tokens": "Waiting prefill tokens not served from cache",
+}
+INT32_MAX = 2**31 - 1
+
+
+def iso_timestamp(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000, tz=UTC).isoformat()
+
+
+def _fields(message) -> dict:
+    return {field.name: value for field, value in message.ListFields()}
+
+
+def load_dict(load: pb.RankLoad) -> dict:
+    """One rank as sglang's JSON has it: dp_rank, core figures, sections, and num_total_reqs."""
+    d: dict = {"dp_rank": load.dp_rank}
+    for name in CORE_FIELDS:
+        if load.HasField(name):
+            d[name] = getattr(load, name)
+    for section, key in SECTION_KEYS.items():
+        if load.HasField(section):
+            d[key] = _fields(getattr(load, section))
+    d["num_total_reqs"] = load.num_running_reqs + load.num_waiting_reqs
+    return d
+
+
+def _mean(values: list[float], ndigits: int) -> float:
+    return round(sum(values) / len(values), ndigits) if values else 0.0
+
+
+def aggregate(loads: Iterable[pb.RankLoad]) -> dict:
+    """sglang's `aggregate`: totals, and means rounded as sglang rounds them (over ranks reporting the figure)."""
+    loads = list(loads)
+    return {
+        "total_running_reqs": sum(load.num_running_reqs for load in loads),
+        "total_waiting_reqs": sum(load.num_waiting_reqs for load in loads),
+        "total_reqs": sum(load.num_running_reqs + load.num_waiting_reqs for load in loads),
+        "total_used_tokens": sum(load.num_used_tokens for load in loads),
+        "total_tokens": sum(load.num_total_tokens for load in loads),
+        "avg_token_usage": _mean([x.token_usage for x in loads if x.HasField("token_usage")], 4),
+        "avg_throughput": _mean([x.gen_throughput for x in loads if x.HasField("gen_throughput")], 2),
+        "avg_utilization": _mean([x.utilization for x in loads if x.HasField("utilization")], 4),
+    }
+
+
+def response_dict(response: pb.GetLoadsResponse, version: str) -> dict:
+    """The whole sglang JSON body for one caller's view (dp_rank_count = ranks returned, as sglang counts)."""
+    loads = [load_dict(load) for load in response.loads]
+    return {
+        "timestamp": iso_timestamp(response.timestamp_ms),
+        "version": version,
+        "dp_rank_count": len(loads),
+        "loads": loads,
+        "aggregate": aggregate(response.loads),
+    }
+
+
+def prometheus_text(response: pb.GetLoadsResponse) -> str:
+    """sglang's `format=prometheus`: one gauge family per figure, a sample per rank labelled dp_rank."""
+    samples: dict[str, list[tuple[int, float]]] = {}
+    for load in response.loads:
+        d = load_dict(load)
+        rank = d.pop("dp_rank")
+        for key, value in d.items():
+            if isinstance(value, dict):
+                prefix = PROMETHEUS_PREFIX.get(key, key)
+                for sub_key, sub_value in value.items():
+                    if isinstance(sub_value, (int, float)) and not isinstance(sub_value, bool):
+                        samples.setdefault(f"sglang_{prefix}_{sub_key}", []).append((rank, sub_value))
+            elif isinstance(value, (int, float)):
+                samples.setdefault(f"sglang_{key}", []).append((rank, value))
+    lines: list[str] = []
+    for name, values in samples.items():
+        field = name.removeprefix("sglang_")
+        lines.append(f"# HELP {name} {HELP.get(field, field.replace('_', ' '))}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(f'{name}{{dp_rank="{rank}"}} {value}' for rank, value in values)
+    return "\n".join(lines) + "\n"

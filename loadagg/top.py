@@ -1,0 +1,154 @@
+"""`loadagg top`: a live terminal view of every rank, fed by WatchLoads (one shared round per tick).
+
+Running/waiting requests, token-usage bars, throughput, cache hit rate, GPU memory and the age of
+each rank's figures; stale ranks (answered from a last-known snapshot, or older than --stale-ms) in
+yellow, missing ranks in red. `--frames N` / `--once` print N frames and exit (scripts, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from dataclasses import dataclass
+
+import grpc
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
+from loadagg.client import AsyncLoadClient, Loads
+from loadagg.config import env, env_int
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class TopConfig:
+    target: str
+    interval_ms: int = 1000
+    dp_rank: int | None = None
+    frames: int = 0  # 0: until Ctrl-C
+    stale_ms: int = 0  # 0: three intervals
+    width: int | None = None
+    security: ChannelSecurity | None = None  # TLS / mutual TLS and the router token
+
+    @property
+    def stale_after_ms(self) -> int:
+        return self.stale_ms or 3 * max(self.interval_ms, 1)
+
+
+def bar(ratio: float, width: int = 12) -> Text:
+    ratio = max(0.0, min(1.0, ratio))
+    filled = round(ratio * width)
+    style = "green" if ratio < 0.7 else "yellow" if ratio < 0.9 else "bold red"
+    return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"), f" {ratio * 100:5.1f}%")
+
+
+def _num(load, name: str, fmt: str = "{}") -> str:
+    return fmt.format(getattr(load, name)) if load.HasField(name) else "-"
+
+
+def _gpu(load) -> Text:
+    devices = load.gpu.devices
+    if not devices or not all(d.HasField("memory_total_bytes") and d.HasField("memory_used_bytes") for d in devices):
+        return Text("-")
+    used = sum(d.memory_used_bytes for d in devices)
+    total = sum(d.memory_total_bytes for d in devices)
+    return Text.assemble(bar(used / total if total else 0.0, 6), f" {used / GIB:.0f}/{total / GIB:.0f} GiB")
+
+
+def render(loads: Loads, config: TopConfig) -> Group:
+    """One frame: a header line, then a row per rank (missing ones included), then totals."""
+    r = loads.response
+    missing = set(r.missing_ranks)
+    header = Text.assemble(
+        ("loadagg top ", "bold"), f"{config.target}  round {r.round_id} ({loads.source})  dp_size {r.dp_size}  ",
+        f"{r.round_duration_ms} ms, shared by {r.round_callers} caller(s)  ",
+        (f"missing: {','.join(map(str, sorted(missing)))}" if missing else "all ranks answered",
+         "bold red" if missing else "green"),
+    )
+    table = Table(expand=False, header_style="bold")
+    for column, justify in (("rank", "right"), ("state", "left"), ("run", "right"), ("wait", "right"),
+                            ("token usage", "left"), ("tokens used/max", "right"), ("tok/s", "right"),
+                            ("hit", "right"), ("gpu memory", "left"), ("age ms", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
+    by_rank = {load.dp_rank: load for load in r.loads}
+    ranks = range(r.dp_size) if config.dp_rank is None else (config.dp_rank,)
+    for rank in ranks:
+        load = by_rank.get(rank)
+        if load is None:
+            table.add_row(str(rank), Text("MISSING", "bold red"), *["-"] * 8, style="red")
+            continue
+        age = loads.age_ms(rank) if not load.stale else load.age_ms
+        stale = load.stale or (age is not None and age > config.stale_after_ms)
+        state = Text("STALE", "bold yellow") if stale else Text("ok", "green")
+        usage = bar(load.token_usage) if load.HasField("token_usage") else Text("-")
+        tokens = f"{_num(load, 'num_used_tokens')}/{_num(load, 'max_total_num_tokens')}"
+        table.add_row(
+            str(rank), state, _num(load, "num_running_reqs"), _num(load, "num_waiting_reqs"), usage, tokens,
+            _num(load, "gen_throughput", "{:.0f}"), _num(load, "cache_hit_rate", "{:.2f}"), _gpu(load),
+            "-" if age is None else str(age), style="yellow" if stale else None,
+        )
+    s = r.summary
+    footer = Text(
+        f"total: {s.num_ranks} ranks  {s.total_running_reqs} running  {s.total_waiting_reqs} waiting  "
+        f"{s.total_used_tokens}/{s.total_max_tokens} tokens  mean usage {s.avg_token_usage * 100:.1f}%  "
+        f"{s.total_gen_throughput:.0f} tok/s"
+    )
+    return Group(header, table, footer)
+
+
+async def run_top(config: TopConfig, console: Console) -> int:
+    """Render frames as WatchLoads pushes them; returns how many were shown."""
+    shown = 0
+    async with AsyncLoadClient(config.target, timeout=None, security=config.security) as client:
+        feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
+        if console.is_terminal and config.frames == 0:
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                async for loads in feed:
+                    live.update(render(loads, config), refresh=True)
+                    shown += 1
+        else:
+            async for loads in feed:
+                console.print(render(loads, config))
+                console.print()
+                shown += 1
+                if config.frames and shown >= config.frames:
+                    break
+        await feed.aclose()
+    return shown
+
+
+def _top(args: argparse.Namespace) -> int:
+    from loadagg.cli import run
+
+    frames = 1 if args.once else args.frames
+    config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,
+                       security=channel_security_from_args(args))
+    console = Console(width=args.width) if args.width else Console()
+    try:
+        run(run_top(config, console))
+    except grpc.RpcError as error:
+        print(f"loadagg top: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+    return 0
+
+
+def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
+    t = sub.add_parser("top", help="live view of every rank, refreshed by WatchLoads", parents=[common],
+                       formatter_class=fmt)
+    t.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
+    t.add_argument("--interval-ms", type=int, default=env_int("TOP_INTERVAL_MS", 1000),
+                   help="refresh interval [LOADAGG_TOP_INTERVAL_MS]")
+    t.add_argument("--dp-rank", type=int, default=None, help="only this rank")
+    t.add_argument("--frames", type=int, default=0, help="print this many frames, then exit (0: until Ctrl-C)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit (= --frames 1)")
+    t.add_argument("--stale-ms", type=int, default=0, help="highlight ranks whose figures are older (0: 3 intervals)")
+    t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
+    add_client_flags(t)
+    t.set_defaults(func=_top)
