@@ -49,26 +49,42 @@ def _with_token(details, token: str):
     return details._replace(metadata=metadata)
 
 
-class _AioToken(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    # grpc.aio files each interceptor under the FIRST call kind it subclasses: one class per kind.
     def __init__(self, token: str) -> None:
         self._token = token
 
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_token(details, self._token), request)
 
+
+class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_token(details, self._token), request)
+
+
+class _AioTokenStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
 
     async def intercept_stream_unary(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self._token), request_iterator)
 
+
+class _AioTokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
     async def intercept_stream_stream(self, continuation, details, request_iterator):
         return await continuation(_with_token(details, self._token), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list:
+    return [kind(token) for kind in (_AioTokenUnaryUnary, _AioTokenUnaryStream, _AioTokenStreamUnary,
+                                     _AioTokenStreamStream)]
 
 
 class _SyncToken(
@@ -110,7 +126,7 @@ class _SyncDetails(grpc.ClientCallDetails):
 def aio_channel(target: str, security: ChannelSecurity | None = None, options=()) -> grpc.aio.Channel:
     security = security or ChannelSecurity()
     options = [*options, *security.options()]
-    interceptors = [_AioToken(security.token)] if security.token else None
+    interceptors = _aio_token_interceptors(security.token) if security.token else None
     if security.uses_tls:
         return grpc.aio.secure_channel(target, security.credentials(), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

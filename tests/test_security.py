@@ -79,6 +79,18 @@ async def test_router_and_agent_tokens_are_separate_and_required(start_aggregato
         assert code == grpc.StatusCode.UNAUTHENTICATED and reason in details, (metadata, details)
     ok = await stub.GetLoads(request, metadata=_bearer(ROUTER_TOKEN), timeout=5)
     assert ok.dp_size == 1
+    # Every router-facing service needs the router token: WatchLoads, and the sglang / vLLM GetLoads twins.
+    channel = channel_to(agg.port)
+    for method, streaming in (("/loadagg.v1.LoadAggregator/WatchLoads", True),
+                              ("/sglang.grpc.scheduler.SglangScheduler/GetLoads", False),
+                              ("/vllm.grpc.engine.VllmEngine/GetLoads", False)):
+        call = (channel.unary_stream if streaming else channel.unary_unary)(method)(b"", timeout=5)
+        code, details = await _code(call.read() if streaming else call)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "router token" in details, method
+        code, _ = await _code(call.read() if streaming else (channel.unary_unary)(method)(
+            b"", metadata=_bearer(ROUTER_TOKEN), timeout=5))
+        if not streaming:
+            assert code == grpc.StatusCode.OK, method
 
     for metadata in ((), _bearer(ROUTER_TOKEN)):  # a router's token does not let anyone claim ranks
         intruder = RawAgent(agg.port, "intruder", [0], metadata=metadata)
@@ -99,9 +111,14 @@ async def test_router_and_agent_tokens_are_separate_and_required(start_aggregato
         with LoadClient(f"127.0.0.1:{agg.port}", security=ChannelSecurity(token=ROUTER_TOKEN)) as client:
             response = await asyncio.to_thread(client.get_loads)
             assert [l.dp_rank for l in response.loads] == [0]
+        async with AsyncLoadClient(f"127.0.0.1:{agg.port}", security=ChannelSecurity(token=ROUTER_TOKEN)) as client:
+            feed = client.watch_loads(interval_ms=50)
+            first = await asyncio.wait_for(anext(feed), 10)
+            await feed.aclose()
+            assert [l.dp_rank for l in first.loads] == [0]
     finally:
         await _stop(task)
-    assert agg.guard.refused["UNAUTHENTICATED"] == 6
+    assert agg.guard.refused["UNAUTHENTICATED"] == 9
 
 
 async def test_agent_with_a_wrong_token_is_refused_and_backs_off(start_aggregator):
