@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         fanout = fanout_from_args(args)
+        if config.security.uses_tls:
+            config.security.credentials()  # unreadable certificate files: say so now, not at every reconnect
     except ValueError as error:
         parser().error(str(error))
     run(run_agent(config, fanout))
