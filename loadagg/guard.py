@@ -185,3 +185,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 if capped:
                     self.agent_links -= 1
         return stream_coroutine
+
+
+class GuardCollector:
+    """Prometheus view of the guard: calls refused by status code, and agent links open now."""
+
+    def __init__(self, guard: GuardInterceptor) -> None:
+        self.guard = guard
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        refused = CounterMetricFamily("loadagg_calls_refused", "Calls refused before reaching a handler "
+                                      "(draining, token, agent-link cap, malformed bytes).", labels=["code"])
+        for code, count in sorted(self.guard.refused.items()):
+            refused.add_metric([code], count)
+        yield refused
+        yield GaugeMetricFamily("loadagg_agent_links", "AgentLink streams open now (hello or not).",
+                                value=self.guard.agent_links)

@@ -18,7 +18,7 @@ from loadagg.agent_link import AgentLinkService
 from loadagg.auth import TokenPolicy
 from loadagg.communicator import MODES, Communicator
 from loadagg.config import AggregatorConfig
-from loadagg.guard import GuardInterceptor
+from loadagg.guard import GuardCollector, GuardInterceptor
 from loadagg.http_gateway import HttpGateway
 from loadagg.metrics import AggregatorMetrics, timed_handler
 from loadagg.registry import AgentRegistry
@@ -76,6 +76,7 @@ class Aggregator:
         )
         self.health = health.aio.HealthServicer()
         self.guard = GuardInterceptor(self.tokens, config.limits.max_agent_links)
+        self.metrics.registry.register(GuardCollector(self.guard))
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()

@@ -319,4 +319,6 @@ async def test_http_loads_needs_the_router_token_metrics_stay_open(start_aggrega
         async with session.get(f"{base}/v1/loads", headers={"Authorization": f"Bearer {ROUTER_TOKEN}"}) as reply:
             assert reply.status == 200
         async with session.get(f"{base}/metrics") as reply:
-            assert reply.status == 200 and "loadagg_dp_size" in await reply.text()
+            text = await reply.text()
+            assert reply.status == 200 and "loadagg_dp_size" in text
+            assert "loadagg_agent_links 0.0" in text and "loadagg_calls_refused_total" in text
