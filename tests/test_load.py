@@ -33,6 +33,7 @@ class CountingAgent:
         self.unanswered = 0  # collects received and not yet answered
         self.max_unanswered = 0
         self.round_ids: list[int] = []
+        self.rng = random.Random(rank)
 
     async def run(self) -> None:
         await self.raw.connect()
@@ -42,7 +43,7 @@ class CountingAgent:
             self.unanswered += 1
             self.max_unanswered = max(self.max_unanswered, self.unanswered)
             self.round_ids.append(collect.round_id)
-            await asyncio.sleep(1.0)  # long rounds: callers wait in them, and some cancel there
+            await asyncio.sleep(self.rng.uniform(0.005, 0.4))  # rounds of varied length; callers cancel in some
             await self.raw.report(collect.round_id, [pb.RankLoad(dp_rank=self.rank, num_running_reqs=self.rank)])
             self.unanswered -= 1
 
