@@ -14,7 +14,7 @@ import os
 import grpc
 
 from bench.child import control_loop, emit, own_usage, run
-from loadagg.server import SERVER_OPTIONS
+from loadagg.limits import LimitsConfig
 from loadagg.v1 import loadagg_pb2 as pb
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -34,7 +34,8 @@ async def main(args: argparse.Namespace) -> None:
         "Echo": grpc.unary_unary_rpc_method_handler(
             echo, request_deserializer=pb.GetLoadsRequest.FromString, response_serializer=bytes),
     })
-    server = grpc.aio.server(options=SERVER_OPTIONS)  # the aggregator's backlog limits: a fair baseline
+    # The aggregator's server options (pending-call backlog, message size, keepalive): a like-for-like baseline.
+    server = grpc.aio.server(options=LimitsConfig().server_options())
     server.add_generic_rpc_handlers([handler])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

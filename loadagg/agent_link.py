@@ -43,7 +43,7 @@ class AgentLinkService:
         try:
             first = await asyncio.wait_for(anext(requests), self.hello_timeout_s)
         except TimeoutError:
-            raise InvalidRequest(f"no hello within {self.hello_timeout_s:.0f} s of connecting") from None
+            raise InvalidRequest(f"no hello within {self.hello_timeout_s:g} s of connecting") from None
         except StopAsyncIteration:
             raise InvalidRequest("stream ended before hello") from None
         if first.WhichOneof("kind") != "hello":
@@ -77,7 +77,7 @@ class AgentLinkService:
                 yield message
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # never skip the unregister below
                 await reader
             self.registry.unregister(session)
             session.close()
@@ -90,8 +90,10 @@ class AgentLinkService:
                     self._report(session, message.report)
                 else:
                     session.send(self._rejection(0, -1, "hello may only be sent once per stream; ignored"))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.AbortError) as error:
             log.debug("agent %s stream read ended: %s", session.instance_id, error)
+        except Exception:  # a bug here must end this link, not leave its ranks held by a dead reader
+            log.exception("agent %s: report handling failed; closing the link", session.instance_id)
         finally:
             session.close()
 

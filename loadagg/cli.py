@@ -9,7 +9,10 @@ import sys
 
 import grpc
 
+from loadagg.channels import add_client_flags
 from loadagg.config import AggregatorConfig, env, env_bool, env_int
+from loadagg.limits import add_server_flags as add_limit_flags
+from loadagg.security import add_server_flags as add_security_flags
 
 
 def run(coro):
@@ -22,6 +25,8 @@ def run(coro):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from loadagg.limits import limits_from_args
+    from loadagg.security import security_from_args
     from loadagg.server import serve
 
     config = AggregatorConfig(
@@ -36,17 +41,21 @@ def _serve(args: argparse.Namespace) -> int:
         vllm_compat=args.vllm_compat,
         default_watch_interval_ms=args.watch_interval_ms,
         min_watch_interval_ms=args.min_watch_interval_ms,
+        hello_timeout_ms=args.hello_timeout_ms,
+        security=security_from_args(args),
+        limits=limits_from_args(args),
     )
     run(serve(config))
     return 0
 
 
 def _loads(args: argparse.Namespace) -> int:
+    from loadagg.channels import channel_security_from_args
     from loadagg.client import LoadClient
     from loadagg.render import to_json, to_table
 
     include = [s for s in (args.include or "").split(",") if s]
-    with LoadClient(args.target, timeout=args.timeout) as client:
+    with LoadClient(args.target, timeout=args.timeout, security=channel_security_from_args(args)) as client:
         try:
             response = client.get_loads(
                 args.dp_rank, include, allow_stale=args.allow_stale, freshness=args.freshness,
@@ -79,9 +88,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from loadagg.channels import channel_security_from_args
     from loadagg.health_check import check_health
 
-    result = check_health(args.target, args.service, timeout=args.timeout)
+    result = check_health(args.target, args.service, timeout=args.timeout, security=channel_security_from_args(args))
     print(f"loadagg health: {result.message}", file=sys.stdout if result.serving else sys.stderr)
     return 0 if result.serving else 1
 
@@ -114,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
                    help="WatchLoads interval when a watcher asks for 0 [LOADAGG_WATCH_INTERVAL_MS]")
     s.add_argument("--min-watch-interval-ms", type=int, default=env_int("MIN_WATCH_INTERVAL_MS", 10),
                    help="shortest WatchLoads interval accepted [LOADAGG_MIN_WATCH_INTERVAL_MS]")
+    s.add_argument("--hello-timeout-ms", type=int, default=env_int("HELLO_TIMEOUT_MS", 10_000),
+                   help="an agent link that says no hello this soon is closed [LOADAGG_HELLO_TIMEOUT_MS]")
+    add_security_flags(s)
+    add_limit_flags(s)
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("loads", help="call GetLoads and print the answer", parents=[common], formatter_class=fmt)
@@ -126,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--max-staleness-ms", type=int, default=None, help="with cached: oldest answer accepted")
     q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    add_client_flags(q)
     q.set_defaults(func=_loads)
 
     d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", parents=[common], formatter_class=fmt)
@@ -151,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="", help="health service name; '' = the whole server, "
                    "or loadagg.v1.LoadAggregator / loadagg.v1.AgentLink")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    add_client_flags(h, token=False)  # health is open: TLS flags only
     h.set_defaults(func=_health)
     return p
 

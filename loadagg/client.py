@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -184,9 +185,10 @@ class AsyncLoadClient(_Base):
     """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
 
     def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
-                 metadata=None, options=()) -> None:
+                 metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
         super().__init__(target, timeout, retry, metadata)
-        self._channel = grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
+        # TLS / mutual TLS and the router token (on every call), when `security` configures them.
+        self._channel = aio_channel(target, security, options=[*CHANNEL_OPTIONS, *options])
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     async def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
@@ -245,9 +247,9 @@ class LoadClient(_Base):
     """Blocking twin of AsyncLoadClient, for scripts, the CLI and sync routers."""
 
     def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
-                 metadata=None, options=()) -> None:
+                 metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
         super().__init__(target, timeout, retry, metadata)
-        self._channel = grpc.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
+        self._channel = sync_channel(target, security, options=[*CHANNEL_OPTIONS, *options])
         self._stub = pb_grpc.LoadAggregatorStub(self._channel)
 
     def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,

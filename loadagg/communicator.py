@@ -38,6 +38,7 @@ class CommunicatorStats:
     reports_accepted: int = 0
     reports_dropped: int = 0  # answers for a round that is not (or no longer) in flight
     partial_answers: int = 0  # callers answered before their round ended, to meet their deadline
+    max_rounds_in_flight: int = 0  # high-water mark: 1 in watching mode, whatever the load
 
 
 class _Communicator:
@@ -69,6 +70,7 @@ class _Communicator:
         self._next_id += 1
         self._rounds[rnd.id] = rnd
         self.stats.rounds_started += 1
+        self.stats.max_rounds_in_flight = max(self.stats.max_rounds_in_flight, len(self._rounds))
         message = pb.AggregatorMessage(collect=pb.CollectRequest(round_id=rnd.id, include=["all"]))
         for session in self.registry.sessions():
             session.send(message)
@@ -93,6 +95,11 @@ class _Communicator:
         rnd.future.set_result(result)
         for listener in self._round_listeners:
             listener(result)
+
+    def end_rounds(self) -> None:
+        """End every round in flight now, as at its deadline (shutdown past its grace period)."""
+        for rnd in list(self._rounds.values()):
+            self._finish(rnd, timed_out=True)
 
     async def _await(self, rnd: Round, wait_timeout: float | None) -> RoundResult:
         """Wait for `rnd` without ever cancelling it; past `wait_timeout`, answer with what has arrived."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from loadagg.limits import LimitsConfig
+from loadagg.security import SecurityConfig
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -38,6 +41,8 @@ class AggregatorConfig:
     grace_s: float = 5.0  # SIGTERM: time for in-flight calls to finish
     default_watch_interval_ms: int = 1000
     aggregator_id: str = ""
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # tokens, TLS (loadagg/security.py)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # message size, streams, keepalive (limits.py)
     min_watch_interval_ms: int = 10  # WatchLoads asking for less (but not 0) gets INVALID_ARGUMENT
     http_port: int | None = None  # sglang-compatible GET /v1/loads and /metrics; None = no HTTP; 0 = any free port
     sglang_compat: bool = True  # also answer sglang.grpc.scheduler.SglangScheduler/GetLoads on the gRPC port

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadagg.channels import ChannelSecurity, sync_channel
 from loadagg.config import env
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -27,11 +28,13 @@ class HealthResult:
     message: str
 
 
-def check_health(target: str, service: str = "", timeout: float = 3.0) -> HealthResult:
-    """Ask `target`'s health service about `service` ("" = the server as a whole)."""
+def check_health(target: str, service: str = "", timeout: float = 3.0,
+                 security: ChannelSecurity | None = None) -> HealthResult:
+    """Ask `target`'s health service about `service` ("" = the server as a whole); TLS when `security` says so
+    (health needs no token)."""
     what = f"service {service!r}" if service else "the server"
     try:
-        with grpc.insecure_channel(target) as channel:
+        with sync_channel(target, security) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as error:

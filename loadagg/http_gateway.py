@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 
 from loadagg.answers import build_response
+from loadagg.auth import TokenPolicy, http_middleware
 from loadagg.errors import InvalidRequest, LoadAggError
 from loadagg.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.sections import parse_include
@@ -66,7 +67,9 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
 
 
 class HttpGateway:
-    def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str) -> None:
+    def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str,
+                 tokens: TokenPolicy | None = None) -> None:
+        self.tokens = tokens  # with a router token set, /v1/loads needs `Authorization: Bearer <token>`
         self.service = service
         self.metrics = metrics
         self.version = version
@@ -74,7 +77,7 @@ class HttpGateway:
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[http_middleware(self.tokens)] if self.tokens and self.tokens.enabled else [])
         app.router.add_get("/v1/loads", self.loads)
         app.router.add_get("/metrics", self.metrics_page)
         return app

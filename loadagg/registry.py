@@ -48,16 +48,18 @@ class AgentSession:
         self._wake.set()
 
     async def next_message(self) -> pb.AggregatorMessage | None:
-        """The next message to write to the agent; None once the session is closed."""
-        while not self.closed:
+        """The next message to write to the agent; None once the session is closed and its notices are out
+        (a rejection queued just before the agent half-closed still reaches it; a collect does not)."""
+        while True:
             if self._notices:
                 return self._notices.popleft()
+            if self.closed:
+                return None
             if self._collect is not None:
                 message, self._collect = self._collect, None
                 return message
             self._wake.clear()
             await self._wake.wait()
-        return None
 
     @property
     def pending(self) -> int:

@@ -28,15 +28,16 @@ def parse_include(include: Iterable[str]) -> frozenset[str]:
     if not include:  # the common call: everything
         return ALL_SECTIONS
     wanted: set[str] = set()
-    seen_any = False
+    seen_any = every = False
     for item in include:
         for name in item.split(","):
             name = name.strip().lower()
             if not name:
                 continue
             seen_any = True
-            if name == "all":
-                return ALL_SECTIONS
+            if name == "all":  # keep going: an unknown name after "all" is still an error
+                every = True
+                continue
             if name == "core":
                 continue
             if name not in SECTION_FIELDS:
@@ -44,7 +45,7 @@ def parse_include(include: Iterable[str]) -> frozenset[str]:
                     f"unknown section {name!r} in include; valid sections are: {', '.join(SECTIONS)}, all"
                 )
             wanted.add(name)
-    return frozenset(wanted) if seen_any else ALL_SECTIONS
+    return frozenset(wanted) if seen_any and not every else ALL_SECTIONS
 
 
 def trim(load: pb.RankLoad, sections: frozenset[str]) -> pb.RankLoad:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -14,8 +15,10 @@ from grpc_reflection.v1alpha import reflection
 
 from loadagg import sglang_compat
 from loadagg.agent_link import AgentLinkService
+from loadagg.auth import TokenPolicy
 from loadagg.communicator import MODES, Communicator
 from loadagg.config import AggregatorConfig
+from loadagg.guard import GuardCollector, GuardInterceptor
 from loadagg.http_gateway import HttpGateway
 from loadagg.metrics import AggregatorMetrics, timed_handler
 from loadagg.registry import AgentRegistry
@@ -25,17 +28,11 @@ from loadagg.watch import WatchHub
 
 log = logging.getLogger(__name__)
 
+# After the grace period: time left to send the answers of rounds ended early, before calls are cancelled.
+_ANSWER_MARGIN_S = 1.0
+
 LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
-
-
-# gRPC core sheds calls that wait for the application beyond a backlog (random early drop from 1,000, all
-# beyond 3,000), answering CANCELLED. A storm of routers is what the aggregator exists to absorb, and those
-# calls are cheap to join to one round: queue up to these many before shedding.
-SERVER_OPTIONS = (
-    ("grpc.server.max_pending_requests", 20_000),
-    ("grpc.server.max_pending_requests_hard_limit", 40_000),
-)
 
 
 def _version() -> str:
@@ -67,7 +64,8 @@ class Aggregator:
         self.loads = LoadAggregatorService(self.communicator, config.dp_size, watch=self.watch)
         self.metrics = AggregatorMetrics(self.communicator, self.registry, self.watch)
         self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{_version()}")
-        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{_version()}")
+        self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
+        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{_version()}", tokens=self.tokens)
         self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,
@@ -77,9 +75,12 @@ class Aggregator:
             hello_timeout_s=config.hello_timeout_ms / 1000,
         )
         self.health = health.aio.HealthServicer()
+        self.guard = GuardInterceptor(self.tokens, config.limits.max_agent_links)
+        self.metrics.registry.register(GuardCollector(self.guard))
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future | None = None
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
         load_handlers = {
@@ -113,12 +114,16 @@ class Aggregator:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=self.config.limits.server_options(), interceptors=[self.guard])
         server.add_generic_rpc_handlers(self._handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (LOAD_SERVICE, AGENT_SERVICE, *self.compat_services, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
-        self.port = server.add_insecure_port(self.config.address)
+        credentials = self.config.security.server_credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(self.config.address)
+        else:
+            self.port = server.add_secure_port(self.config.address, credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
         await server.start()
@@ -129,23 +134,38 @@ class Aggregator:
             self.http_port = await self.http.start(self.config.host, self.config.http_port)
             log.info("HTTP /v1/loads and /metrics on %s:%d", self.config.host, self.http_port)
         log.info(
-            "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms)",
+            "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms; %s)",
             self.config.host, self.port, self.config.dp_size, self.config.mode, self.config.round_timeout_ms,
+            self.config.security.describe(),
         )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: refuse new RPCs, let in-flight GetLoads finish (up to `grace`), then close agent streams."""
-        if self.server is None or self._stopped.is_set():
+        """Graceful: refuse new RPCs, answer the GetLoads in flight, then close agent streams cleanly.
+
+        Calls in flight get up to `grace` to finish; past it, rounds still running end as if at their
+        deadline, so their callers get an answer (ranks missing) rather than a cancelled call.
+        Calling it again (a second signal) waits for the same shutdown.
+        """
+        if self.server is None:
             return
-        grace = self.config.grace_s if grace is None else grace
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(self.config.grace_s if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self, grace: float) -> None:
+        self.guard.draining = True  # new calls get UNAVAILABLE from here on; calls in flight go on
         await self.health.enter_graceful_shutdown()
         await self.watch.close()  # watch streams end cleanly (OK) instead of holding the grace period
-        stopping = asyncio.create_task(self.server.stop(grace))
+        stopping = asyncio.create_task(self.server.stop(grace + _ANSWER_MARGIN_S))
         try:
             await asyncio.wait_for(self.loads.drained(), grace)
         except TimeoutError:
-            log.warning("grace period over with %d GetLoads calls still in flight", self.loads.in_flight)
+            log.warning("grace period over with %d GetLoads calls in flight: ending their rounds now",
+                        self.loads.in_flight)
+            self.communicator.end_rounds()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.loads.drained(), _ANSWER_MARGIN_S / 2)
         for session in self.registry.sessions():
             session.close()
         await stopping

@@ -19,7 +19,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.watch import WatchHub
 
 # Part of a caller's own deadline kept back to serialize and send the answer.
-_SEND_MARGIN_S = 0.02
+_SEND_MARGIN_S = 0.05
 _MIN_BUDGET_S = 0.002
 
 
@@ -28,7 +28,7 @@ def wait_budget(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None:
         return None
-    budget = remaining - min(_SEND_MARGIN_S, remaining * 0.2)
+    budget = remaining - min(_SEND_MARGIN_S, remaining * 0.25)
     if budget < _MIN_BUDGET_S:
         raise DeadlineTooShort(f"the call's deadline leaves {remaining * 1000:.1f} ms: too little to collect loads")
     return budget

@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
 from loadagg.client import AsyncLoadClient, Loads
 from loadagg.config import env, env_int
 
@@ -32,6 +33,7 @@ class TopConfig:
     frames: int = 0  # 0: until Ctrl-C
     stale_ms: int = 0  # 0: three intervals
     width: int | None = None
+    security: ChannelSecurity | None = None  # TLS / mutual TLS and the router token
 
     @property
     def stale_after_ms(self) -> int:
@@ -102,7 +104,7 @@ def render(loads: Loads, config: TopConfig) -> Group:
 async def run_top(config: TopConfig, console: Console) -> int:
     """Render frames as WatchLoads pushes them; returns how many were shown."""
     shown = 0
-    async with AsyncLoadClient(config.target, timeout=None) as client:
+    async with AsyncLoadClient(config.target, timeout=None, security=config.security) as client:
         feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
         if console.is_terminal and config.frames == 0:
             with Live(console=console, auto_refresh=False, transient=False) as live:
@@ -124,7 +126,8 @@ def _top(args: argparse.Namespace) -> int:
     from loadagg.cli import run
 
     frames = 1 if args.once else args.frames
-    config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width)
+    config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,
+                       security=channel_security_from_args(args))
     console = Console(width=args.width) if args.width else Console()
     try:
         run(run_top(config, console))
@@ -147,4 +150,5 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     t.add_argument("--once", action="store_true", help="print one frame and exit (= --frames 1)")
     t.add_argument("--stale-ms", type=int, default=0, help="highlight ranks whose figures are older (0: 3 intervals)")
     t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
+    add_client_flags(t)
     t.set_defaults(func=_top)

@@ -61,7 +61,7 @@ class SchedulerAgent:
         self.connects = 0
         self.last_refusal: grpc.aio.AioRpcError | None = None
         self._write_lock = asyncio.Lock()
-        self._answers: set[asyncio.Task] = set()
+        self._answers: dict[asyncio.Task, None] = {}  # insertion-ordered: oldest first
 
     def hello(self) -> pb.AgentMessage:
         return pb.AgentMessage(
@@ -83,21 +83,25 @@ class SchedulerAgent:
             if self.config.ranks_from_engine:
                 await self._discover_ranks()
             while True:
+                linked_before = self.connects
                 try:
                     await self._link()
-                    failures = 0  # the link was up and ended: retry soon
                 except grpc.aio.AioRpcError as error:
+                    if self.connects != linked_before:
+                        failures = 0  # the link was up: this is a fresh outage, not one more failed dial
                     failures += 1
                     if error.code() in _REFUSALS:
                         self.last_refusal = error
                         failures = max(failures, 64)
                         log.error("aggregator refused this agent: %s: %s", error.code().name, error.details())
                     else:
-                        log.warning("link to %s lost: %s", self.config.aggregator, error.code().name)
+                        log.warning("link to %s lost: %s: %s", self.config.aggregator, error.code().name,
+                                    error.details())
+                else:
+                    failures = 0  # the aggregator ended the link (shutdown, replaced): redial soon
                 finally:
                     self.connected.clear()
-                ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
-                await asyncio.sleep(random.uniform(ceiling / 2, ceiling) / 1000)
+                await asyncio.sleep(self.backoff_s(failures))
         finally:
             await self.source.close()
 
@@ -123,8 +127,7 @@ class SchedulerAgent:
                 failures += 1
                 if failures == 1 or failures % 50 == 0:
                     log.warning("waiting for the engine (%s): %s", self.source.name, error)
-            ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
-            await asyncio.sleep(random.uniform(ceiling / 2, ceiling) / 1000)
+            await asyncio.sleep(self.backoff_s(failures))
 
     def _adopt(self, engine: EngineRanks) -> None:
         """Serve the engine's ranks (those of them --dp-rank names, when given); its dp_size unless configured."""
@@ -140,23 +143,29 @@ class SchedulerAgent:
         self.dp_size = self.config.dp_size or engine.dp_size
         log.info("engine runs dp ranks %s of dp_size %d; serving %s", list(engine.dp_ranks), engine.dp_size, list(ranks))
 
+    def backoff_s(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(max, initial * 2**failures)], so restarted fleets spread out."""
+        ceiling = min(self.config.backoff_max_ms, self.config.backoff_initial_ms * 2 ** min(failures, 16))
+        return random.uniform(0, ceiling) / 1000
+
     async def _link(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.aggregator) as channel:
-            call = pb_grpc.AgentLinkStub(channel).Connect()
+        security = self.config.security  # TLS / mutual TLS, the agent token, keepalive
+        async with security.channel(self.config.aggregator) as channel:
+            call = pb_grpc.AgentLinkStub(channel).Connect(metadata=security.metadata())
             self.pushes.reset()  # a new link (maybe a new aggregator): it holds nothing of ours yet
             await call.write(self.hello())
             pusher: asyncio.Task | None = None
             try:
                 while True:
                     message = await call.read()
-                    if message is grpc.aio.EOF:
+                    if message is grpc.aio.EOF:  # (read() raises instead when the status is an error)
                         log.info("aggregator closed the link")
                         return
                     self._handle(call, message)
                     if pusher is None and self.config.push_interval_ms and self.connected.is_set():
                         pusher = asyncio.create_task(self._push_loop(call), name="agent-push")
             finally:
-                for task in self._answers:
+                for task in list(self._answers):
                     task.cancel()
                 if pusher is not None:
                     pusher.cancel()
@@ -178,8 +187,8 @@ class SchedulerAgent:
                 for task in list(self._answers)[: len(self._answers) - _MAX_ANSWERS_IN_FLIGHT + 1]:
                     task.cancel()
             task = asyncio.create_task(self._answer(call, message.collect.round_id))
-            self._answers.add(task)
-            task.add_done_callback(self._answers.discard)
+            self._answers[task] = None
+            task.add_done_callback(lambda done: self._answers.pop(done, None))
         elif kind == "welcome":
             self.connects += 1
             self.source.set_round_timeout(message.welcome.round_timeout_ms)

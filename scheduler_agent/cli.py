@@ -8,6 +8,7 @@ import logging
 import signal
 
 from scheduler_agent.agent import SchedulerAgent
+from scheduler_agent.channel import add_link_flags, link_security_from_args
 from scheduler_agent.config import AgentConfig, default_instance_id, env
 from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
@@ -77,6 +78,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resolve-interval-s", type=float, default=float(env("RESOLVE_INTERVAL_S", "10")),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
+    p.add_argument("--backoff-initial-ms", type=int, default=int(env("BACKOFF_INITIAL_MS", "100")),
+                   help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
+    p.add_argument("--backoff-max-ms", type=int, default=int(env("BACKOFF_MAX_MS", "5000")),
+                   help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
+    add_link_flags(p)
     return p
 
 
@@ -98,6 +104,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         model=args.model,
         seed=args.seed,
         collect_latency_ms=args.collect_latency_ms,
+        backoff_initial_ms=args.backoff_initial_ms,
+        backoff_max_ms=args.backoff_max_ms,
+        security=link_security_from_args(args),
         push_interval_ms=args.push_interval_ms,
         push_refresh_ms=args.push_refresh_ms,
         engine_url=args.engine_url,
@@ -146,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = config_from_args(args)
         fanout = fanout_from_args(args)
+        if config.security.uses_tls:
+            config.security.credentials()  # unreadable certificate files: say so now, not at every reconnect
     except ValueError as error:
         parser().error(str(error))
     run(run_agent(config, fanout))

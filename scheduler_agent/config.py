@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from scheduler_agent.channel import LinkSecurity
+
 
 def env(name: str, default: str | None = None) -> str | None:
     """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`."""
@@ -38,6 +40,7 @@ class AgentConfig:
     gpu_devices: str = ""  # "RANK=DEV[,DEV];..." NVML indices or UUIDs; empty: split visible devices over ranks
     backoff_initial_ms: int = 100
     backoff_max_ms: int = 5_000
+    security: LinkSecurity = field(default_factory=LinkSecurity)  # TLS, token, keepalive of the link
 
     def __post_init__(self) -> None:
         if not self.dp_ranks and not self.ranks_from_engine:
@@ -48,6 +51,8 @@ class AgentConfig:
             raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
         if self.collect_latency_ms < 0:
             raise ValueError("collect_latency_ms must be >= 0")
+        if not 1 <= self.backoff_initial_ms <= self.backoff_max_ms:
+            raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
         if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
             raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
         if self.gpu not in ("auto", "on", "off"):

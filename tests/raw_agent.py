@@ -23,9 +23,8 @@ class RawAgent:
 
     async def read(self, timeout: float = 5.0) -> pb.AggregatorMessage:
         message = await asyncio.wait_for(self.call.read(), timeout)
-        if message is grpc.aio.EOF:
-            await self.call  # raises the stream's final status, if any
-            raise EOFError("aggregator closed the stream")
+        if message is grpc.aio.EOF:  # (read() raises AioRpcError instead when the status is an error)
+            raise EOFError(f"aggregator closed the stream with status {(await self.call.code()).name}")
         return message
 
     async def next_collect(self, timeout: float = 5.0) -> pb.CollectRequest:

@@ -96,7 +96,11 @@ async def test_failed_or_empty_resolution_keeps_the_links(start_aggregator, run_
         return answer
 
     (fanout,) = await run_fanouts(resolver, ranks=[[0, 1, 2, 3]])
-    await wait_for(lambda: aggregator.registry.live_ranks() == frozenset(range(4)), what="ranks linked")
+    # The aggregator registers the ranks before the agent has read its welcome: wait for both ends.
+    await wait_for(
+        lambda: aggregator.registry.live_ranks() == frozenset(range(4)) and fanout.linked() == [_target(aggregator)],
+        what="ranks linked",
+    )
     for bad in (OSError("temporary failure in name resolution"), []):
         answers.append(bad)
         assert await fanout.refresh() == {_target(aggregator)}

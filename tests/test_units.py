@@ -21,6 +21,8 @@ def test_parse_include():
     assert parse_include(["core, memory", "GPU"]) == {"memory", "gpu"}
     with pytest.raises(InvalidRequest, match="unknown section 'x'"):
         parse_include(["memory", "x"])
+    with pytest.raises(InvalidRequest, match="unknown section 'bogus'"):  # found by tests/test_fuzz.py
+        parse_include(["all", "bogus"])
 
 
 def test_trim_never_mutates_the_shared_load():

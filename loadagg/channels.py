@@ -1,0 +1,168 @@
+"""How routers (client.py, `loadagg loads`) open a channel to the aggregator: TLS / mutual TLS and the
+router token, sent as `authorization: Bearer <token>` on every call by a client interceptor (so it
+works on plaintext and TLS channels alike, and on every RPC the stubs gain later)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import grpc
+
+from loadagg.auth import AUTHORIZATION
+from loadagg.security import read_pem
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSecurity:
+    token: str = field(default="", repr=False)
+    tls: bool = False  # TLS with the system's trusted roots (implied by tls_ca / tls_cert)
+    tls_ca: str = ""  # CA that signed the aggregator's certificate (PEM path)
+    tls_cert: str = ""  # client certificate, for mutual TLS
+    tls_key: str = ""
+    tls_server_name: str = ""  # name expected in the server certificate, when not the target's host
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if any(c in self.token for c in "\r\n"):
+            raise ValueError("the token must be a single line")
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem(self.tls_ca, "--tls-ca") if self.tls_ca else None,
+            private_key=read_pem(self.tls_key, "--tls-key") if self.tls_key else None,
+            certificate_chain=read_pem(self.tls_cert, "--tls-cert") if self.tls_cert else None,
+        )
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+
+
+def _with_token(details, token: str):
+    """aio ClientCallDetails is a namedtuple: a copy with the token appended to the call's metadata."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (AUTHORIZATION, f"Bearer {token}"))
+    return details._replace(metadata=metadata)
+
+
+class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    # grpc.aio files each interceptor under the FIRST call kind it subclasses: one class per kind.
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_token(details, self._token), request)
+
+
+class _AioTokenStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+class _AioTokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_token(details, self._token), request_iterator)
+
+
+def _aio_token_interceptors(token: str) -> list:
+    return [kind(token) for kind in (_AioTokenUnaryUnary, _AioTokenUnaryStream, _AioTokenStreamUnary,
+                                     _AioTokenStreamStream)]
+
+
+class _SyncToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(_SyncDetails.of(details, self._token), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(_SyncDetails.of(details, self._token), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(_SyncDetails.of(details, self._token), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(_SyncDetails.of(details, self._token), request_iterator)
+
+
+class _SyncDetails(grpc.ClientCallDetails):
+    """The sync ClientCallDetails is an abstract class, not a namedtuple: copy it with the token added."""
+
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+    @classmethod
+    def of(cls, details, token: str) -> _SyncDetails:
+        metadata = [*(details.metadata or ()), (AUTHORIZATION, f"Bearer {token}")]
+        return cls(details.method, details.timeout, metadata, details.credentials,
+                   getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+
+def aio_channel(target: str, security: ChannelSecurity | None = None, options=()) -> grpc.aio.Channel:
+    security = security or ChannelSecurity()
+    options = [*options, *security.options()]
+    interceptors = _aio_token_interceptors(security.token) if security.token else None
+    if security.uses_tls:
+        return grpc.aio.secure_channel(target, security.credentials(), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def sync_channel(target: str, security: ChannelSecurity | None = None, options=()) -> grpc.Channel:
+    security = security or ChannelSecurity()
+    options = [*options, *security.options()]
+    if security.uses_tls:
+        channel = grpc.secure_channel(target, security.credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    return grpc.intercept_channel(channel, _SyncToken(security.token)) if security.token else channel
+
+
+def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
+    from loadagg.config import env
+
+    g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
+    if token:
+        g.add_argument("--token", default=None,
+                       help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
+    g.add_argument("--tls", action="store_true", default=env("TLS", "") not in ("", "0", "false"),
+                   help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
+    g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
+    g.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="client certificate, mutual TLS [LOADAGG_TLS_CERT]")
+    g.add_argument("--tls-key", default=env("TLS_KEY", ""), help="key of --tls-cert [LOADAGG_TLS_KEY]")
+    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", ""),
+                   help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
+
+
+def channel_security_from_args(args: argparse.Namespace) -> ChannelSecurity:
+    from loadagg.config import env
+
+    return ChannelSecurity(
+        token=getattr(args, "token", None) if getattr(args, "token", None) is not None else env("ROUTER_TOKEN", ""),
+        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+    )

@@ -1,0 +1,205 @@
+"""GuardInterceptor: what every loadagg RPC passes before it reaches a servicer.
+
+In order: refuse new calls while the server drains (UNAVAILABLE), check the shared token
+(UNAUTHENTICATED, see auth.py), cap the agent links open at once (RESOURCE_EXHAUSTED), and decode
+requests strictly, so that malformed bytes get INVALID_ARGUMENT instead of gRPC's generic UNKNOWN.
+Health and reflection pass untouched (probes must work while draining and without a token).
+
+Handlers behind the guard receive decoded messages as before; request-streaming handlers must
+consume the request iterator (not `context.read()`), which is how AgentLink.Connect is written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from loadagg.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
+
+log = logging.getLogger(__name__)
+
+DRAINING = "the aggregator is shutting down and takes no new calls; retry shortly (or on another replica)"
+
+
+def _shape(handler: grpc.RpcMethodHandler) -> tuple[bool, bool]:
+    return handler.request_streaming, handler.response_streaming
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _make_handler(shape: tuple[bool, bool], behaviour: Callable, serializer) -> grpc.RpcMethodHandler:
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[shape]
+    return factory(behaviour, request_deserializer=None, response_serializer=serializer)
+
+
+async def _relay(responses):
+    """Yield what a handler's generator (async or not) yields; closing the relay closes the handler's generator
+    at once (so its cleanup, e.g. releasing an agent's ranks, never waits for garbage collection)."""
+    if not inspect.isasyncgen(responses):
+        for response in responses:
+            yield response
+        return
+    try:
+        async for response in responses:
+            yield response
+    finally:
+        await responses.aclose()
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenPolicy, max_agent_links: int) -> None:
+        self.tokens = tokens
+        self.max_agent_links = max_agent_links
+        self.draining = False
+        self.agent_links = 0  # AgentLink streams open now
+        self.refused: Counter[str] = Counter()  # calls refused, by status code name
+        self._guarded: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._refusals: dict[tuple, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        method = details.method
+        service = service_of(method)
+        if service in OPEN_SERVICES:
+            return await continuation(details)
+        handler = self._guarded.get(method)
+        if handler is None:  # handlers are static: wrap each known method once
+            real = await continuation(details)
+            if real is None:
+                return None  # unknown method (not cached: random names must not grow memory): UNIMPLEMENTED
+            handler = self._guarded[method] = self._wrap(method, service, real)
+        if self.draining:
+            return self._refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING)
+        problem = self.tokens.problem(service, details.invocation_metadata)
+        if problem is not None:
+            log.debug("refused %s: %s", method, problem)
+            return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+        return handler
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+        """A handler of the same shape that only ends the call with `code` (request bytes never parsed)."""
+        key = (_shape(handler), code, details)
+        refusal = self._refusals.get(key)
+        if refusal is None:
+            refused = self.refused
+
+            async def refuse(_request, context):
+                refused[code.name] += 1
+                await context.abort(code, details)
+
+            refusal = self._refusals[key] = _make_handler(_shape(handler), refuse, None)
+        return refusal
+
+    def _wrap(self, method: str, service: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse = handler.request_deserializer
+        inner = _behaviour(handler)
+        streaming_in, streaming_out = _shape(handler)
+        if parse is None:
+            return handler
+        decode_one = self._decoder(method, parse)
+
+        if not streaming_in and not streaming_out:
+            async def unary_unary(raw, context):
+                response = inner(await decode_one(raw, context), context)
+                return await response if inspect.isawaitable(response) else response
+            behaviour = unary_unary
+        elif not streaming_in and inspect.iscoroutinefunction(inner):
+            async def unary_stream_writer(raw, context):  # the handler writes with context.write()
+                return await inner(await decode_one(raw, context), context)
+            behaviour = unary_stream_writer
+        elif not streaming_in:
+            async def unary_stream(raw, context):  # the handler returns an (async) generator
+                relay = _relay(inner(await decode_one(raw, context), context))
+                try:
+                    async for response in relay:
+                        yield response
+                finally:
+                    await relay.aclose()  # `async for` does not close what it iterates when left early
+            behaviour = unary_stream
+        else:
+            behaviour = self._wrap_streaming_in(method, service, parse, inner, streaming_out)
+        return _make_handler((streaming_in, streaming_out), behaviour, handler.response_serializer)
+
+    def _decoder(self, method: str, parse: Callable[[bytes], object]) -> Callable:
+        refused = self.refused
+
+        async def decode_one(raw: bytes, context):
+            try:
+                return parse(raw)
+            except Exception as error:  # DecodeError, or whatever a deserializer raises on garbage
+                refused["INVALID_ARGUMENT"] += 1
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"malformed {method} message ({len(raw)} bytes): {error}")
+
+        return decode_one
+
+    def _wrap_streaming_in(self, method, service, parse, inner, streaming_out) -> Callable:
+        capped = service == AGENT_SERVICE
+        decode_one = self._decoder(method, parse)
+
+        async def decoded(raw_requests: AsyncIterator[bytes], context):
+            async for raw in raw_requests:
+                yield await decode_one(raw, context)
+
+        async def admit(context) -> None:
+            if capped and self.agent_links >= self.max_agent_links:
+                self.refused["RESOURCE_EXHAUSTED"] += 1
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.agent_links} agent links are open, the most this aggregator accepts "
+                    f"(--max-agent-links {self.max_agent_links}); retry later or raise the limit",
+                )
+            if capped:
+                self.agent_links += 1
+
+        if streaming_out and not inspect.iscoroutinefunction(inner):
+            async def stream_stream(raw_requests, context):  # the handler returns an (async) generator
+                await admit(context)
+                relay = _relay(inner(decoded(raw_requests, context), context))
+                try:
+                    async for response in relay:
+                        yield response
+                finally:
+                    try:
+                        await relay.aclose()  # `async for` does not close what it iterates when left early
+                    finally:
+                        if capped:
+                            self.agent_links -= 1
+            return stream_stream
+
+        async def stream_coroutine(raw_requests, context):
+            await admit(context)
+            try:
+                return await inner(decoded(raw_requests, context), context)
+            finally:
+                if capped:
+                    self.agent_links -= 1
+        return stream_coroutine
+
+
+class GuardCollector:
+    """Prometheus view of the guard: calls refused by status code, and agent links open now."""
+
+    def __init__(self, guard: GuardInterceptor) -> None:
+        self.guard = guard
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        refused = CounterMetricFamily("loadagg_calls_refused", "Calls refused before reaching a handler "
+                                      "(draining, token, agent-link cap, malformed bytes).", labels=["code"])
+        for code, count in sorted(self.guard.refused.items()):
+            refused.add_metric([code], count)
+        yield refused
+        yield GaugeMetricFamily("loadagg_agent_links", "AgentLink streams open now (hello or not).",
+                                value=self.guard.agent_links)

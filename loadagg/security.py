@@ -1,0 +1,86 @@
+"""Server-side security settings: shared tokens (agents, routers) and TLS / mutual TLS.
+
+Both are optional and independent: a token without TLS stops accidents (a stray agent claiming ranks,
+an unknown router) on a trusted network; TLS keeps the token and the loads private on an untrusted one;
+mutual TLS (`tls_client_ca`) refuses any peer without a certificate signed by that CA.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+
+
+def read_pem(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {flag} {path!r}: {error.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Tokens are kept out of repr (and so out of logs)."""
+
+    agent_token: str = field(default="", repr=False)  # AgentLink callers must send it
+    router_token: str = field(default="", repr=False)  # LoadAggregator (router-facing) callers must send it
+    tls_cert: str = ""  # PEM path of this server's certificate chain
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: mutual TLS, every client needs a certificate signed by this CA
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+        for name, token in (("agent", self.agent_token), ("router", self.router_token)):
+            if any(c in token for c in "\r\n"):
+                raise ValueError(f"the {name} token must be a single line")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """None for plaintext; raises ValueError naming the flag whose file cannot be read."""
+        if not self.tls:
+            return None
+        key_pair = (read_pem(self.tls_key, "--tls-key"), read_pem(self.tls_cert, "--tls-cert"))
+        client_ca = read_pem(self.tls_client_ca, "--tls-client-ca") if self.tls_client_ca else None
+        return grpc.ssl_server_credentials([key_pair], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+    def describe(self) -> str:
+        tls = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls else "plaintext"
+        tokens = [n for n, t in (("agents", self.agent_token), ("routers", self.router_token)) if t]
+        return f"{tls}, token auth for {' and '.join(tokens) or 'nobody'}"
+
+
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    from loadagg.config import env  # config.py imports this module
+
+    g = p.add_argument_group("security (tokens are read from the environment when the flag is absent)")
+    g.add_argument("--agent-token", default=None,
+                   help="agents must send 'authorization: Bearer <token>' [LOADAGG_AGENT_TOKEN]")
+    g.add_argument("--router-token", default=None,
+                   help="GetLoads/WatchLoads callers must send 'authorization: Bearer <token>' [LOADAGG_ROUTER_TOKEN]")
+    g.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="server certificate chain (PEM) [LOADAGG_TLS_CERT]")
+    g.add_argument("--tls-key", default=env("TLS_KEY", ""), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
+    g.add_argument("--tls-client-ca", default=env("TLS_CLIENT_CA", ""),
+                   help="require client certificates signed by this CA: mutual TLS [LOADAGG_TLS_CLIENT_CA]")
+
+
+def security_from_args(args: argparse.Namespace) -> SecurityConfig:
+    from loadagg.config import env
+
+    return SecurityConfig(
+        agent_token=args.agent_token if args.agent_token is not None else env("AGENT_TOKEN", ""),
+        router_token=args.router_token if args.router_token is not None else env("ROUTER_TOKEN", ""),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
