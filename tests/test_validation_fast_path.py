@@ -1,0 +1,75 @@
+"""The validation fast path (loadagg.validation._looks_valid) never accepts what the field-by-field check refuses.
+
+The fast path exists for speed (the bench's fan-in profile); this pins that it changes no verdict.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loadagg import validation
+from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.sources.simulator import SimulatedSource
+
+BASE = SimulatedSource(seed=7).snapshot(3)
+NUMERIC = [f.name for f in pb.RankLoad.DESCRIPTOR.fields
+           if f.type in (f.TYPE_DOUBLE, f.TYPE_INT32, f.TYPE_INT64) and not f.is_repeated]
+SECTIONS = {name: [f.name for f in pb.RankLoad.DESCRIPTOR.fields_by_name[name].message_type.fields
+                   if f.type in (f.TYPE_DOUBLE, f.TYPE_INT32, f.TYPE_INT64)]
+            for name in ("memory", "spec", "lora", "disagg", "queues")}
+GPU = [f.name for f in pb.GpuDevice.DESCRIPTOR.fields if f.type in (f.TYPE_DOUBLE, f.TYPE_INT32, f.TYPE_INT64)]
+
+values = st.one_of(st.sampled_from([0, 0.5, 1.0, 1.5, -1, -0.0, math.nan, math.inf, -math.inf, 2**40]),
+                   st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**6))
+edits = st.lists(st.tuples(st.sampled_from(["core", *SECTIONS, "gpu"]), st.integers(0, 40), values), max_size=3)
+
+
+def detailed(load: pb.RankLoad) -> str | None:
+    """load_problem with the fast path switched off: the field-by-field verdict."""
+    fast = validation._looks_valid
+    validation._looks_valid = lambda _load: False
+    try:
+        return validation.load_problem(load)
+    finally:
+        validation._looks_valid = fast
+
+
+def apply(load: pb.RankLoad, where: str, index: int, value) -> None:
+    if where == "core":
+        target, names = load, NUMERIC
+    elif where == "gpu":
+        target, names = load.gpu.devices[0], GPU
+    else:
+        target, names = getattr(load, where), SECTIONS[where]
+    name = names[index % len(names)]
+    field = target.DESCRIPTOR.fields_by_name[name]
+    if field.type != field.TYPE_DOUBLE:
+        if not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+            return
+        value = int(value)
+        if not -(2**31) <= value < 2**31:
+            return
+    else:
+        value = float(value)
+    setattr(target, name, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits)
+def test_fast_path_agrees_with_the_detailed_check(changes) -> None:
+    load = pb.RankLoad()
+    load.CopyFrom(BASE)
+    for where, index, value in changes:
+        apply(load, where, index, value)
+    slow = detailed(load)
+    assert validation.load_problem(load) == slow
+    if validation._looks_valid(load):
+        assert slow is None
+
+
+def test_fast_path_takes_a_plain_snapshot_and_an_empty_load() -> None:
+    assert validation._looks_valid(BASE)
+    assert validation._looks_valid(pb.RankLoad())
