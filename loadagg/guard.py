@@ -64,20 +64,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.draining = False
         self.agent_links = 0  # AgentLink streams open now
         self.refused: Counter[str] = Counter()  # calls refused, by status code name
-        self._guarded: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._guarded: dict[str, tuple[str, grpc.RpcMethodHandler]] = {}
         self._refusals: dict[tuple, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         method = details.method
-        service = service_of(method)
-        if service in OPEN_SERVICES:
-            return await continuation(details)
-        handler = self._guarded.get(method)
-        if handler is None:  # handlers are static: wrap each known method once
+        known = self._guarded.get(method)
+        if known is None:  # handlers are static: wrap each known method once
+            service = service_of(method)
+            if service in OPEN_SERVICES:
+                return await continuation(details)
             real = await continuation(details)
             if real is None:
                 return None  # unknown method (not cached: random names must not grow memory): UNIMPLEMENTED
-            handler = self._guarded[method] = self._wrap(method, service, real)
+            known = self._guarded[method] = (service, self._wrap(method, service, real))
+        service, handler = known
         if self.draining:
             return self._refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING)
         problem = self.tokens.problem(service, details.invocation_metadata)
@@ -110,7 +111,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         if not streaming_in and not streaming_out:
             async def unary_unary(raw, context):
-                response = inner(await decode_one(raw, context), context)
+                try:
+                    request = parse(raw)  # the hot path: no extra coroutine per call
+                except Exception:
+                    request = await decode_one(raw, context)  # aborts with INVALID_ARGUMENT
+                response = inner(request, context)
                 return await response if inspect.isawaitable(response) else response
             behaviour = unary_unary
         elif not streaming_in and inspect.iscoroutinefunction(inner):
