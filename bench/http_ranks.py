@@ -7,7 +7,6 @@ scheduler answering), then returns sglang's JSON shape for that rank. "stats" an
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 

@@ -61,6 +61,13 @@ class LoadAggregatorService:
         started_after = received if freshness == pb.FRESHNESS_NEW_ROUND else None
         return await self.communicator.collect(started_after=started_after, wait_timeout=wait)
 
+    def view_of(self, request) -> tuple[int | None, frozenset[str]]:
+        """The (dp_rank, sections) a GetLoads-shaped request asks for; InvalidRequest when either is bad."""
+        sections = parse_include(request.include)
+        dp_rank = request.dp_rank if request.HasField("dp_rank") else None
+        check_rank(dp_rank, self.dp_size)
+        return dp_rank, sections
+
     @contextlib.contextmanager
     def tracked(self) -> Iterator[None]:
         """Count a loads call in flight (GetLoads, the engine-compat GetLoads, HTTP) for graceful drain."""
@@ -77,9 +84,7 @@ class LoadAggregatorService:
         received = time.monotonic()
         with self.tracked():
             try:
-                sections = parse_include(request.include)
-                dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-                check_rank(dp_rank, self.dp_size)
+                dp_rank, sections = self.view_of(request)
                 result = await self.result_for(request, wait_budget(context), received)
                 return response_bytes(result, dp_rank, sections, request.allow_stale)
             except LoadAggError as error:
@@ -90,9 +95,7 @@ class LoadAggregatorService:
     ) -> AsyncIterator[bytes]:
         """Push the caller's view at its interval; the ticker of that interval shares one round per tick."""
         try:
-            sections = parse_include(request.include)
-            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-            check_rank(dp_rank, self.dp_size)
+            dp_rank, sections = self.view_of(request)
             interval_ms = self.watch.interval_for(request.interval_ms)
         except LoadAggError as error:
             await abort_with(context, error)

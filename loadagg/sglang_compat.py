@@ -15,10 +15,9 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import vllm_engine_pb2 as vl
 
-from loadagg.answers import build_response, check_rank
+from loadagg.answers import build_response
 from loadagg.errors import LoadAggError, NotServed, abort_with
 from loadagg.rounds import RoundResult
-from loadagg.sections import parse_include
 from loadagg.service import LoadAggregatorService, wait_budget
 from loadagg.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp
 from loadagg.v1 import loadagg_pb2 as pb
@@ -89,9 +88,7 @@ class EngineCompat:
 
     async def _answer(self, request, context, peer: str, convert: Callable) -> bytes:
         try:
-            sections = parse_include(request.include)
-            dp_rank = request.dp_rank if request.HasField("dp_rank") else None
-            check_rank(dp_rank, self.service.dp_size)
+            dp_rank, sections = self.service.view_of(request)
             with self.service.tracked():
                 result: RoundResult = await self.service.communicator.collect(wait_timeout=wait_budget(context))
         except LoadAggError as error:
