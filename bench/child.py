@@ -13,17 +13,11 @@ import resource
 import sys
 from collections.abc import Awaitable, Callable
 
+from loadagg.cli import run  # asyncio.run on uvloop: every bench server and client runs on uvloop
+
 Handler = Callable[[], Awaitable[dict] | dict]
 
-
-def run(coro) -> None:
-    """asyncio.run on uvloop (every bench server and client runs on uvloop when it is installed)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+__all__ = ["Handler", "control_loop", "emit", "own_usage", "run"]
 
 
 def emit(payload: dict) -> None:
