@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -55,9 +56,13 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
     shown = 0
     started = time.monotonic()
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # end the agent processes too, however the demo is stopped
+        loop.add_signal_handler(sig, stop.set)
     try:
         async with AsyncLoadClient(f"127.0.0.1:{port}") as client:
-            while not config.duration_s or time.monotonic() - started < config.duration_s:
+            while not stop.is_set() and (not config.duration_s or time.monotonic() - started < config.duration_s):
                 response = (await client.get_loads(allow_stale=True)).response
                 live = len(aggregator.registry.live_ranks())
                 out.write(
@@ -66,7 +71,8 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
                 )
                 out.flush()
                 shown += 1
-                await asyncio.sleep(config.interval_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), config.interval_s)
     finally:
         for proc in procs:
             proc.terminate()
@@ -75,5 +81,7 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
                 proc.wait(timeout=5)
             if proc.poll() is None:
                 proc.kill()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await aggregator.stop(grace=1.0)
     return shown

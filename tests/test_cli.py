@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -70,3 +71,30 @@ def test_demo_shows_a_live_cluster():
     assert "total: 4 ranks" in linked[-1]
     round_ids = [int(f.split("round ")[1].split()[0]) for f in frames]
     assert round_ids == sorted(round_ids) and len(set(round_ids)) == len(round_ids)  # refreshing
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def test_demo_stopped_by_sigterm_ends_its_agent_processes(processes):
+    demo = processes.start("loadagg", "demo", "--dp-size", "2", "--interval", "0.2", "--log-level", "WARNING")
+    deadline = time.monotonic() + 30
+    while len(_children(demo.pid)) < 2:
+        assert time.monotonic() < deadline, "demo never started its agents"
+        time.sleep(0.1)
+    agents = _children(demo.pid)
+    demo.send_signal(signal.SIGTERM)
+    assert demo.wait(timeout=20) == 0
+    time.sleep(0.2)
+    assert not [pid for pid in agents if os.path.exists(f"/proc/{pid}")], "agent processes outlived the demo"
