@@ -103,7 +103,7 @@ class AgentLinkService:
 
     def _report(self, session: AgentSession, report: pb.LoadReport) -> None:
         accepted: list[pb.RankLoad] = []
-        served = frozenset(session.dp_ranks)  # an agent may serve 128 ranks: no tuple scan per load
+        served = session.serves  # a set: an agent may serve 128 ranks
         failed = [r for r in report.failed_ranks if r in served]
         now = unix_ms()
         for load in report.loads:

@@ -160,6 +160,11 @@ class _Base:
         self.metadata = tuple(metadata or ())
         self.retries = 0  # calls or resubscriptions retried after UNAVAILABLE (tests, diagnostics)
 
+    def _deadline(self, timeout: float | None | _Default) -> float | None:
+        """When a call (retries included) must be over: the call's own timeout, else the client's."""
+        timeout = self.timeout if isinstance(timeout, _Default) else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
     def _should_retry(self, error: grpc.RpcError, failures: int, deadline: float | None) -> float | None:
         """Seconds to wait before the next attempt, or None to give up and raise `error`."""
         if error.code() not in self.retry.retry_on or failures >= self.retry.attempts:
@@ -195,8 +200,7 @@ class AsyncLoadClient(_Base):
                         timeout: float | None | _Default = DEFAULT, **options) -> Loads:
         """One answer; options: freshness, max_staleness_ms, allow_stale (see build_request)."""
         request = build_request(dp_rank, include, **options)
-        timeout = self.timeout if isinstance(timeout, _Default) else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline(timeout)
         failures = 0
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
@@ -255,8 +259,7 @@ class LoadClient(_Base):
     def get_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *,
                   timeout: float | None | _Default = DEFAULT, **options) -> Loads:
         request = build_request(dp_rank, include, **options)
-        timeout = self.timeout if isinstance(timeout, _Default) else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline(timeout)
         failures = 0
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())

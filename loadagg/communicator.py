@@ -128,7 +128,7 @@ class _Communicator:
         self.stats.reports_accepted += 1
         accepted = [load for load in loads if rnd.answer(load)]
         self.registry.store(accepted)
-        rnd.give_up(r for r in failed if r in session.dp_ranks)
+        rnd.give_up(r for r in failed if r in session.serves)
         if rnd.complete:
             self._finish(rnd)
         return True

@@ -34,9 +34,13 @@ class AgentSession:
     source: str = ""
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = False
+    serves: frozenset[int] = field(init=False)  # dp_ranks as a set, built once: reports are checked against it
     _collect: pb.AggregatorMessage | None = None
     _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.serves = frozenset(self.dp_ranks)
 
     def send(self, message: pb.AggregatorMessage) -> None:
         if self.closed:

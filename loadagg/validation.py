@@ -135,7 +135,7 @@ def load_problem(load: pb.RankLoad) -> str | None:
             problem = _check_number(name, getattr(load, name), name in _RATIOS_CORE)
             if problem:
                 return problem
-    for section in ("memory", "spec", "lora", "disagg", "queues"):
+    for section in _SECTION_NAMES:
         if load.HasField(section):
             problem = _check_message(f"{section}.", getattr(load, section), _SECTION_RATIOS.get(section, ()))
             if problem:
