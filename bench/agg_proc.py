@@ -14,7 +14,7 @@ import os
 
 from bench.child import control_loop, emit, own_usage, run
 from loadagg.config import AggregatorConfig
-from loadagg.server import Aggregator
+from loadagg.server import Aggregator, tune_gc
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -22,6 +22,7 @@ async def main(args: argparse.Namespace) -> None:
                               round_timeout_ms=args.round_timeout_ms, grace_s=1.0)
     aggregator = Aggregator(config)
     port = await aggregator.start()
+    tune_gc()  # as `loadagg serve` does
     profiler = cProfile.Profile() if args.profile else None
 
     def stats() -> dict:

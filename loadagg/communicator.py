@@ -9,7 +9,7 @@ differ only in how callers are scheduled:
   kept for tests and benchmarks to compare against.
 
 A caller that is cancelled, or whose own deadline comes first, never cancels the round for others:
-every caller awaits the round through `asyncio.shield`.
+every caller waits on a future of its own, which the round resolves when it ends.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class _Communicator:
 
     def _start_round(self) -> Round:
         live = self.registry.live_ranks()
-        rnd = Round(self._next_id, self.registry.dp_size, live)
+        rnd = Round(self._next_id, self.registry.dp_size, live, self.round_timeout)
         self._next_id += 1
         self._rounds[rnd.id] = rnd
         self.stats.rounds_started += 1
@@ -92,7 +92,7 @@ class _Communicator:
         self._rounds.pop(rnd.id, None)
         result = rnd.result(self.registry)
         self.last_result = result
-        rnd.future.set_result(result)
+        rnd.end(result)
         for listener in self._round_listeners:
             listener(result)
 
@@ -102,16 +102,35 @@ class _Communicator:
             self._finish(rnd, timed_out=True)
 
     async def _await(self, rnd: Round, wait_timeout: float | None) -> RoundResult:
-        """Wait for `rnd` without ever cancelling it; past `wait_timeout`, answer with what has arrived."""
+        """Join `rnd` as a caller (counted) and wait for its result."""
         rnd.callers += 1
         self.stats.callers += 1
+        return await self._wait(rnd, wait_timeout)
+
+    async def _wait(self, rnd: Round, wait_timeout: float | None) -> RoundResult:
+        """`rnd`'s result when it ends; past `wait_timeout`, a partial one with what has arrived.
+
+        Never cancels the round. This is every GetLoads call's hot path, so it costs one future, plus
+        a timer only when the caller's deadline comes before the round's own (wait_for + shield cost
+        several objects and callbacks per caller).
+        """
+        if rnd.done:
+            return rnd.future.result()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        rnd.waiters.append(waiter)
+        if wait_timeout is None or loop.time() + wait_timeout >= rnd.deadline:
+            return await waiter
+        timer = loop.call_later(wait_timeout, self._answer_early, rnd, waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(rnd.future), wait_timeout)
-        except TimeoutError:
-            if rnd.done:
-                return rnd.future.result()
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _answer_early(self, rnd: Round, waiter: asyncio.Future[RoundResult]) -> None:
+        if not waiter.done():
             self.stats.partial_answers += 1
-            return rnd.result(self.registry, partial=True)
+            waiter.set_result(rnd.result(self.registry, partial=True))
 
     # -- agent side ---------------------------------------------------------------------------
 
@@ -156,11 +175,9 @@ class WatchingCommunicator(_Communicator):
             if rnd is not None and started_after is not None and rnd.started < started_after:
                 # Too old for this caller: wait for it to end, then join or lead the next one.
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    await asyncio.wait_for(asyncio.shield(rnd.future), remaining)
-                except TimeoutError:
-                    self.stats.partial_answers += 1
-                    return rnd.result(self.registry, partial=True)
+                ended = await self._wait(rnd, remaining)
+                if ended.partial:  # the caller's deadline came first: answer with what that round has
+                    return ended
                 continue
             if rnd is None:
                 rnd = self._start_round()

@@ -109,15 +109,19 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         decode_one = self._decoder(method, parse)
 
-        if not streaming_in and not streaming_out:
+        if not streaming_in and not streaming_out and inspect.iscoroutinefunction(inner):
             async def unary_unary(raw, context):
                 try:
                     request = parse(raw)  # the hot path: no extra coroutine per call
                 except Exception:
                     request = await decode_one(raw, context)  # aborts with INVALID_ARGUMENT
-                response = inner(request, context)
-                return await response if inspect.isawaitable(response) else response
+                return await inner(request, context)
             behaviour = unary_unary
+        elif not streaming_in and not streaming_out:
+            async def unary_unary_any(raw, context):  # a plain function (or one returning an awaitable)
+                response = inner(await decode_one(raw, context), context)
+                return await response if inspect.isawaitable(response) else response
+            behaviour = unary_unary_any
         elif not streaming_in and inspect.iscoroutinefunction(inner):
             async def unary_stream_writer(raw, context):  # the handler writes with context.write()
                 return await inner(await decode_one(raw, context), context)

@@ -45,19 +45,31 @@ class RoundResult:
 class Round:
     """A round in flight. Ends (once) when every expected rank answered, or at its deadline."""
 
-    def __init__(self, round_id: int, dp_size: int, expected: frozenset[int]) -> None:
+    def __init__(self, round_id: int, dp_size: int, expected: frozenset[int], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
         self.id = round_id
         self.dp_size = dp_size
         self.expected = set(expected)
         self.started = time.monotonic()
+        self.deadline = loop.time() + timeout  # on the loop's clock, like its timers
         self.answers: dict[int, pb.RankLoad] = {}
         self.callers = 0
-        self.future: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[RoundResult] = loop.create_future()
+        # One future per waiting caller: a caller that is cancelled cancels its own, never the round's.
+        self.waiters: list[asyncio.Future[RoundResult]] = []
         self.timer: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
         return self.future.done()
+
+    def end(self, result: RoundResult) -> None:
+        """Hand `result` to the round's future and to every caller still waiting."""
+        self.future.set_result(result)
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(result)
 
     @property
     def complete(self) -> bool:

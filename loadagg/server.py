@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # After the grace period: time left to send the answers of rounds ended early, before calls are cancelled.
 _ANSWER_MARGIN_S = 1.0
+# Allocations between young-generation collections (CPython's default is 700).
+_GC_GEN0_THRESHOLD = 10_000
 
 LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
@@ -177,10 +180,23 @@ class Aggregator:
         await self._stopped.wait()
 
 
+def tune_gc() -> None:
+    """Keep the garbage collector off the serving path of a long-running aggregator process.
+
+    The ~50k objects made at start-up (modules, descriptors) live for good: freezing them spares every
+    full collection from walking them again. A burst of calls allocates futures and call state in
+    bulk; collecting the young generation every 10,000 allocations instead of 700 cut the aggregator's
+    CPU per call in a 1000-caller storm by about a fifth (bench/README.md). Call it once, after start.
+    """
+    gc.freeze()
+    gc.set_threshold(_GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(config: AggregatorConfig) -> None:
     """Run an aggregator until SIGTERM/SIGINT, then shut down gracefully."""
     aggregator = Aggregator(config)
     await aggregator.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

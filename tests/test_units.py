@@ -94,3 +94,46 @@ async def test_session_backlog_stays_bounded_when_the_agent_stops_reading():
     assert newest.collect.round_id == 1000  # only the newest collect is still worth answering
     session.close()
     assert await session.next_message() is None
+
+
+async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
+    """A cancelled caller and an impatient one (partial answer) leave the round running for the patient one."""
+    import asyncio
+
+    from loadagg.communicator import WatchingCommunicator
+    from loadagg.registry import AgentRegistry, AgentSession
+
+    registry = AgentRegistry(dp_size=2)
+    session = AgentSession("a", (0, 1))
+    registry.register(session)
+    communicator = WatchingCommunicator(registry, round_timeout=5.0)
+    patient = asyncio.ensure_future(communicator.collect())
+    cancelled = asyncio.ensure_future(communicator.collect())
+    await asyncio.sleep(0)
+    impatient = await communicator.collect(wait_timeout=0.05)  # the round is still waiting for both ranks
+    assert impatient.partial and impatient.missing == (0, 1)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    (round_id,) = {(await session.next_message()).collect.round_id}
+    assert communicator.rounds_in_flight == 1 and not patient.done()
+    sim = SimulatedSource(seed=3)
+    communicator.accept(session, round_id, [sim.snapshot(0), sim.snapshot(1)], [])
+    result = await patient
+    assert not result.partial and sorted(result.fresh) == [0, 1] and result.round_id == round_id
+    assert result.callers == 3 and communicator.stats.rounds_started == 1 and communicator.stats.partial_answers == 1
+    assert cancelled.cancelled()
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold():
+    import gc
+
+    from loadagg.server import _GC_GEN0_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (_GC_GEN0_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
