@@ -88,7 +88,7 @@ class _Communicator:
             rnd.timer.cancel()
         if timed_out:
             self.stats.rounds_timed_out += 1
-            log.debug("round %d ended at its deadline; missing %s", rnd.id, sorted(rnd.expected - rnd.answers.keys()))
+            log.debug("round %d ended at its deadline; missing %s", rnd.id, sorted(rnd.waiting_for))
         self._rounds.pop(rnd.id, None)
         result = rnd.result(self.registry)
         self.last_result = result

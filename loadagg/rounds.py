@@ -50,6 +50,7 @@ class Round:
         self.id = round_id
         self.dp_size = dp_size
         self.expected = set(expected)
+        self.waiting_for = set(expected)  # expected ranks not answered yet: `complete` is O(1)
         self.started = time.monotonic()
         self.deadline = loop.time() + timeout  # on the loop's clock, like its timers
         self.answers: dict[int, pb.RankLoad] = {}
@@ -73,18 +74,22 @@ class Round:
 
     @property
     def complete(self) -> bool:
-        return self.expected.issubset(self.answers)
+        return not self.waiting_for
 
     def answer(self, load: pb.RankLoad) -> bool:
         """Record one rank's answer; False if the rank was not expected (or already answered)."""
-        if load.dp_rank not in self.expected or load.dp_rank in self.answers:
+        rank = load.dp_rank
+        if rank not in self.waiting_for:
             return False
-        self.answers[load.dp_rank] = load
+        self.waiting_for.discard(rank)
+        self.answers[rank] = load
         return True
 
     def give_up(self, ranks) -> None:
         """Stop waiting for ranks whose agent left or whose source failed."""
-        self.expected.difference_update(r for r in ranks if r not in self.answers)
+        dropped = [r for r in ranks if r in self.waiting_for]
+        self.expected.difference_update(dropped)
+        self.waiting_for.difference_update(dropped)
 
     def result(self, registry: AgentRegistry, *, partial: bool = False) -> RoundResult:
         now = time.monotonic()

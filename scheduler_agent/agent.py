@@ -227,10 +227,16 @@ class SchedulerAgent:
             if not answered:
                 self.pushes_skipped += 1
                 return
-        report = pb.LoadReport(round_id=round_id, loads=answered, failed_ranks=failed, error=error)
+        message = pb.AgentMessage()  # built in place: LoadReport(...) then AgentMessage(report=...) copies twice
+        report = message.report
+        report.round_id = round_id
+        report.loads.extend(answered)
+        report.failed_ranks.extend(failed)
+        report.error = error
         async with self._write_lock:
-            await call.write(pb.AgentMessage(report=report))
-        self.pushes.sent(answered)
+            await call.write(message)
+        if self.config.push_interval_ms:  # only pushes read what was sent (a fingerprint per rank costs)
+            self.pushes.sent(answered)
         self.reports_sent += 1
         if round_id == 0:
             self.pushes_sent += 1
