@@ -94,7 +94,7 @@ def run_client(spec: dict, timeout: float = 300.0) -> dict:
 
 @dataclass
 class Cluster:
-    """An aggregator child and its agent-host children."""
+    """An aggregator child (or the bare link floor) and its agent-host children."""
 
     aggregator: Child
     port: int
@@ -123,13 +123,36 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
                   ranks_per_agent: int = 1, collect_latency_ms: float = 0.0, source: str = "simulator",
                   round_timeout_ms: int = 500, profile: str = "", push_interval_ms: int = 0) -> Cluster:
     """An aggregator serving `dp_size` ranks, all of them linked by agents spread over `processes` children."""
-    if dp_size % ranks_per_agent:
-        raise ValueError(f"dp_size {dp_size} is not a multiple of ranks_per_agent {ranks_per_agent}")
     args = ["--dp-size", str(dp_size), "--mode", mode, "--round-timeout-ms", str(round_timeout_ms)]
     aggregator = Child("bench.agg_proc", *args, *(["--profile", profile] if profile else []), name=f"aggregator[{mode}]")
-    cluster = Cluster(aggregator, 0)
+    cluster = _link_agents(aggregator, dp_size, processes=processes, agents_per_process=agents_per_process,
+                           ranks_per_agent=ranks_per_agent, collect_latency_ms=collect_latency_ms, source=source,
+                           push_interval_ms=push_interval_ms)
+    if cluster.stats()["live_ranks"] != dp_size:
+        live = cluster.stats()["live_ranks"]
+        cluster.close()
+        raise ChildError(f"only {live} of {dp_size} ranks linked")
+    return cluster
+
+
+def start_link_floor(dp_size: int, *, collect_interval_ms: int, processes: int, ranks_per_agent: int = 1,
+                     push_interval_ms: int = 0) -> Cluster:
+    """The same agents linked to bench.link_floor_proc (bare grpc.aio streams) instead of an aggregator."""
+    floor = Child("bench.link_floor_proc", "--dp-size", str(dp_size), "--collect-interval-ms",
+                  str(collect_interval_ms), name="link-floor")
+    return _link_agents(floor, dp_size, processes=processes, ranks_per_agent=ranks_per_agent,
+                        push_interval_ms=push_interval_ms)
+
+
+def _link_agents(server: Child, dp_size: int, *, processes: int, agents_per_process: int | None = None,
+                 ranks_per_agent: int = 1, collect_latency_ms: float = 0.0, source: str = "simulator",
+                 push_interval_ms: int = 0) -> Cluster:
+    """`server` (a child printing its port) and agent hosts linking `dp_size` ranks to it, all linked."""
+    cluster = Cluster(server, 0)
     try:
-        cluster.port = aggregator.read(60)["port"]
+        if dp_size % ranks_per_agent:
+            raise ValueError(f"dp_size {dp_size} is not a multiple of ranks_per_agent {ranks_per_agent}")
+        cluster.port = server.read(60)["port"]
         agents = dp_size // ranks_per_agent
         per_process = agents_per_process or -(-agents // processes)
         first = 0
@@ -144,8 +167,6 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
         for host in cluster.agent_hosts:
             if not host.read(90).get("ready"):
                 raise ChildError(f"{host.name} did not link: {host.stderr_tail()}")
-        if cluster.stats()["live_ranks"] != dp_size:
-            raise ChildError(f"only {cluster.stats()['live_ranks']} of {dp_size} ranks linked")
     except BaseException:
         cluster.close()
         raise

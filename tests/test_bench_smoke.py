@@ -54,3 +54,4 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     assert routers["HTTP"]["scheduler_hits"] > routers["GetLoads"]["scheduler_hits"] > 0
     cpu = outcomes["cpu"]["rows"][0]
     assert cpu["rounds"] > 0 and cpu["aggregator_cores"] > 0
+    assert all(row["floor_cores"] > 0 for row in outcomes["cpu"]["rows"])  # the bare link floor ran beside each
