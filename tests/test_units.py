@@ -137,3 +137,26 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from loadagg.metrics import _CallLatency
+
+    latency = _CallLatency()
+    registry = CollectorRegistry()
+    registry.register(latency)
+    for seconds in (0.001, 0.0011, 0.3, 99.0):  # on a bound, just above one, mid-range, past the last
+        latency.observe("loadagg", "OK", seconds)
+    latency.observe("http", "400", 0.0001)
+    text = generate_latest(registry).decode()
+    name = "loadagg_getloads_duration_seconds"
+    assert f'{name}_bucket{{api="loadagg",code="OK",le="0.0005"}} 0.0' in text
+    assert f'{name}_bucket{{api="loadagg",code="OK",le="0.001"}} 1.0' in text
+    assert f'{name}_bucket{{api="loadagg",code="OK",le="0.0025"}} 2.0' in text
+    assert f'{name}_bucket{{api="loadagg",code="OK",le="0.5"}} 3.0' in text
+    assert f'{name}_bucket{{api="loadagg",code="OK",le="+Inf"}} 4.0' in text
+    assert f'{name}_count{{api="loadagg",code="OK"}} 4.0' in text
+    assert f'{name}_sum{{api="loadagg",code="OK"}} 99.3021' in text
+    assert f'{name}_count{{api="http",code="400"}} 1.0' in text
