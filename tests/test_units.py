@@ -124,19 +124,18 @@ async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
     assert cancelled.cancelled()
 
 
-def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold():
+def test_tune_gc_freezes_start_up_objects():
     import gc
 
-    from loadagg.server import _GC_GEN0_THRESHOLD, tune_gc
+    from loadagg.server import tune_gc
 
     before = gc.get_threshold()
     try:
         tune_gc()
-        assert gc.get_threshold() == (_GC_GEN0_THRESHOLD, *before[1:])
         assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold() == before  # CPython's thresholds are kept (a higher one hurt watch latency)
     finally:
         gc.unfreeze()
-        gc.set_threshold(*before)
 
 
 def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
