@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -68,6 +69,7 @@ def build_agents(args: argparse.Namespace) -> list[SchedulerAgent]:
 
 async def main(args: argparse.Namespace) -> None:
     agents = build_agents(args)
+    gc.freeze()  # as scheduler-agent does once its agent is built
     tasks = [asyncio.create_task(agent.run()) for agent in agents]
     deadline = time.monotonic() + 60
     while not all(agent.connected.is_set() for agent in agents):

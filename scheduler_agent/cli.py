@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 
@@ -129,6 +130,7 @@ async def run_agent(config: AgentConfig, fanout: FanoutConfig | None = None) -> 
         agent = AggregatorFanout(config, build_source(config), fanout)
     else:
         agent = SchedulerAgent(config, build_source(config))
+    gc.freeze()  # start-up objects live for good: full collections need not walk them (as the aggregator does)
     task = asyncio.create_task(agent.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
