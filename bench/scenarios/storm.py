@@ -125,8 +125,9 @@ def run(tiny: bool = False) -> Outcome:
         "each side's fastest burst. Queueing runs once per size.",
         f"queueing callers have a {QUEUEING_DEADLINE_S:.0f} s deadline (others {DEADLINE_S:.0f} s): its p99 is "
         "censored at the deadline (timeouts counted), so the speed-up is a lower bound.",
-        "latency counts from each call's issue; the client issues the whole burst at once, so the p99 of a big burst "
-        "is about the time client and server need to get through it: the echo rows show that floor for a bare grpc.aio server.",
+        "latency counts from each call's issue; the client issues the whole burst at once as grpc futures (sync API: "
+        "the C core carries the calls, no asyncio task per call), so the p99 of a big burst is mostly the time the "
+        "server needs to get through it: the echo rows show that floor for a bare grpc.aio server.",
         "rounds in a watching row are those its callers were answered from; the targets use the aggregator's own "
         "counters over all bursts of that size; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it).",
     ]
