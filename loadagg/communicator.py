@@ -115,7 +115,7 @@ class _Communicator:
         several objects and callbacks per caller).
         """
         if rnd.done:
-            return rnd.future.result()
+            return rnd.outcome
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         rnd.waiters.append(waiter)

@@ -49,24 +49,23 @@ class Round:
         loop = asyncio.get_running_loop()
         self.id = round_id
         self.dp_size = dp_size
-        self.expected = set(expected)
         self.waiting_for = set(expected)  # expected ranks not answered yet: `complete` is O(1)
         self.started = time.monotonic()
         self.deadline = loop.time() + timeout  # on the loop's clock, like its timers
         self.answers: dict[int, pb.RankLoad] = {}
         self.callers = 0
-        self.future: asyncio.Future[RoundResult] = loop.create_future()
+        self.outcome: RoundResult | None = None  # set once, when the round ends
         # One future per waiting caller: a caller that is cancelled cancels its own, never the round's.
         self.waiters: list[asyncio.Future[RoundResult]] = []
         self.timer: asyncio.TimerHandle | None = None
 
     @property
     def done(self) -> bool:
-        return self.future.done()
+        return self.outcome is not None
 
     def end(self, result: RoundResult) -> None:
-        """Hand `result` to the round's future and to every caller still waiting."""
-        self.future.set_result(result)
+        """Keep `result` as the round's outcome and hand it to every caller still waiting."""
+        self.outcome = result
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -87,9 +86,7 @@ class Round:
 
     def give_up(self, ranks) -> None:
         """Stop waiting for ranks whose agent left or whose source failed."""
-        dropped = [r for r in ranks if r in self.waiting_for]
-        self.expected.difference_update(dropped)
-        self.waiting_for.difference_update(dropped)
+        self.waiting_for.difference_update(ranks)
 
     def result(self, registry: AgentRegistry, *, partial: bool = False) -> RoundResult:
         now = time.monotonic()
