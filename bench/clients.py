@@ -27,6 +27,8 @@ from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
 GET_LOADS = "/loadagg.v1.LoadAggregator/GetLoads"
 WARM_METHOD = "/bench.Warm/Up"  # unimplemented everywhere: a round trip that costs no round
+# Each channel its own connection (no shared subchannel); answers of 1024 ranks fit.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
 FRESHNESS = {"join": pb.FRESHNESS_JOIN, "new_round": pb.FRESHNESS_NEW_ROUND, "cached": pb.FRESHNESS_CACHED}
 
 
@@ -46,8 +48,7 @@ class Callers:
     """`channels` connections to one target; `call()` picks them round-robin."""
 
     def __init__(self, run_spec: dict) -> None:
-        options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
-        self.channels = [grpc.aio.insecure_channel(run_spec["target"], options=options)
+        self.channels = [grpc.aio.insecure_channel(run_spec["target"], options=CHANNEL_OPTIONS)
                          for _ in range(run_spec.get("channels", 8))]
         method = ECHO_METHOD if run_spec.get("method") == "echo" else GET_LOADS
         self.stubs = [c.unary_unary(method, request_serializer=pb.GetLoadsRequest.SerializeToString,
@@ -139,8 +140,7 @@ async def burst(run_spec: dict) -> dict:
 
 def burst_futures(run_spec: dict) -> dict:
     """`burst` on grpc's synchronous channels: every call issued as a future, answers counted as they land."""
-    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
-    channels = [grpc.insecure_channel(run_spec["target"], options=options) for _ in range(run_spec.get("channels", 8))]
+    channels = [grpc.insecure_channel(run_spec["target"], options=CHANNEL_OPTIONS) for _ in range(run_spec.get("channels", 8))]
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -128,8 +128,8 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
     cluster = _link_agents(aggregator, dp_size, processes=processes, agents_per_process=agents_per_process,
                            ranks_per_agent=ranks_per_agent, collect_latency_ms=collect_latency_ms, source=source,
                            push_interval_ms=push_interval_ms)
-    if cluster.stats()["live_ranks"] != dp_size:
-        live = cluster.stats()["live_ranks"]
+    live = cluster.stats()["live_ranks"]
+    if live != dp_size:
         cluster.close()
         raise ChildError(f"only {live} of {dp_size} ranks linked")
     return cluster
