@@ -45,8 +45,10 @@ class SchedulerAgent:
         self.config = config
         # No source: an embedded agent whose scheduler calls `publish`.
         self.source = source if source is not None else PublishedSource()
-        # What the hello says; an agent in front of an engine fills these from the engine (discover).
-        self.dp_ranks: tuple[int, ...] = tuple(config.dp_ranks)
+        # The ranks read from the source, and (shifted by rank_offset) the ones the hello claims; an agent in
+        # front of an engine fills these from the engine (discover).
+        self.source_ranks: tuple[int, ...] = tuple(config.dp_ranks)
+        self.dp_ranks: tuple[int, ...] = tuple(r + config.rank_offset for r in config.dp_ranks)
         self.dp_size = config.dp_size
         self.engine: EngineRanks | None = None
         self.health = SourceHealth(self.source.name)
@@ -118,7 +120,7 @@ class SchedulerAgent:
             try:
                 engine = await self.source.discover()
                 if engine is None:  # a source without an engine: keep the configured ranks
-                    if not self.dp_ranks:
+                    if not self.source_ranks:
                         raise ValueError(f"source {self.source.name!r} cannot say which dp ranks to serve: give dp_ranks")
                     return
                 self._adopt(engine)
@@ -130,7 +132,9 @@ class SchedulerAgent:
             await asyncio.sleep(self.backoff_s(failures))
 
     def _adopt(self, engine: EngineRanks) -> None:
-        """Serve the engine's ranks (those of them --dp-rank names, when given); its dp_size unless configured."""
+        """Serve the engine's ranks (those of them --dp-rank names, when given), shifted by rank_offset; the
+        engine's dp_size unless configured (with an offset the engine's own size is not the cluster's: 0 then
+        accepts the aggregator's)."""
         wanted = self.config.dp_ranks
         ranks = tuple(r for r in engine.dp_ranks if not wanted or r in wanted)
         absent = [r for r in wanted if r not in engine.dp_ranks]
@@ -138,10 +142,13 @@ class SchedulerAgent:
             log.warning("the engine does not run dp ranks %s (it runs %s)", absent, list(engine.dp_ranks))
         if not ranks:
             raise SourceError(f"none of dp ranks {list(wanted)} runs on this engine (it runs {list(engine.dp_ranks)})")
+        offset = self.config.rank_offset
         self.engine = engine
-        self.dp_ranks = ranks
-        self.dp_size = self.config.dp_size or engine.dp_size
-        log.info("engine runs dp ranks %s of dp_size %d; serving %s", list(engine.dp_ranks), engine.dp_size, list(ranks))
+        self.source_ranks = ranks
+        self.dp_ranks = tuple(r + offset for r in ranks)
+        self.dp_size = self.config.dp_size or (0 if offset else engine.dp_size)
+        log.info("engine runs dp ranks %s of dp_size %d; serving %s%s", list(engine.dp_ranks), engine.dp_size,
+                 list(self.dp_ranks), f" (engine rank + {offset})" if offset else "")
 
     def backoff_s(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * 2**failures)], so restarted fleets spread out."""
@@ -207,7 +214,7 @@ class SchedulerAgent:
 
     async def report(self, call, round_id: int) -> None:
         """Read the source and send one report for `round_id` (0: a push, only of ranks that changed)."""
-        ranks = self.dp_ranks
+        ranks = self.source_ranks
         try:
             loads = await self.source.read(ranks)
             error = ""
@@ -230,7 +237,12 @@ class SchedulerAgent:
         message = pb.AgentMessage()  # built in place: LoadReport(...) then AgentMessage(report=...) copies twice
         report = message.report
         report.round_id = round_id
-        report.loads.extend(answered)
+        report.loads.extend(answered)  # copies: shifting a rank below never touches what the source holds
+        offset = self.config.rank_offset
+        if offset:
+            for load in report.loads:
+                load.dp_rank += offset
+            failed = [r + offset for r in failed]
         report.failed_ranks.extend(failed)
         report.error = error
         async with self._write_lock:

@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
                         "with --source sglang/vllm: every rank the engine runs)")
     p.add_argument("--dp-size", type=int, default=int(env("DP_SIZE", "0")),
                    help="cluster dp size; 0 takes the engine's (sglang/vllm) or the aggregator's [LOADAGG_DP_SIZE]")
+    p.add_argument("--rank-offset", type=int, default=int(env("RANK_OFFSET", "0")),
+                   help="serve the source's dp rank r as cluster rank r + N: one aggregator over several engines "
+                        "that each number their ranks from 0 (--dp-rank and --gpu-devices keep the engine's "
+                        "numbering) [LOADAGG_RANK_OFFSET]")
     p.add_argument("--instance-id", default=env("INSTANCE_ID") or default_instance_id(),
                    help="stable id of this agent [LOADAGG_INSTANCE_ID]")
     p.add_argument("--source", choices=SOURCE_NAMES, default=env("SOURCE", "simulator"),
@@ -100,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         aggregator=args.aggregator,
         dp_ranks=tuple(ranks),
         dp_size=args.dp_size,
+        rank_offset=args.rank_offset,
         instance_id=args.instance_id,
         source=args.source,
         model=args.model,

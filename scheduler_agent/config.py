@@ -24,6 +24,9 @@ class AgentConfig:
     aggregator: str = "127.0.0.1:50051"
     dp_ranks: tuple[int, ...] = (0,)
     dp_size: int = 0  # 0: accept the aggregator's dp_size
+    # The source's dp rank r is the aggregator's rank r + rank_offset: several engines, each numbering its own
+    # ranks from 0, fill one cluster's ranks (engine A ranks 0..3, engine B with offset 4 as 4..7).
+    rank_offset: int = 0
     instance_id: str = field(default_factory=default_instance_id)
     source: str = "simulator"
     model: str = ""
@@ -47,8 +50,11 @@ class AgentConfig:
             raise ValueError("an agent must serve at least one dp rank")
         if any(r < 0 for r in self.dp_ranks):
             raise ValueError(f"dp ranks must be >= 0, got {list(self.dp_ranks)}")
-        if self.dp_size and any(r >= self.dp_size for r in self.dp_ranks):
-            raise ValueError(f"dp ranks {list(self.dp_ranks)} do not fit dp_size={self.dp_size}")
+        if self.rank_offset < 0:
+            raise ValueError(f"rank_offset must be >= 0, got {self.rank_offset}")
+        if self.dp_size and any(r + self.rank_offset >= self.dp_size for r in self.dp_ranks):
+            shifted = f" (+ rank_offset {self.rank_offset})" if self.rank_offset else ""
+            raise ValueError(f"dp ranks {list(self.dp_ranks)}{shifted} do not fit dp_size={self.dp_size}")
         if self.collect_latency_ms < 0:
             raise ValueError("collect_latency_ms must be >= 0")
         if not 1 <= self.backoff_initial_ms <= self.backoff_max_ms:

@@ -70,3 +70,53 @@ def test_every_new_flag_reads_its_env_var(monkeypatch):
     assert config_from_args(parser().parse_args(["--dp-rank", "1"])).dp_ranks == (1,)
     monkeypatch.setenv("LOADAGG_SOURCE", "simulator")
     assert config_from_args(parser().parse_args([])).dp_ranks == (0,)  # the simulator's default is unchanged
+
+
+async def test_two_engines_fill_one_cluster_with_rank_offset(start_aggregator, channel_to, processes):
+    """Two DP-2 engines, each numbering its ranks 0..1, under one aggregator of dp_size 4: the second agent
+    serves its engine's ranks as 2..3 in rounds, in pushes and in the failed ranks of an engine outage."""
+    engine_a, engine_b = SglangHttpEngine(dp_size=2), SglangHttpEngine(dp_size=2)
+    engine_b.running = {0: 40, 1: 41}
+    await engine_a.start()
+    await engine_b.start()
+    agg = await start_aggregator(dp_size=4, round_timeout_ms=5000)
+    channel = channel_to(agg.port)
+    target = f"127.0.0.1:{agg.port}"
+    processes.start("scheduler_agent", "--source", "sglang", "--engine-url", engine_a.url, "--aggregator", target,
+                    "--dp-size", "4", "--no-gpu", env={"LOADAGG_INSTANCE_ID": "engine-a"})
+    processes.start("scheduler_agent", "--source", "sglang", "--engine-url", engine_b.url, "--aggregator", target,
+                    "--push-interval-ms", "100", "--no-gpu",
+                    env={"LOADAGG_INSTANCE_ID": "engine-b", "LOADAGG_RANK_OFFSET": "2"})
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2, 3}, timeout=30, what="both agents linked")
+        assert agg.registry.owner(2).instance_id == agg.registry.owner(3).instance_id == "engine-b"
+        response = await get_loads(channel)
+        assert [(l.dp_rank, l.num_running_reqs) for l in response.loads] == [(0, 5), (1, 6), (2, 40), (3, 41)]
+        assert not response.missing_ranks
+
+        engine_b.running[1] = 77  # a push carries the engine's rank 1 as cluster rank 3
+        await wait_for(lambda: agg.registry.snapshot(3).load.num_running_reqs == 77, timeout=30,
+                       what="a shifted push")
+        assert agg.registry.snapshot(1).load.num_running_reqs == 6
+
+        await engine_b.stop()  # its ranks fail as 2 and 3, so rounds end on the reports, not the 5 s deadline
+        timed_out = agg.communicator.stats.rounds_timed_out
+        response = await get_loads(channel)
+        assert response.missing_ranks == [2, 3] and [l.dp_rank for l in response.loads] == [0, 1]
+        assert agg.communicator.stats.rounds_timed_out == timed_out
+    finally:
+        await engine_a.stop()
+        await engine_b.stop()
+
+
+def test_rank_offset_must_fit_the_cluster():
+    import pytest
+
+    from scheduler_agent.cli import config_from_args, parser
+    from scheduler_agent.config import AgentConfig
+
+    assert config_from_args(parser().parse_args(["--dp-rank", "1", "--rank-offset", "4"])).rank_offset == 4
+    with pytest.raises(ValueError, match=r"dp ranks \[3\] \(\+ rank_offset 2\) do not fit dp_size=4"):
+        AgentConfig(dp_ranks=(3,), dp_size=4, rank_offset=2)
+    with pytest.raises(ValueError, match="rank_offset must be >= 0"):
+        AgentConfig(dp_ranks=(0,), rank_offset=-1)
