@@ -30,11 +30,11 @@ def run(tiny: bool = False) -> Outcome:
         cluster = start_cluster(dp_size, processes=processes, ranks_per_agent=ranks_per_agent,
                                 source="canned", collect_latency_ms=0.0, round_timeout_ms=1000)
         try:
-            linked = cluster.stats()
+            linked, agents_linked = cluster.stats(), cluster.agent_stats()
             spec = {"mode": "sequential", "target": cluster.target, "calls": calls, "warmup": 5,
                     "freshness": "new_round", "timeout_s": 10}
             results = run_client({**spec, "runs": [{}] * passes}, timeout=300)["results"]
-            after = cluster.stats()
+            after, agents_after = cluster.stats(), cluster.agent_stats()
         finally:
             cluster.close()
         # Passes of `calls` rounds each; the pass with the median p99 counts (other jobs on a shared box spike tails).
@@ -47,6 +47,8 @@ def run(tiny: bool = False) -> Outcome:
             "p99_of_passes": "/".join(f"{p:.0f}" for p in p99s),
             "round_max_ms": max(durations, default=0), "call_p50_ms": result["latency"]["p50_ms"],
             "call_p99_ms": result["latency"]["p99_ms"], "timed_out_rounds": after["rounds_timed_out"],
+            "aggregator_cpu_ms_per_round": per_round(after["cpu_s"] - linked["cpu_s"], after, linked),
+            "agents_cpu_ms_per_round": per_round(agents_after["cpu_s"] - agents_linked["cpu_s"], after, linked),
             "rss_linked_mb": round(linked["rss_kb"] / 1024, 1), "peak_rss_mb": round(after["vmhwm_kb"] / 1024, 1),
             "errors": sum(result["errors"].values()),
         }
@@ -61,6 +63,14 @@ def run(tiny: bool = False) -> Outcome:
         f"{passes} passes of {calls} NEW_ROUND calls one after another per layout; the row is the pass with the "
         "median round p99 (p99_of_passes lists all); round times are round_duration_ms (whole ms) as the "
         "aggregator reports them; call latency adds building and sending the all-ranks answer.",
+        "aggregator_cpu / agents_cpu: CPU (user + system, from each process's own accounting) per round over all "
+        "passes; the agents are real SchedulerAgents on the same 2 cores, so their share is taken from the "
+        "aggregator's round (in a deployment each runs on its own GPU node).",
         "peak RSS is VmHWM of the aggregator process (its own /proc status) after the run; rss_linked is once all agents linked.",
     ]
     return outcome
+
+
+def per_round(cpu_s: float, after: dict, before: dict) -> float:
+    rounds = after["rounds_started"] - before["rounds_started"]
+    return round(cpu_s / rounds * 1000, 1) if rounds else 0.0

@@ -51,11 +51,11 @@ def run(tiny: bool = False) -> Outcome:
             "GetLoads JOIN, 8 agents, ranks answer in 20 ms": {"target": slow.target},
             "GetLoads CACHED (max_staleness 100 ms)": {"target": fast.target, "freshness": "cached", "max_staleness_ms": 100},
         }
-        before = fast.stats()
+        before, agents_before = fast.stats(), fast.agent_stats()
         reps = 1 if tiny else 3
         spec = {"mode": "closed", "concurrency": CONCURRENCY, "duration_s": duration, "runs": list(variants.values()) * reps}
         results = run_client(spec, timeout=120)["results"]
-        after = fast.stats()
+        after, agents_after = fast.stats(), fast.agent_stats()
         fast.aggregator.ask("profile_on")
         run_client({"mode": "closed", "concurrency": CONCURRENCY, "duration_s": duration, "target": fast.target})
         fast.aggregator.ask("profile_off")
@@ -85,7 +85,9 @@ def run(tiny: bool = False) -> Outcome:
         f"{duration} s per run; each variant ran {reps} times, alternating with the others in one client process; "
         "the best run of each counts (other jobs on the box only ever take calls away).",
         f"JOIN 8 agents 0 ms: {after['rounds_started'] - before['rounds_started']} rounds for {join_calls} JOIN calls "
-        f"(and the CACHED runs) on that aggregator; CPU {after['cpu_s'] - before['cpu_s']:.1f} s.",
+        f"(and the CACHED runs) on that aggregator; CPU {after['cpu_s'] - before['cpu_s']:.1f} s, and "
+        f"{agents_after['cpu_s'] - agents_before['cpu_s']:.1f} s in its {processes} agent processes on the same 2 cores "
+        "(each round wakes all 8).",
         "the aggregator's cProfile under JOIN 0 ms load (top by own time) is below; gRPC's C core is not in it.",
     ]
     outcome.details = profile_top(prof)
