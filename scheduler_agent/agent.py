@@ -162,6 +162,8 @@ class SchedulerAgent:
             self.pushes.reset()  # a new link (maybe a new aggregator): it holds nothing of ours yet
             await call.write(self.hello())
             pusher: asyncio.Task | None = None
+            watcher = (asyncio.create_task(self._watch_engine(call), name="agent-engine-watch")
+                       if self.engine is not None and self.config.rediscover_interval_s else None)
             try:
                 while True:
                     message = await call.read()
@@ -174,9 +176,31 @@ class SchedulerAgent:
             finally:
                 for task in list(self._answers):
                     task.cancel()
-                if pusher is not None:
-                    pusher.cancel()
+                for task in (pusher, watcher):
+                    if task is not None:
+                        task.cancel()
                 call.cancel()
+
+    async def _watch_engine(self, call) -> None:
+        """Every rediscover interval, ask the engine which ranks it runs. When that changed, adopt the new ranks
+        and half-close the link: the aggregator releases the old ranks and ends the stream, and the next link's
+        hello claims the new ones. An engine that does not answer changes nothing (its ranks fail per round)."""
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+            while True:
+                await asyncio.sleep(self.config.rediscover_interval_s)
+                try:
+                    engine = await self.source.discover()
+                    if engine is None or engine == self.engine:
+                        continue
+                    before = self.dp_ranks
+                    self._adopt(engine)
+                except SourceError as error:
+                    log.debug("engine rank check skipped: %s", error)
+                    continue
+                log.warning("the engine's dp ranks changed: serving %s (was %s); linking again", list(self.dp_ranks),
+                            list(before))
+                await call.done_writing()
+                return
 
     async def _push_loop(self, call) -> None:
         """Every push interval: send the ranks whose load changed since the aggregator last heard of them."""

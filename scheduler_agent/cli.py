@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-timeout-ms", type=int, default=int(env("ENGINE_TIMEOUT_MS", "0")),
                    help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
                         "[LOADAGG_ENGINE_TIMEOUT_MS]")
+    p.add_argument("--rediscover-interval-s", type=float, default=float(env("REDISCOVER_INTERVAL_S", "30")),
+                   help="sglang/vllm: ask the engine for its dp ranks again this often and re-link when they "
+                        "changed (an engine restarted with another DP); 0: only at start [LOADAGG_REDISCOVER_INTERVAL_S]")
     p.add_argument("--gpu", dest="gpu", action="store_const", const="on", default=_gpu_mode(env("GPU")),
                    help="add NVML GPU telemetry (default auto: when NVML is there, not for the simulator) "
                         "[LOADAGG_GPU=auto|on|off]")
@@ -118,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         engine_url=args.engine_url,
         engine_timeout_ms=args.engine_timeout_ms,
         ranks_from_engine=from_engine,
+        rediscover_interval_s=args.rediscover_interval_s,
         gpu=args.gpu,
         gpu_devices=args.gpu_devices,
     )

@@ -39,6 +39,8 @@ class AgentConfig:
     engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
     # Serve the dp ranks the engine reports (dp_ranks, when given, restricts them); dp_size 0 takes the engine's.
     ranks_from_engine: bool = False
+    # Ask the engine again this often; when its ranks changed (restarted with another DP), say hello anew. 0: never.
+    rediscover_interval_s: float = 30.0
     gpu: str = "auto"  # NVML telemetry: "auto" (when NVML is there), "on" (say loudly when it is not), "off"
     gpu_devices: str = ""  # "RANK=DEV[,DEV];..." NVML indices or UUIDs; empty: split visible devices over ranks
     backoff_initial_ms: int = 100
@@ -61,5 +63,7 @@ class AgentConfig:
             raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
         if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
             raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
+        if self.rediscover_interval_s < 0:
+            raise ValueError("rediscover_interval_s must be >= 0")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError(f"gpu must be auto, on or off, got {self.gpu!r}")

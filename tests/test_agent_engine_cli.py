@@ -120,3 +120,35 @@ def test_rank_offset_must_fit_the_cluster():
         AgentConfig(dp_ranks=(3,), dp_size=4, rank_offset=2)
     with pytest.raises(ValueError, match="rank_offset must be >= 0"):
         AgentConfig(dp_ranks=(0,), rank_offset=-1)
+
+
+async def test_agent_follows_an_engine_restarted_with_other_ranks(start_aggregator, channel_to, processes):
+    """The engine's DP layout changes under a running agent: the agent notices at its next rank check, links
+    again and claims the new ranks; an engine that is down meanwhile changes nothing."""
+    engine = SglangHttpEngine(dp_size=2)
+    await engine.start()
+    agg = await start_aggregator(dp_size=4, round_timeout_ms=1000)
+    channel = channel_to(agg.port)
+    processes.start("scheduler_agent", "--source", "sglang", "--engine-url", engine.url, "--no-gpu",
+                    "--aggregator", f"127.0.0.1:{agg.port}", "--dp-size", "4", "--rediscover-interval-s", "0.2",
+                    env={"LOADAGG_INSTANCE_ID": "follows-engine"})
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=30, what="agent linked")
+
+        await engine.stop()  # down: the checks fail, the ranks stay claimed (and fail per round)
+        await asyncio.sleep(1.0)
+        assert agg.registry.live_ranks() == {0, 1}
+        assert (await get_loads(channel)).missing_ranks == [0, 1, 2, 3]  # 2 and 3: never served
+
+        engine.dp_size, engine.running[2] = 3, 9  # back with DP 3
+        await engine.start()
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2}, timeout=30, what="the new rank claimed")
+        response = await get_loads(channel)
+        assert [(l.dp_rank, l.num_running_reqs) for l in response.loads] == [(0, 5), (1, 6), (2, 9)]
+        assert response.missing_ranks == [3]
+
+        engine.dp_size = 1  # and down to one rank: the others are released, not left failing
+        await wait_for(lambda: agg.registry.live_ranks() == {0}, timeout=30, what="ranks released")
+        assert agg.registry.owner(0).instance_id == "follows-engine"
+    finally:
+        await engine.stop()
