@@ -88,7 +88,9 @@ def run(tiny: bool = False) -> Outcome:
         f"(and the CACHED runs) on that aggregator; CPU {after['cpu_s'] - before['cpu_s']:.1f} s, and "
         f"{agents_after['cpu_s'] - agents_before['cpu_s']:.1f} s in its {processes} agent processes on the same 2 cores "
         "(each round wakes all 8).",
-        "the aggregator's cProfile under JOIN 0 ms load (top by own time) is below; gRPC's C core is not in it.",
+        "the aggregator's cProfile under JOIN 0 ms load (top by own time) is below. gRPC's C core is not in it, "
+        "except where Python awaits it directly: guard.py's stream_stream writes each collect with "
+        "context.write, whose C send (the socket write included) counts as that frame's own time.",
     ]
     outcome.details = profile_top(prof)
     return outcome
