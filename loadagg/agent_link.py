@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loadagg.communicator import Communicator
-from loadagg.errors import InvalidRequest, LoadAggError, abort_with
+from loadagg.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with
 from loadagg.registry import AgentRegistry, AgentSession
 from loadagg.rounds import unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
@@ -75,6 +75,11 @@ class AgentLinkService:
             yield self.welcome
             while (message := await session.next_message()) is not None:
                 yield message
+            if session.replaced_by:  # a status the old agent backs off on (two agents sharing an id would flap)
+                await abort_with(context, LinkReplaced(
+                    f"a newer link of instance {session.instance_id!r} (from {session.replaced_by}) took over "
+                    "ranks " + ", ".join(map(str, session.dp_ranks)) + "; if that is another agent, give each "
+                    "agent its own --instance-id"))
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # never skip the unregister below

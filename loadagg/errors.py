@@ -35,6 +35,12 @@ class DeadlineTooShort(LoadAggError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class LinkReplaced(LoadAggError):
+    """An agent link ended because a newer link of the same instance id took its ranks over."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ShuttingDown(LoadAggError):
     """The server is draining and takes no new work."""
 

@@ -34,6 +34,7 @@ class AgentSession:
     source: str = ""
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = False
+    replaced_by: str = ""  # the peer of the newer link of the same instance that took this one's ranks
     serves: frozenset[int] = field(init=False)  # dp_ranks as a set, built once: reports are checked against it
     _collect: pb.AggregatorMessage | None = None
     _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))
@@ -114,8 +115,15 @@ class AgentRegistry:
         replaced = {self._owner[r] for r in session.dp_ranks if r in self._owner}
         replaced |= {s for s in self._sessions if s.instance_id == session.instance_id}
         for old in replaced:
-            log.info("agent %s reconnected; replacing its old link", old.instance_id)
+            if old.instance_id == session.instance_id and old.dp_ranks != session.dp_ranks:
+                log.warning("agent %s linked again from %s serving ranks %s (its old link from %s served %s): "
+                            "replacing the old link; if these are two agents, give each its own --instance-id",
+                            session.instance_id, session.peer or "?", list(session.dp_ranks), old.peer or "?",
+                            list(old.dp_ranks))
+            else:
+                log.info("agent %s reconnected; replacing its old link", old.instance_id)
             self.unregister(old)
+            old.replaced_by = session.peer or "another link"
             old.close()
         self._sessions.add(session)
         for rank in session.dp_ranks:

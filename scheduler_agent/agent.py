@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 _REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED,
              grpc.StatusCode.PERMISSION_DENIED}
 _MAX_ANSWERS_IN_FLIGHT = 4
+# What a write on a link that is ending raises; the tasks writing on it end quietly.
+_LINK_ENDED = (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 def _version() -> str:
@@ -63,6 +66,8 @@ class SchedulerAgent:
         self.connects = 0
         self.last_refusal: grpc.aio.AioRpcError | None = None
         self._write_lock = asyncio.Lock()
+        self._writer: asyncio.Task | None = None  # the task inside call.write: cancelling it would end the link
+        self._engine_checked = 0.0  # monotonic time of the last question to the engine about its ranks
         self._answers: dict[asyncio.Task, None] = {}  # insertion-ordered: oldest first
 
     def hello(self) -> pb.AgentMessage:
@@ -81,26 +86,39 @@ class SchedulerAgent:
         """Stay linked until cancelled: reconnect with exponential backoff and full jitter."""
         await self.source.start()
         failures = 0
+        refused = False
         try:
             if self.config.ranks_from_engine:
                 await self._discover_ranks()
             while True:
+                if refused or self._engine_check_due():  # a refused hello may carry ranks the engine dropped
+                    await self._recheck_engine()
                 linked_before = self.connects
+                refused = False
                 try:
                     await self._link()
                 except grpc.aio.AioRpcError as error:
-                    if self.connects != linked_before:
-                        failures = 0  # the link was up: this is a fresh outage, not one more failed dial
+                    if self.connects != linked_before and error.code() != grpc.StatusCode.ABORTED:
+                        failures = 0  # the link was up: a fresh outage (ABORTED: replaced by a link of our id)
                     failures += 1
                     if error.code() in _REFUSALS:
                         self.last_refusal = error
+                        refused = True
                         failures = max(failures, 64)
                         log.error("aggregator refused this agent: %s: %s", error.code().name, error.details())
                     else:
                         log.warning("link to %s lost: %s: %s", self.config.aggregator, error.code().name,
                                     error.details())
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise  # we are being stopped
+                    failures += 1  # gRPC cancelled the call under us: a lost link, not a reason to stop
+                    log.warning("link to %s was cancelled; linking again", self.config.aggregator)
+                except Exception:  # a bug, or a certificate that became unreadable: say so, never stop silently
+                    failures += 1
+                    log.exception("link to %s failed", self.config.aggregator)
                 else:
-                    failures = 0  # the aggregator ended the link (shutdown, replaced): redial soon
+                    failures = 0  # the aggregator ended the link (shutdown, ranks changed): redial soon
                 finally:
                     self.connected.clear()
                 await asyncio.sleep(self.backoff_s(failures))
@@ -118,6 +136,7 @@ class SchedulerAgent:
         failures = 0
         while True:
             try:
+                self._engine_checked = time.monotonic()
                 engine = await self.source.discover()
                 if engine is None:  # a source without an engine: keep the configured ranks
                     if not self.source_ranks:
@@ -181,31 +200,44 @@ class SchedulerAgent:
                         task.cancel()
                 call.cancel()
 
+    def _engine_check_due(self) -> bool:
+        interval = self.config.rediscover_interval_s
+        return self.engine is not None and bool(interval) and time.monotonic() - self._engine_checked >= interval
+
+    async def _recheck_engine(self) -> bool:
+        """Ask the engine once which ranks it runs and adopt them; True when what the hello claims changed.
+        An engine that does not answer changes nothing (its ranks fail per round meanwhile)."""
+        self._engine_checked = time.monotonic()
+        before = (self.dp_ranks, self.dp_size)
+        try:
+            engine = await self.source.discover()
+            if engine is None or engine == self.engine:
+                return False
+            self._adopt(engine)
+        except SourceError as error:
+            log.debug("engine rank check skipped: %s", error)
+            return False
+        if (self.dp_ranks, self.dp_size) == before:
+            return False
+        log.warning("the engine's dp ranks changed: serving %s of dp_size %d (was %s of %d)", list(self.dp_ranks),
+                    self.dp_size, list(before[0]), before[1])
+        return True
+
     async def _watch_engine(self, call) -> None:
-        """Every rediscover interval, ask the engine which ranks it runs. When that changed, adopt the new ranks
-        and half-close the link: the aggregator releases the old ranks and ends the stream, and the next link's
-        hello claims the new ones. An engine that does not answer changes nothing (its ranks fail per round)."""
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        """While linked, every rediscover interval: when the engine's ranks changed, half-close the link. The
+        aggregator releases the old ranks and ends the stream; the next link's hello claims the new ones."""
+        with contextlib.suppress(*_LINK_ENDED):
             while True:
-                await asyncio.sleep(self.config.rediscover_interval_s)
-                try:
-                    engine = await self.source.discover()
-                    if engine is None or engine == self.engine:
-                        continue
-                    before = self.dp_ranks
-                    self._adopt(engine)
-                except SourceError as error:
-                    log.debug("engine rank check skipped: %s", error)
-                    continue
-                log.warning("the engine's dp ranks changed: serving %s (was %s); linking again", list(self.dp_ranks),
-                            list(before))
-                await call.done_writing()
-                return
+                await asyncio.sleep(max(0.0, self._engine_checked + self.config.rediscover_interval_s
+                                        - time.monotonic()))
+                if await self._recheck_engine():
+                    await call.done_writing()
+                    return
 
     async def _push_loop(self, call) -> None:
         """Every push interval: send the ranks whose load changed since the aggregator last heard of them."""
         interval = self.config.push_interval_ms / 1000
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        with contextlib.suppress(*_LINK_ENDED):
             while True:
                 await self.report(call, 0)
                 await asyncio.sleep(interval)
@@ -215,7 +247,9 @@ class SchedulerAgent:
         if kind == "collect":
             self.collects_received += 1
             if len(self._answers) >= _MAX_ANSWERS_IN_FLIGHT:  # the oldest answers are useless by now
-                for task in list(self._answers)[: len(self._answers) - _MAX_ANSWERS_IN_FLIGHT + 1]:
+                # ...but not one inside call.write: grpc.aio cancels the whole stream with it.
+                stale = [task for task in self._answers if task is not self._writer]
+                for task in stale[: len(self._answers) - _MAX_ANSWERS_IN_FLIGHT + 1]:
                     task.cancel()
             task = asyncio.create_task(self._answer(call, message.collect.round_id))
             self._answers[task] = None
@@ -270,7 +304,11 @@ class SchedulerAgent:
         report.failed_ranks.extend(failed)
         report.error = error
         async with self._write_lock:
-            await call.write(message)
+            self._writer = asyncio.current_task()
+            try:
+                await call.write(message)
+            finally:
+                self._writer = None
         if self.config.push_interval_ms:  # only pushes read what was sent (a fingerprint per rank costs)
             self.pushes.sent(answered)
         self.reports_sent += 1
@@ -278,5 +316,5 @@ class SchedulerAgent:
             self.pushes_sent += 1
 
     async def _answer(self, call, round_id: int) -> None:
-        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        with contextlib.suppress(*_LINK_ENDED):
             await self.report(call, round_id)

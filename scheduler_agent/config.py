@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 
@@ -15,8 +16,11 @@ def env(name: str, default: str | None = None) -> str | None:
 
 
 def default_instance_id() -> str:
-    """Stable for this process: a reconnect with the same id replaces the old link instead of conflicting."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """Made once per agent and kept: its reconnects reuse it and so replace the old link instead of conflicting.
+
+    The random part keeps two agents apart that share a hostname and a pid (containers on the host's
+    network are each pid 1): with the same id they would keep replacing each other's link."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True, slots=True)

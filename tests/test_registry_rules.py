@@ -54,8 +54,10 @@ async def test_same_instance_reconnecting_replaces_its_old_stream(start_aggregat
         old_session = agg.registry.owner(0)
         welcome = await new.connect()
         assert welcome.WhichOneof("kind") == "welcome"
-        with pytest.raises(EOFError, match="status OK"):  # the old stream is closed cleanly
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # ABORTED, naming what took over (agents back off)
             await old.read()
+        assert ended.value.code() == grpc.StatusCode.ABORTED
+        assert "a newer link of instance 'agent-a'" in ended.value.details() and "--instance-id" in ended.value.details()
         assert agg.registry.owner(0) is not old_session and len(agg.registry.sessions()) == 1
         stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
         call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
