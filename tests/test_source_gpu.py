@@ -15,6 +15,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources import EngineRanks, PublishedSource, build_source
+from scheduler_agent.sources.base import PartialRead
 from scheduler_agent.sources.gpu import NvmlTelemetry, WithGpuTelemetry, parse_gpu_devices
 
 GIB = 1 << 30
@@ -158,3 +159,26 @@ async def test_gpu_section_reaches_routers(monkeypatch, start_aggregator, channe
         core_only = await get_loads(channel_to(agg.port), include=["core"])
         assert not core_only.loads[0].HasField("gpu")
     assert nvml.inits == 1 and nvml.queries >= 4
+
+
+async def test_ranks_read_keep_their_gpus_when_another_rank_fails(monkeypatch):
+    """A partial engine read (one rank's entry broken) still carries the GPUs of the ranks that were read,
+    so their gpu section does not come and go (and trigger pushes) with the other rank's trouble."""
+    FakeNvml(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    class HalfBroken(PublishedSource):
+        async def read(self, ranks):
+            raise PartialRead("rank 1: num_running_reqs is not a number", {0: pb.RankLoad(dp_rank=0)})
+
+        async def discover(self):
+            return EngineRanks((0, 1), 2)
+
+    source = WithGpuTelemetry(HalfBroken(), NvmlTelemetry())
+    await source.discover()
+    with pytest.raises(PartialRead) as partial:
+        await source.read([0, 1])
+    assert [d.index for d in partial.value.loads[0].gpu.devices] == [0, 1] and "rank 1" in str(partial.value)
+    mapping = source.devices_for([0, 1])
+    await source.discover()  # the same engine again (a periodic rank check): the device split is kept
+    assert source.devices_for([0, 1]) is mapping

@@ -10,7 +10,7 @@ import pytest
 from agent_tasks import engine_agent, get_loads, running
 from conftest import free_port, wait_for
 from engines import SglangHttpEngine, sglang_entry
-from scheduler_agent.sources.base import SourceError
+from scheduler_agent.sources.base import PartialRead, SourceError
 from scheduler_agent.sources.sglang_http import SglangHttpSource, load_from_v1
 
 
@@ -180,3 +180,37 @@ async def test_engine_ranks_through_a_fanout_to_several_aggregators(start_aggreg
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await engine.stop()
+
+
+async def test_a_server_without_dp_rank_in_its_only_entry_is_rank_0_and_a_bad_rank_fails_alone():
+    class NoRankEngine(SglangHttpEngine):
+        """sglang without data parallelism may leave dp_rank out of its single entry."""
+
+        def v1_body(self, request):
+            body = super().v1_body(request)
+            for entry in body["loads"]:
+                entry.pop("dp_rank")
+            return body
+
+    class OneBadRank(SglangHttpEngine):
+        def v1_body(self, request):
+            body = super().v1_body(request)
+            body["loads"][1]["dp_rank"] = "one"
+            return body
+
+    single, broken = NoRankEngine(dp_size=1), OneBadRank(dp_size=2)
+    await single.start()
+    await broken.start()
+    sources = [SglangHttpSource(single.url), SglangHttpSource(broken.url)]
+    try:
+        assert (await sources[0].discover()).dp_ranks == (0,)
+        loads = await sources[0].read([0])
+        assert loads[0].dp_rank == 0 and loads[0].num_running_reqs == 5
+        with pytest.raises(PartialRead) as partial:
+            await sources[1].read([0, 1])
+        assert list(partial.value.loads) == [0] and "dp_rank" in str(partial.value)  # rank 0 is still read
+    finally:
+        for source in sources:
+            await source.close()
+        await single.stop()
+        await broken.stop()

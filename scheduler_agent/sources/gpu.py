@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import pynvml
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +188,23 @@ class WithGpuTelemetry(LoadSource):
 
     async def discover(self) -> EngineRanks | None:
         engine = await self.inner.discover()
-        if engine is not None:
+        if engine is not None and tuple(sorted(engine.dp_ranks)) != self.engine_ranks:
             self.engine_ranks = tuple(sorted(engine.dp_ranks))
-            self._devices.clear()
+            self._devices.clear()  # the devices are split over the engine's ranks: split them again
         return engine
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
-        loads = await self.inner.read(ranks)
+        try:
+            loads = await self.inner.read(ranks)
+        except PartialRead as partial:  # the ranks that were read still get their GPUs
+            await self._add_gpus(ranks, partial.loads)
+            raise
+        await self._add_gpus(ranks, loads)
+        return loads
+
+    async def _add_gpus(self, ranks: Sequence[int], loads: dict[int, pb.RankLoad]) -> None:
         if self.telemetry.available is False or not loads:
-            return loads
+            return
         mapping = self.devices_for(ranks)
         wanted = sorted({i for rank in loads for i in mapping.get(rank, ())})
         devices = {d.index: d for d in await asyncio.to_thread(self.telemetry.read, wanted)}
@@ -204,7 +212,6 @@ class WithGpuTelemetry(LoadSource):
             mine = [devices[i] for i in mapping.get(rank, ()) if i in devices]
             if mine:
                 load.gpu.CopyFrom(pb.GpuMetrics(devices=mine))
-        return loads
 
     async def close(self) -> None:
         await self.inner.close()

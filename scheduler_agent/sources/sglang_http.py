@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, read_ranks
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError, read_ranks
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
 
 V1_LOADS = "/v1/loads?include=all"
@@ -108,9 +108,10 @@ def _taken_at(stamp: Any, now_ms: int) -> int:
     return now_ms
 
 
-def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads") -> pb.RankLoad:
-    """One `/v1/loads` entry as a RankLoad: keys present are copied, keys absent stay unset."""
-    rank = _rank_of(entry, where, single=False)
+def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: bool = False) -> pb.RankLoad:
+    """One `/v1/loads` entry as a RankLoad: keys present are copied, keys absent stay unset (`single`: the
+    server's only entry, which may leave dp_rank out)."""
+    rank = _rank_of(entry, where, single)
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=_taken_at(entry.get("timestamp"), now_ms))
     for key, kind in _CORE.items():
         raw = entry.get(key)
@@ -184,10 +185,25 @@ class SglangHttpSource(LoadSource):
         path = LEGACY if legacy else "/v1/loads"
         entries = _entries(body, path)
         single = len(entries) == 1
-        by_rank = {_rank_of(e, path, single): e for e in entries}
+        by_rank: dict[int, Any] = {}
+        unranked: list[str] = []  # an entry without a usable dp_rank fails no other rank
+        for entry in entries:
+            try:
+                by_rank[_rank_of(entry, path, single)] = entry
+            except SourceError as error:
+                unranked.append(str(error))
         if legacy:
-            return read_ranks(ranks, by_rank, lambda e: load_from_legacy(e, now_ms, single))
-        return read_ranks(ranks, by_rank, lambda e: load_from_v1(e, now_ms))
+            convert = lambda e: load_from_legacy(e, now_ms, single)  # noqa: E731
+        else:
+            convert = lambda e: load_from_v1(e, now_ms, single=single)  # noqa: E731
+        try:
+            loads = read_ranks(ranks, by_rank, convert)
+        except PartialRead as partial:
+            unranked.append(str(partial))
+            loads = partial.loads
+        if unranked:
+            raise PartialRead("; ".join(unranked), loads)
+        return loads
 
     async def discover(self) -> EngineRanks:
         body, legacy = await self._body(V1_LOADS_CORE)
