@@ -91,10 +91,14 @@ class AgentLinkService:
     async def _read(self, session: AgentSession, requests: AsyncIterator[pb.AgentMessage]) -> None:
         try:
             async for message in requests:
-                if message.WhichOneof("kind") == "report":
+                kind = message.WhichOneof("kind")
+                if kind == "report":
                     self._report(session, message.report)
-                else:
+                elif kind == "hello":
                     session.send(self._rejection(0, -1, "hello may only be sent once per stream; ignored"))
+                else:
+                    session.send(self._rejection(0, -1, "an AgentMessage after the hello must carry a report; "
+                                                        "this one carried nothing and was ignored"))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.AbortError) as error:
             log.debug("agent %s stream read ended: %s", session.instance_id, error)
         except Exception:  # a bug here must end this link, not leave its ranks held by a dead reader

@@ -16,6 +16,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 
 
 _TOTALLED = attrgetter("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "max_total_num_tokens")
+INT64_MAX = 2**63 - 1  # totals saturate here: each figure is valid alone, their sum may not fit the field
 
 
 def check_rank(dp_rank: int | None, dp_size: int) -> None:
@@ -49,11 +50,11 @@ def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:
             util.append(load.utilization)
     return pb.LoadSummary(
         num_ranks=ranks,
-        total_running_reqs=running,
-        total_waiting_reqs=waiting,
-        total_reqs=total,
-        total_used_tokens=used,
-        total_max_tokens=max_tokens,
+        total_running_reqs=min(running, INT64_MAX),
+        total_waiting_reqs=min(waiting, INT64_MAX),
+        total_reqs=min(total, INT64_MAX),
+        total_used_tokens=min(used, INT64_MAX),
+        total_max_tokens=min(max_tokens, INT64_MAX),
         total_gen_throughput=sum(thr),
         avg_token_usage=sum(usage) / len(usage) if usage else 0.0,
         avg_throughput=sum(thr) / len(thr) if thr else 0.0,

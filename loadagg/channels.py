@@ -149,7 +149,8 @@ def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     if token:
         g.add_argument("--token", default=None,
                        help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
-    g.add_argument("--tls", action="store_true", default=env("TLS", "") not in ("", "0", "false"),
+    tls_on = (env("TLS", "") or "").strip().lower() in ("1", "true", "yes", "on")  # "false"/"no"/"off": plaintext
+    g.add_argument("--tls", action="store_true", default=tls_on,
                    help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
     g.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="client certificate, mutual TLS [LOADAGG_TLS_CERT]")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from loadagg.errors import DeadlineTooShort
 from loadagg.registry import AgentRegistry, AgentSession
 from loadagg.rounds import Round, RoundResult
 from loadagg.v1 import loadagg_pb2 as pb
@@ -75,10 +76,11 @@ class _Communicator:
         for session in self.registry.sessions():
             session.send(message)
             self.stats.collects_sent += 1
-        if rnd.complete:  # nobody to wait for
-            self._finish(rnd)
+        loop = asyncio.get_running_loop()
+        if rnd.complete:  # nobody to wait for: end it once its leader (and whoever joins now) is counted
+            rnd.timer = loop.call_soon(self._finish, rnd)
         else:
-            rnd.timer = asyncio.get_running_loop().call_later(self.round_timeout, self._finish, rnd, True)
+            rnd.timer = loop.call_later(self.round_timeout, self._finish, rnd, True)
         return rnd
 
     def _finish(self, rnd: Round, timed_out: bool = False) -> None:
@@ -176,8 +178,11 @@ class WatchingCommunicator(_Communicator):
                 # Too old for this caller: wait for it to end, then join or lead the next one.
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ended = await self._wait(rnd, remaining)
-                if ended.partial:  # the caller's deadline came first: answer with what that round has
-                    return ended
+                if ended.partial:  # the caller's deadline came first, and that round is not one it accepts
+                    raise DeadlineTooShort(
+                        f"FRESHNESS_NEW_ROUND: the round in flight (#{rnd.id}) started before this call and "
+                        "outlasted its deadline, so no newer round could end in time; give the call a longer "
+                        "deadline or use FRESHNESS_JOIN")
                 continue
             if rnd is None:
                 rnd = self._start_round()
@@ -195,8 +200,22 @@ class QueueingCommunicator(_Communicator):
         self._turn = asyncio.Lock()
 
     async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
-        async with self._turn:
-            return await self._await(self._start_round(), wait_timeout)
+        """A round of this caller's own, once the callers ahead have had theirs; the wait for the turn counts
+        against the caller's deadline (DEADLINE_EXCEEDED when the turn does not come in time)."""
+        if wait_timeout is None:
+            async with self._turn:
+                return await self._await(self._start_round(), None)
+        deadline = time.monotonic() + wait_timeout
+        try:
+            await asyncio.wait_for(self._turn.acquire(), wait_timeout)
+        except TimeoutError:
+            raise DeadlineTooShort(f"queueing mode: this call's turn did not come within its deadline "
+                                   f"({wait_timeout * 1000:.0f} ms): the callers ahead each wait for a round "
+                                   "of their own") from None
+        try:
+            return await self._await(self._start_round(), max(0.0, deadline - time.monotonic()))
+        finally:
+            self._turn.release()
 
 
 Communicator = WatchingCommunicator | QueueingCommunicator

@@ -47,6 +47,19 @@ class ShuttingDown(LoadAggError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+# The same errors on the HTTP gateway (anything else: 500).
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(error: LoadAggError) -> int:
+    return _HTTP_STATUS.get(error.code, 500)
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: LoadAggError) -> None:
     """End an RPC with the status `error` maps to; never returns."""
     await context.abort(error.code, str(error))

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from loadagg.answers import build_response
 from loadagg.auth import TokenPolicy, http_middleware
-from loadagg.errors import InvalidRequest, LoadAggError
+from loadagg.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status
 from loadagg.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.sections import parse_include
 from loadagg.service import LoadAggregatorService
@@ -75,6 +75,7 @@ class HttpGateway:
         self.version = version
         self.runner: web.AppRunner | None = None
         self.port = 0
+        self.draining = False  # set by the aggregator's graceful shutdown: new /v1/loads calls get 503
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[http_middleware(self.tokens)] if self.tokens and self.tokens.enabled else [])
@@ -102,6 +103,9 @@ class HttpGateway:
         started = time.perf_counter()
         status = 200
         try:
+            if self.draining:
+                raise ShuttingDown("the aggregator is shutting down and takes no new calls; retry shortly "
+                                   "(or on another replica)")
             grpc_request = parse_query(request.query, self.service.dp_size)
             with self.service.tracked():
                 result = await self.service.result_for(grpc_request, None, time.monotonic())
@@ -118,8 +122,13 @@ class HttpGateway:
             }
             return web.Response(body=body, headers=headers)
         except LoadAggError as error:
-            status = 400 if isinstance(error, InvalidRequest) else 503
+            status = http_status(error)
             return web.json_response({"error": str(error), "code": error.code.name}, status=status)
+        except Exception as error:  # a bug: 500 saying what it was, and a traceback in the log
+            log.exception("GET /v1/loads failed")
+            status = 500
+            return web.json_response({"error": f"the aggregator failed to answer: {error!r}", "code": "INTERNAL"},
+                                     status=status)
         finally:
             self.metrics.observe_call("http", str(status), time.perf_counter() - started)
 

@@ -156,11 +156,13 @@ class Aggregator:
 
     async def _shutdown(self, grace: float) -> None:
         self.guard.draining = True  # new calls get UNAVAILABLE from here on; calls in flight go on
+        self.http.draining = True  # and 503 on the HTTP gateway
         await self.health.enter_graceful_shutdown()
         await self.watch.close()  # watch streams end cleanly (OK) instead of holding the grace period
         stopping = asyncio.create_task(self.server.stop(grace + _ANSWER_MARGIN_S))
         try:
-            await asyncio.wait_for(self.loads.drained(), grace)
+            if self.loads.in_flight:  # (wait_for with grace 0 times out even when nothing is in flight)
+                await asyncio.wait_for(self.loads.drained(), grace)
         except TimeoutError:
             log.warning("grace period over with %d GetLoads calls in flight: ending their rounds now",
                         self.loads.in_flight)

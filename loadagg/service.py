@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,12 +12,15 @@ import grpc
 
 from loadagg.answers import check_rank, response_bytes
 from loadagg.communicator import Communicator
-from loadagg.errors import DeadlineTooShort, LoadAggError, abort_with
+from loadagg.errors import DeadlineTooShort, InvalidRequest, LoadAggError, abort_with
 from loadagg.freshness import CachedAnswers
 from loadagg.rounds import RoundResult
 from loadagg.sections import parse_include
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.watch import WatchHub
+
+log = logging.getLogger(__name__)
+_FRESHNESS = frozenset(pb.Freshness.values())
 
 # Part of a caller's own deadline kept back to serialize and send the answer.
 _SEND_MARGIN_S = 0.05
@@ -53,6 +57,9 @@ class LoadAggregatorService:
         CACHED: the last round or pushed snapshots when not older than max_staleness_ms, else JOIN.
         """
         freshness = request.freshness
+        if freshness not in _FRESHNESS:
+            raise InvalidRequest(f"freshness {freshness} is not one of "
+                                 + ", ".join(f"{pb.Freshness.Name(v)} ({v})" for v in sorted(_FRESHNESS)))
         if freshness == pb.FRESHNESS_CACHED:
             dp_rank = request.dp_rank if request.HasField("dp_rank") else None
             cached = self.cached.recent(request.max_staleness_ms, dp_rank)
@@ -95,6 +102,9 @@ class LoadAggregatorService:
             return response_bytes(result, dp_rank, sections, request.allow_stale)
         except LoadAggError as error:
             await abort_with(context, error)
+        except Exception as error:  # a bug: INTERNAL with what it was (gRPC would say UNKNOWN), and a traceback
+            log.exception("GetLoads failed")
+            await abort_with(context, LoadAggError(f"GetLoads failed inside the aggregator: {error!r}"))
         finally:
             self._leave()
 

@@ -107,7 +107,10 @@ class _Ticker:
             else:
                 self.last = result
                 for subscriber in list(self.subscribers):
-                    subscriber.offer_result(result)
+                    try:
+                        subscriber.offer_result(result)
+                    except Exception:  # a bug building one view must not stop this interval's feed
+                        log.exception("watch tick (%d ms): building a watcher's answer failed", self.interval_ms)
             due += interval
             now = loop.time()
             if due <= now:  # the round outlasted the interval: skip the ticks already missed

@@ -87,7 +87,8 @@ def add_link_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("secure link to the aggregator")
     g.add_argument("--token", default=None,  # read from the environment later, so --help never prints it
                    help="shared agent token (the aggregator's --agent-token) [LOADAGG_AGENT_TOKEN]")
-    g.add_argument("--tls", action="store_true", default=env("TLS", "") not in ("", "0", "false"),
+    tls_on = (env("TLS", "") or "").strip().lower() in ("1", "true", "yes", "on")  # "false"/"no"/"off": plaintext
+    g.add_argument("--tls", action="store_true", default=tls_on,
                    help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
     g.add_argument("--tls-cert", default=env("TLS_CERT", ""),

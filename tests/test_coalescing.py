@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -68,3 +70,27 @@ async def test_caller_cancelling_does_not_cancel_the_round(start_aggregator, sta
     assert len(response.loads) == 2 and not response.missing_ranks
     assert agg.communicator.stats.rounds_started == 1
     assert agg.communicator.stats.rounds_timed_out == 0
+
+
+async def test_queueing_callers_waiting_for_their_turn_keep_their_deadline(start_aggregator, start_agents,
+                                                                         channel_to):
+    """Queueing mode: the time spent waiting for a turn counts against each caller's deadline. A caller whose
+    turn comes in time gets its own round; the others get DEADLINE_EXCEEDED from the server, in time."""
+    agg = await start_aggregator(dp_size=1, mode="queueing", round_timeout_ms=2000)
+    await start_agents(agg, [[0]], collect_latency_ms=300)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    calls = [stub.GetLoads(pb.GetLoadsRequest(), timeout=0.5) for _ in range(4)]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    answered = [o for o in outcomes if isinstance(o, pb.GetLoadsResponse)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(answered) + len(refused) == 4 and any(len(a.loads) == 1 for a in answered)  # the first turn fits
+    assert all(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in refused) and len(refused) >= 2
+    assert any("turn did not come" in e.details() for e in refused)  # the server said why, in time
+    assert agg.communicator.stats.rounds_started <= 2  # no round for a caller whose time was up
+
+
+async def test_a_round_that_ends_at_once_counts_its_leader(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=2)  # no agent linked: nothing to wait for
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    response = await stub.GetLoads(pb.GetLoadsRequest(), timeout=5)
+    assert response.missing_ranks == [0, 1] and response.round_callers == 1

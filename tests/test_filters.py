@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+from raw_agent import RawAgent
 
 SECTION_FIELDS = ("memory", "gpu", "spec", "lora", "disagg", "queues")
 
@@ -87,3 +90,27 @@ async def test_bad_requests_get_invalid_argument(stub, request_, message):
     assert message in raised.value.details()
     # and the server keeps serving
     assert len((await stub.GetLoads(pb.GetLoadsRequest(), timeout=5)).loads) == 4
+
+
+async def test_totals_too_big_for_the_summary_saturate_instead_of_failing_the_call(start_aggregator, channel_to):
+    """Each rank's figure is valid on its own; their sum overflows int64. GetLoads and WatchLoads answer
+    with the total saturated (they used to fail with UNKNOWN, and the watch ticker died)."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+    agent = RawAgent(agg.port, "huge", [0, 1], dp_size=2)
+    await agent.connect()
+    huge = [pb.RankLoad(dp_rank=r, num_used_tokens=2**62, max_total_num_tokens=2**62, num_running_reqs=1)
+            for r in (0, 1)]
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    try:
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        await agent.report((await agent.next_collect()).round_id, huge)
+        summary = (await call).summary
+        assert summary.total_used_tokens == summary.total_max_tokens == 2**63 - 1
+        assert summary.total_running_reqs == 2
+        watch = stub.WatchLoads(pb.WatchLoadsRequest(interval_ms=50), timeout=10)
+        for _ in range(2):  # two ticks in a row: the ticker survives the overflowing sums
+            await agent.report((await agent.next_collect()).round_id, huge)
+            assert (await watch.read()).summary.total_used_tokens == 2**63 - 1
+        watch.cancel()
+    finally:
+        await agent.close()

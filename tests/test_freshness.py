@@ -7,6 +7,7 @@ import contextlib
 import random
 import time
 
+import grpc
 import pytest
 
 from conftest import wait_for
@@ -178,3 +179,19 @@ async def test_real_agents_pushes_feed_snapshot_answers(start_aggregator, channe
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+async def test_new_round_with_a_deadline_too_short_for_a_newer_round_is_refused(start_aggregator, start_agents,
+                                                                                channel_to):
+    """The round in flight started before the call and outlasts its deadline: the caller gets
+    DEADLINE_EXCEEDED saying why, never that older round's partial answer."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=5000)
+    await start_agents(agg, [[0], [1]], collect_latency_ms=1000)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    leader = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+    await wait_for(lambda: agg.communicator.rounds_in_flight == 1, what="a round in flight")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_NEW_ROUND), timeout=0.3)
+    assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "FRESHNESS_NEW_ROUND" in refused.value.details() and "started before this call" in refused.value.details()
+    assert len((await leader).loads) == 2  # the round itself went on for its own callers

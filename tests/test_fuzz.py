@@ -81,7 +81,7 @@ SECTION_NAMES = sorted(ALL_SECTIONS) + ["all", "core", "CORE", " memory", "", "b
 @given(
     dp_rank=st.none() | st.integers(-3, DP_SIZE + 3),
     include=st.lists(st.sampled_from(SECTION_NAMES), max_size=4),
-    freshness=st.integers(0, 6),  # 4-6: enum values this server does not know
+    freshness=st.integers(0, 6),  # 4-6: enum values this server does not know (INVALID_ARGUMENT)
     max_staleness_ms=st.integers(0, 5000),
     allow_stale=st.booleans(),
 )
@@ -94,6 +94,7 @@ def test_random_valid_get_loads_requests(cluster, dp_rank, include, freshness, m
         request.dp_rank = dp_rank
     names = {part.strip().lower() for item in include for part in item.split(",") if part.strip()}
     bad = (dp_rank is not None and not 0 <= dp_rank < DP_SIZE) or not names <= ALL_SECTIONS | {"all", "core"}
+    bad = bad or freshness not in pb.Freshness.values()  # a future client's freshness is refused, not guessed
     try:
         raw = channel.unary_unary(GET_LOADS)(request.SerializeToString(), timeout=10)
     except grpc.RpcError as error:

@@ -184,3 +184,18 @@ async def test_metrics_of_the_aggregator(start_aggregator, start_agents, channel
 
     o = await _metrics(other.http_port)
     assert _value(o, "loadagg_rounds_started") == 0 and _value(o, "loadagg_connected_agents") == 0
+
+
+async def test_a_draining_aggregator_refuses_new_http_calls_and_answers_those_in_flight(start_aggregator,
+                                                                                        start_agents):
+    agg = await start_aggregator(dp_size=1, http_port=0, round_timeout_ms=3000, grace_s=3.0)
+    await start_agents(agg, [[0]], collect_latency_ms=800)
+    in_flight = asyncio.ensure_future(_get(agg.http_port))
+    await wait_for(lambda: agg.communicator.rounds_in_flight == 1, what="a round in flight")
+    stopping = asyncio.ensure_future(agg.stop())
+    await wait_for(lambda: agg.http.draining, what="draining")
+    status, _, body = await _get(agg.http_port)
+    assert status == 503 and json.loads(body)["code"] == "UNAVAILABLE" and "shutting down" in json.loads(body)["error"]
+    status, _, body = await in_flight
+    assert status == 200 and len(json.loads(body)["loads"]) == 1  # the call in flight got its answer
+    await stopping

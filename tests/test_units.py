@@ -159,3 +159,18 @@ def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
     assert f'{name}_count{{api="loadagg",code="OK"}} 4.0' in text
     assert f'{name}_sum{{api="loadagg",code="OK"}} 99.3021' in text
     assert f'{name}_count{{api="http",code="400"}} 1.0' in text
+
+
+@pytest.mark.parametrize("value, on", [("true", True), ("1", True), ("On", True), ("false", False), ("no", False),
+                                       ("off", False), ("0", False), ("", False)])
+def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
+    import argparse
+
+    from loadagg.channels import add_client_flags
+    from scheduler_agent.channel import add_link_flags
+
+    monkeypatch.setenv("LOADAGG_TLS", value)
+    for add in (add_client_flags, add_link_flags):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        assert parser.parse_args([]).tls is on, (add.__module__, value)
