@@ -60,6 +60,7 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+KEEP_TRYING = RetryPolicy(attempts=2**31 - 1)  # a live view: ride out an aggregator restart, however long
 
 
 class _Default:

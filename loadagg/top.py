@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
-from loadagg.client import AsyncLoadClient, Loads
+from loadagg.client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
 from loadagg.config import env, env_int
 
 GIB = 1 << 30
@@ -104,7 +104,9 @@ def render(loads: Loads, config: TopConfig) -> Group:
 async def run_top(config: TopConfig, console: Console) -> int:
     """Render frames as WatchLoads pushes them; returns how many were shown."""
     shown = 0
-    async with AsyncLoadClient(config.target, timeout=None, security=config.security) as client:
+    live_view = config.frames == 0  # runs until Ctrl-C: wait out an aggregator restart instead of exiting
+    retry = KEEP_TRYING if live_view else RetryPolicy()
+    async with AsyncLoadClient(config.target, timeout=None, retry=retry, security=config.security) as client:
         feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
         if console.is_terminal and config.frames == 0:
             with Live(console=console, auto_refresh=False, transient=False) as live:

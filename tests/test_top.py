@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_for
 
 
 async def _top(port: int, *args: str) -> tuple[int, str, str]:
@@ -51,3 +52,44 @@ async def test_top_once_single_rank_and_errors(start_aggregator, start_agents):
     assert "MISSING" not in out and "all ranks answered" in out
     code, _, err = await _top(agg.port, "--once", "--interval-ms", "1")
     assert code == 1 and "INVALID_ARGUMENT" in err and "minimum" in err
+
+
+async def test_live_top_rides_out_an_aggregator_restart(start_aggregator, start_agents):
+    """Until Ctrl-C, `loadagg top` keeps resubscribing while the aggregator is away (2 s here) and shows
+    frames again once it is back; it used to exit after ~0.75 s of retries."""
+    port = free_port()
+    agg = await start_aggregator(dp_size=1, port=port)
+    await start_agents(agg, [[0]])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadagg", "top", "--target", f"127.0.0.1:{port}", "--width", "160",
+        "--interval-ms", "100", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seen = bytearray()
+
+    def frames() -> int:
+        return seen.count(b"loadagg top ")
+
+    async def pump() -> None:
+        while chunk := await proc.stdout.read(4096):
+            seen.extend(chunk)
+
+    reader = asyncio.create_task(pump())
+    try:
+        await wait_for(lambda: frames() >= 2, timeout=20, what="frames before the restart")
+        await agg.stop(0)
+        await asyncio.sleep(2.0)
+        before = frames()
+        assert proc.returncode is None  # still waiting for the aggregator
+        agg = await start_aggregator(dp_size=1, port=port)
+        await start_agents(agg, [[0]])
+        await wait_for(lambda: frames() >= before + 2, timeout=20, what="frames after the restart")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        reader.cancel()
+    assert proc.returncode == 0
+
