@@ -93,7 +93,7 @@ class _Ticker:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.interval_ms / 1000
-        due = (math.floor(loop.time() / interval) + 1) * interval
+        due = loop.time()  # the first watcher of this interval is answered at once, then ticks follow the grid
         while self.subscribers:
             await asyncio.sleep(max(0.0, due - loop.time()))
             if not self.subscribers:
@@ -111,6 +111,9 @@ class _Ticker:
                         subscriber.offer_result(result)
                     except Exception:  # a bug building one view must not stop this interval's feed
                         log.exception("watch tick (%d ms): building a watcher's answer failed", self.interval_ms)
+            if self.ticks == 1:  # onto the grid (shared by every interval), at least half an interval on
+                due = (math.floor((loop.time() + interval / 2) / interval) + 1) * interval
+                continue
             due += interval
             now = loop.time()
             if due <= now:  # the round outlasted the interval: skip the ticks already missed

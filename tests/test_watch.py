@@ -175,3 +175,14 @@ async def test_shutdown_ends_watch_streams_cleanly(start_aggregator, start_agent
     assert await call.code() == grpc.StatusCode.OK
     assert len(rest) <= 2
     assert agg.watch.watchers == 0
+
+
+async def test_the_first_watcher_of_an_interval_is_answered_at_once(start_aggregator, start_agents, channel_to):
+    """A watcher asking for one answer a minute gets its first one now, not at the next minute's tick."""
+    agg = await start_aggregator(dp_size=2)
+    await start_agents(agg, [[0], [1]])
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    call = stub.WatchLoads(pb.WatchLoadsRequest(interval_ms=60_000), timeout=30)
+    first = await asyncio.wait_for(call.read(), 10)
+    assert len(first.loads) == 2 and agg.watch.stats.ticks == 1
+    call.cancel()
