@@ -48,7 +48,7 @@ def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:
             thr.append(load.gen_throughput)
         if load.HasField("utilization"):
             util.append(load.utilization)
-    return pb.LoadSummary(
+    summary = pb.LoadSummary(
         num_ranks=ranks,
         total_running_reqs=min(running, INT64_MAX),
         total_waiting_reqs=min(waiting, INT64_MAX),
@@ -56,10 +56,14 @@ def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:
         total_used_tokens=min(used, INT64_MAX),
         total_max_tokens=min(max_tokens, INT64_MAX),
         total_gen_throughput=sum(thr),
-        avg_token_usage=sum(usage) / len(usage) if usage else 0.0,
-        avg_throughput=sum(thr) / len(thr) if thr else 0.0,
-        avg_utilization=sum(util) / len(util) if util else 0.0,
     )
+    if usage:  # a mean over no rank stays unset
+        summary.avg_token_usage = sum(usage) / len(usage)
+    if thr:
+        summary.avg_throughput = sum(thr) / len(thr)
+    if util:
+        summary.avg_utilization = sum(util) / len(util)
+    return summary
 
 
 def build_response(
@@ -94,6 +98,7 @@ def build_response(
         source=result.source,
         round_duration_ms=result.duration_ms,
         round_callers=result.callers,
+        partial=result.partial,
     )
 
 

@@ -111,6 +111,11 @@ class Loads:
         """Every wanted rank answered this round."""
         return not self.response.missing_ranks
 
+    @property
+    def partial(self) -> bool:
+        """Cut at this call's deadline before its round ended: missing ranks may still have been answering."""
+        return self.response.partial
+
     def rank(self, dp_rank: int) -> pb.RankLoad | None:
         return next((load for load in self.response.loads if load.dp_rank == dp_rank), None)
 

@@ -54,7 +54,12 @@ def to_table(response: pb.GetLoadsResponse) -> str:
     s = response.summary
     lines.append(
         f"total: {s.num_ranks} ranks, {s.total_running_reqs} running, {s.total_waiting_reqs} waiting, "
-        f"{s.total_used_tokens} tokens used, mean usage {s.avg_token_usage * 100:.1f}%, "
+        f"{s.total_used_tokens} tokens used, mean usage {mean_usage(s)}, "
         f"{s.total_gen_throughput:.0f} tok/s"
     )
     return "\n".join(lines)
+
+
+def mean_usage(summary: pb.LoadSummary) -> str:
+    """The mean token usage as a percentage; '-' when no returned rank reports token usage."""
+    return f"{summary.avg_token_usage * 100:.1f}%" if summary.HasField("avg_token_usage") else "-"

@@ -21,6 +21,7 @@ from rich.text import Text
 from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
 from loadagg.client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
 from loadagg.config import env, env_int
+from loadagg.render import mean_usage
 
 GIB = 1 << 30
 
@@ -95,7 +96,7 @@ def render(loads: Loads, config: TopConfig) -> Group:
     s = r.summary
     footer = Text(
         f"total: {s.num_ranks} ranks  {s.total_running_reqs} running  {s.total_waiting_reqs} waiting  "
-        f"{s.total_used_tokens}/{s.total_max_tokens} tokens  mean usage {s.avg_token_usage * 100:.1f}%  "
+        f"{s.total_used_tokens}/{s.total_max_tokens} tokens  mean usage {mean_usage(s)}  "
         f"{s.total_gen_throughput:.0f} tok/s"
     )
     return Group(header, table, footer)

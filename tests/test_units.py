@@ -174,3 +174,13 @@ def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
         parser = argparse.ArgumentParser()
         add(parser)
         assert parser.parse_args([]).tls is on, (add.__module__, value)
+
+
+def test_a_mean_over_ranks_without_the_figure_stays_unset():
+    from loadagg.answers import summarize
+    from loadagg.render import mean_usage
+
+    summary = summarize([pb.RankLoad(dp_rank=0, num_running_reqs=3), pb.RankLoad(dp_rank=1, num_running_reqs=4)])
+    assert summary.total_running_reqs == 7 and summary.num_ranks == 2
+    assert not summary.HasField("avg_token_usage") and not summary.HasField("avg_throughput")
+    assert not summary.HasField("avg_utilization") and mean_usage(summary) == "-"
