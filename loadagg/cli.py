@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                    help="how concurrent GetLoads share rounds [LOADAGG_MODE]")
     s.add_argument("--round-timeout-ms", type=int, default=env_int("ROUND_TIMEOUT_MS", 500),
                    help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
-    s.add_argument("--grace-s", type=float, default=float(env("GRACE_S", "5")),
+    s.add_argument("--grace-s", type=float, default=env("GRACE_S", "5"),
                    help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
     s.add_argument("--http-port", type=int, default=env_int("HTTP_PORT", -1),
                    help="serve sglang-compatible GET /v1/loads and /metrics on this port; -1: no HTTP, "
@@ -172,7 +172,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)  # the defaults read LOADAGG_* variables: a bad one is a usage error
+    except ValueError as error:
+        print(f"loadagg: error: bad environment variable: {error}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         sys.exit(args.func(args))

@@ -16,7 +16,12 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def env_int(name: str, default: int) -> int:
     value = env(name)
-    return default if value in (None, "") else int(value)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"LOADAGG_{name} must be an integer, got {value!r}") from None
 
 
 def env_bool(name: str, default: bool) -> bool:

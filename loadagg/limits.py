@@ -70,9 +70,9 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pending-calls", type=int, default=env_int("MAX_PENDING_CALLS", 20_000),
                    help="calls queued before the server picks them up; gRPC cancels the excess of a burst "
                         "[LOADAGG_MAX_PENDING_CALLS]")
-    g.add_argument("--keepalive-s", type=float, default=float(env("KEEPALIVE_S", "20")),
+    g.add_argument("--keepalive-s", type=float, default=env("KEEPALIVE_S", "20"),
                    help="ping peers this often; an unanswered ping drops the peer; 0: off [LOADAGG_KEEPALIVE_S]")
-    g.add_argument("--keepalive-timeout-s", type=float, default=float(env("KEEPALIVE_TIMEOUT_S", "10")),
+    g.add_argument("--keepalive-timeout-s", type=float, default=env("KEEPALIVE_TIMEOUT_S", "10"),
                    help="how long a ping may go unanswered [LOADAGG_KEEPALIVE_TIMEOUT_S]")
 
 

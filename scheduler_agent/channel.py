@@ -96,7 +96,7 @@ def add_link_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", default=env("TLS_KEY", ""), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
     g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", ""),
                    help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
-    g.add_argument("--keepalive-s", type=float, default=float(env("KEEPALIVE_S", "20")),
+    g.add_argument("--keepalive-s", type=float, default=env("KEEPALIVE_S", "20"),
                    help="keepalive ping interval; 0 turns pings off [LOADAGG_KEEPALIVE_S]")
 
 

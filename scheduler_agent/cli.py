@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import add_link_flags, link_security_from_args
@@ -41,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-rank", dest="dp_ranks", type=int, action="append",
                    help="a dp rank this agent serves; repeat for several [LOADAGG_DP_RANKS=0,1] (default: 0; "
                         "with --source sglang/vllm: every rank the engine runs)")
-    p.add_argument("--dp-size", type=int, default=int(env("DP_SIZE", "0")),
+    p.add_argument("--dp-size", type=int, default=env("DP_SIZE", "0"),
                    help="cluster dp size; 0 takes the engine's (sglang/vllm) or the aggregator's [LOADAGG_DP_SIZE]")
-    p.add_argument("--rank-offset", type=int, default=int(env("RANK_OFFSET", "0")),
+    p.add_argument("--rank-offset", type=int, default=env("RANK_OFFSET", "0"),
                    help="serve the source's dp rank r as cluster rank r + N: one aggregator over several engines "
                         "that each number their ranks from 0 (--dp-rank and --gpu-devices keep the engine's "
                         "numbering) [LOADAGG_RANK_OFFSET]")
@@ -55,10 +56,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the engine beside this agent: http://HOST:PORT, or grpc://HOST:PORT for an engine in "
                         "gRPC mode (default: sglang http://127.0.0.1:30000, vllm http://127.0.0.1:8000) "
                         "[LOADAGG_ENGINE_URL]")
-    p.add_argument("--engine-timeout-ms", type=int, default=int(env("ENGINE_TIMEOUT_MS", "0")),
+    p.add_argument("--engine-timeout-ms", type=int, default=env("ENGINE_TIMEOUT_MS", "0"),
                    help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
                         "[LOADAGG_ENGINE_TIMEOUT_MS]")
-    p.add_argument("--rediscover-interval-s", type=float, default=float(env("REDISCOVER_INTERVAL_S", "30")),
+    p.add_argument("--rediscover-interval-s", type=float, default=env("REDISCOVER_INTERVAL_S", "30"),
                    help="sglang/vllm: ask the engine for its dp ranks again this often and re-link when they "
                         "changed (an engine restarted with another DP); 0: only at start [LOADAGG_REDISCOVER_INTERVAL_S]")
     p.add_argument("--gpu", dest="gpu", action="store_const", const="on", default=_gpu_mode(env("GPU")),
@@ -68,27 +69,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-devices", default=env("GPU_DEVICES", ""),
                    help="GPUs per dp rank, 'RANK=DEV[,DEV];...' (NVML indices or UUIDs); default: the visible "
                         "devices (CUDA_VISIBLE_DEVICES) split evenly over the ranks [LOADAGG_GPU_DEVICES]")
-    p.add_argument("--push-interval-ms", type=int, default=int(env("PUSH_INTERVAL_MS", "0")),
+    p.add_argument("--push-interval-ms", type=int, default=env("PUSH_INTERVAL_MS", "0"),
                    help="also push changed loads unasked at this interval; 0: only answer rounds "
                         "[LOADAGG_PUSH_INTERVAL_MS]")
-    p.add_argument("--push-refresh-ms", type=int, default=int(env("PUSH_REFRESH_MS", "0")),
+    p.add_argument("--push-refresh-ms", type=int, default=env("PUSH_REFRESH_MS", "0"),
                    help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
                         "[LOADAGG_PUSH_REFRESH_MS]")
     p.add_argument("--model", default=env("MODEL", ""), help="model name reported in hello [LOADAGG_MODEL]")
-    p.add_argument("--seed", type=int, default=None if env("SEED") is None else int(env("SEED")),
+    p.add_argument("--seed", type=int, default=env("SEED"),
                    help="simulator seed [LOADAGG_SEED]")
-    p.add_argument("--collect-latency-ms", type=float, default=float(env("COLLECT_LATENCY_MS", "0")),
+    p.add_argument("--collect-latency-ms", type=float, default=env("COLLECT_LATENCY_MS", "0"),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
     p.add_argument("--resolve-all", action="store_true",
                    default=(env("RESOLVE_ALL", "") or "").lower() in ("1", "true", "yes", "on"),
                    help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
-    p.add_argument("--resolve-interval-s", type=float, default=float(env("RESOLVE_INTERVAL_S", "10")),
+    p.add_argument("--resolve-interval-s", type=float, default=env("RESOLVE_INTERVAL_S", "10"),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
-    p.add_argument("--backoff-initial-ms", type=int, default=int(env("BACKOFF_INITIAL_MS", "100")),
+    p.add_argument("--backoff-initial-ms", type=int, default=env("BACKOFF_INITIAL_MS", "100"),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
-    p.add_argument("--backoff-max-ms", type=int, default=int(env("BACKOFF_MAX_MS", "5000")),
+    p.add_argument("--backoff-max-ms", type=int, default=env("BACKOFF_MAX_MS", "5000"),
                    help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
     add_link_flags(p)
     return p
@@ -161,7 +162,10 @@ def run(coro) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)  # the defaults read LOADAGG_* variables: a bad one is a usage error
+    except ValueError as error:
+        sys.exit(f"scheduler-agent: error: bad environment variable: {error}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)

@@ -98,3 +98,16 @@ def test_demo_stopped_by_sigterm_ends_its_agent_processes(processes):
     assert demo.wait(timeout=20) == 0
     time.sleep(0.2)
     assert not [pid for pid in agents if os.path.exists(f"/proc/{pid}")], "agent processes outlived the demo"
+
+
+def test_a_bad_environment_variable_is_a_usage_error_naming_it():
+    env = {**os.environ, "LOADAGG_PORT": "abc"}
+    result = subprocess.run([sys.executable, "-m", "loadagg", "serve"], capture_output=True, text=True, timeout=30,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 2 and "LOADAGG_PORT must be an integer, got 'abc'" in result.stderr
+    assert "Traceback" not in result.stderr
+    for name, value, said in (("LOADAGG_GPU", "maybe", "LOADAGG_GPU='maybe'"),
+                              ("LOADAGG_PUSH_INTERVAL_MS", "x", "argument --push-interval-ms: invalid int value")):
+        result = subprocess.run([sys.executable, "-m", "scheduler_agent"], capture_output=True, text=True,
+                                timeout=30, cwd=ROOT, env={**os.environ, name: value})
+        assert result.returncode in (1, 2) and said in result.stderr and "Traceback" not in result.stderr
