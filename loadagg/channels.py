@@ -153,8 +153,11 @@ def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     g.add_argument("--tls", action="store_true", default=tls_on,
                    help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
-    g.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="client certificate, mutual TLS [LOADAGG_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("TLS_KEY", ""), help="key of --tls-cert [LOADAGG_TLS_KEY]")
+    # CLIENT_: in the aggregator's own container LOADAGG_TLS_CERT/KEY are the server's (what `serve` reads),
+    # and `loadagg health` (the image's HEALTHCHECK) runs there too.
+    g.add_argument("--tls-cert", default=env("CLIENT_TLS_CERT", ""),
+                   help="client certificate, mutual TLS [LOADAGG_CLIENT_TLS_CERT]")
+    g.add_argument("--tls-key", default=env("CLIENT_TLS_KEY", ""), help="key of --tls-cert [LOADAGG_CLIENT_TLS_KEY]")
     g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", ""),
                    help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
 

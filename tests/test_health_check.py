@@ -69,3 +69,26 @@ async def test_draining_aggregator_reports_not_serving(start_aggregator):
     await aggregator.health.enter_graceful_shutdown()  # what SIGTERM does first
     result = await asyncio.to_thread(check_health, target)
     assert not result.serving and result.message.startswith("NOT_SERVING")
+
+
+def test_health_check_inside_a_mutual_tls_aggregators_container(processes, tmp_path):
+    """The image's HEALTHCHECK runs where LOADAGG_TLS_CERT/KEY are the server's own: `loadagg health` must not
+    present them as its client certificate (a server certificate is refused as a client's)."""
+    from certs import make_pki
+
+    pki = make_pki(tmp_path)
+    port = free_port()
+    container_env = {  # what the aggregator's container would carry
+        "LOADAGG_TLS_CERT": pki.server.cert, "LOADAGG_TLS_KEY": pki.server.key, "LOADAGG_TLS_CLIENT_CA": pki.ca,
+        "LOADAGG_TLS_CA": pki.ca,  # (the test certificate names 127.0.0.1: no LOADAGG_TLS_SERVER_NAME)
+        "LOADAGG_CLIENT_TLS_CERT": pki.client.cert, "LOADAGG_CLIENT_TLS_KEY": pki.client.key,
+        "LOADAGG_PORT": str(port),
+    }
+    processes.start("loadagg", "serve", "--host", "127.0.0.1", "--dp-size", "1", env=container_env)
+    deadline = time.monotonic() + 30
+    while (result := _health(env=container_env)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert result.returncode == 0 and "SERVING" in result.stdout, result.stderr
+    without_client_cert = {k: v for k, v in container_env.items() if not k.startswith("LOADAGG_CLIENT_")}
+    refused = _health(env=without_client_cert)  # mutual TLS: no client certificate, no answer
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr

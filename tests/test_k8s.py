@@ -97,7 +97,11 @@ def test_agents_link_to_every_replica_and_everything_is_bounded_and_non_root(kus
     assert env["LOADAGG_AGGREGATOR"] == "loadagg-agents:50051"  # the headless Service
     assert env["LOADAGG_RESOLVE_ALL"] == "true"
     assert env["LOADAGG_DP_SIZE"] == _env(aggregator)["LOADAGG_DP_SIZE"] == str(statefulset["spec"]["replicas"])
-    assert env["LOADAGG_DP_RANKS"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    pod_index = {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    if kustomization.endswith("sglang"):  # each engine numbers its one rank 0: the ordinal shifts it
+        assert env["LOADAGG_RANK_OFFSET"] == pod_index and "LOADAGG_DP_RANKS" not in env
+    else:  # simulated: the agent serves the ordinal's rank directly
+        assert env["LOADAGG_DP_RANKS"] == pod_index and "LOADAGG_RANK_OFFSET" not in env
     assert statefulset["spec"]["serviceName"] in {s["metadata"]["name"] for s in _by_kind(objects, "Service")}
     if kustomization.endswith("sglang"):
         (engine,) = [c for c in pod["containers"] if c is not agent]
@@ -159,3 +163,29 @@ def test_simulated_overlay_runs_natively(processes):
             break
         assert time.monotonic() < deadline, f"{health.stdout}{health.stderr} ranks={ranks} {loads.stderr}"
         time.sleep(0.3)
+
+
+async def test_the_sglang_overlays_agent_env_serves_its_pod_ordinal(start_aggregator, processes):
+    """The sidecar's env from the sglang overlay, as pod 2 would get it, run natively beside a one-rank sglang
+    stand-in (each pod's engine numbers its only rank 0): it serves cluster rank 2 of the overlay's dp size."""
+    from conftest import wait_for
+    from engines import SglangHttpEngine
+
+    objects = render(K8S / "overlays/sglang")
+    (statefulset,) = _by_kind(objects, "StatefulSet")
+    (agent,) = [c for c in statefulset["spec"]["template"]["spec"]["containers"]
+                if c["command"] == ["scheduler-agent"]]
+    downward = {"metadata.labels['apps.kubernetes.io/pod-index']": "2", "metadata.name": "sglang-engine-2"}
+    env = {k: downward[v["fieldRef"]["fieldPath"]] if isinstance(v, dict) else v for k, v in _env(agent).items()}
+    engine = SglangHttpEngine(dp_size=1)
+    await engine.start()
+    try:
+        agg = await start_aggregator(dp_size=int(env["LOADAGG_DP_SIZE"]))
+        # Loopback stand-ins for the headless Service and the engine container beside the agent.
+        env.update(LOADAGG_AGGREGATOR=f"127.0.0.1:{agg.port}", LOADAGG_RESOLVE_ALL="false",
+                   LOADAGG_ENGINE_URL=engine.url)
+        processes.start("scheduler_agent", env=env)
+        await wait_for(lambda: agg.registry.live_ranks() == {2}, timeout=30, what="pod 2's rank linked")
+        assert agg.registry.owner(2).instance_id == "sglang-engine-2"
+    finally:
+        await engine.stop()
