@@ -29,9 +29,6 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     assert list(outcomes) == SCENARIOS
     for name, outcome in outcomes.items():
         assert outcome["targets"], f"{name} reported no targets"
-        if name == "watch" and outcome["skipped"]:
-            assert "UNIMPLEMENTED" in outcome["skipped"]  # WatchLoads not served yet: skipped cleanly
-            continue
         assert not outcome["skipped"], f"{name}: {outcome['skipped']}"
         assert outcome["rows"], f"{name} reported no rows"
         assert all(t["met"] in (True, False) for t in outcome["targets"]), name

@@ -31,10 +31,9 @@ async def test_1000_concurrent_callers_share_a_handful_of_rounds(start_aggregato
     collects = [a.collects_received - b for a, b in zip(agents, before)]
     round_ids = {r.round_id for r in responses}
     print(f"watching: 1000 callers, {rounds} rounds, collects per agent {collects}, wall {wall:.3f}s")
-    # Every round takes at least one collect latency, so no more than wall/latency rounds can have run,
-    # however fast the callers arrived; and each agent saw exactly one collect per round.
+    # Never two rounds at once, however fast the callers arrived; each agent saw one collect per round.
     assert rounds == len(round_ids)
-    assert rounds <= 1 + wall / (COLLECT_MS / 1000)
+    assert agg.communicator.stats.max_rounds_in_flight == 1
     assert all(c == rounds for c in collects)
     assert 1000 / rounds >= 10, f"only {1000 / rounds:.1f} callers per round"
     # The callers that shared a round got the very same answer.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import wait_for
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent
 
 
 async def test_late_reply_for_old_round_is_dropped(start_aggregator, channel_to):
-    agg = await start_aggregator(dp_size=1, round_timeout_ms=100)
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=500)
     agent = RawAgent(agg.port, "slow", [0], dp_size=1)
     await agent.connect()
     stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
@@ -40,7 +41,7 @@ async def test_late_reply_for_old_round_is_dropped(start_aggregator, channel_to)
         assert third.missing_ranks == [0]
         assert [(l.num_running_reqs, l.stale) for l in third.loads] == [(222, True)]
         await agent.report(third_collect.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=333)])
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: agg.communicator.stats.reports_dropped == 2, what="the late reply seen and dropped")
         assert agg.registry.snapshot(0).load.num_running_reqs == 222
     finally:
         await agent.close()

@@ -11,6 +11,7 @@ import sys
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from certs import make_pki
 from conftest import ROOT, free_port, wait_for
@@ -87,10 +88,11 @@ async def test_router_and_agent_tokens_are_separate_and_required(start_aggregato
         call = (channel.unary_stream if streaming else channel.unary_unary)(method)(b"", timeout=5)
         code, details = await _code(call.read() if streaming else call)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "router token" in details, method
-        code, _ = await _code(call.read() if streaming else (channel.unary_unary)(method)(
-            b"", metadata=_bearer(ROUTER_TOKEN), timeout=5))
-        if not streaming:
-            assert code == grpc.StatusCode.OK, method
+        with_token = (channel.unary_stream if streaming else channel.unary_unary)(method)(
+            b"", metadata=_bearer(ROUTER_TOKEN), timeout=5)
+        code, _ = await _code(with_token.read() if streaming else with_token)
+        assert code == grpc.StatusCode.OK, method
+        with_token.cancel()
 
     for metadata in ((), _bearer(ROUTER_TOKEN)):  # a router's token does not let anyone claim ranks
         intruder = RawAgent(agg.port, "intruder", [0], metadata=metadata)
@@ -128,7 +130,9 @@ async def test_agent_with_a_wrong_token_is_refused_and_backs_off(start_aggregato
     try:
         await wait_for(lambda: agent.last_refusal is not None, what="the refusal")
         assert agent.last_refusal.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert agent.backoff_s(64) <= agent.config.backoff_max_ms / 1000
+        refused = agg.guard.refused["UNAUTHENTICATED"]
+        await asyncio.sleep(1.5)  # a refusal backs off to the maximum (5 s, full jitter): a retry or two at most
+        assert agg.guard.refused["UNAUTHENTICATED"] - refused <= 3
         assert not agg.registry.live_ranks() and agent.connects == 0
     finally:
         await _stop(task)
@@ -139,6 +143,14 @@ async def test_health_and_reflection_stay_open_without_a_token(start_aggregator,
     health = health_pb2_grpc.HealthStub(channel_to(agg.port))
     reply = await health.Check(health_pb2.HealthCheckRequest(service="loadagg.v1.LoadAggregator"), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def list_services():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel_to(agg.port))
+    names = [s.name async for reply in reflection.ServerReflectionInfo(list_services(), timeout=5)
+             for s in reply.list_services_response.service]
+    assert "loadagg.v1.LoadAggregator" in names and not agg.guard.refused
 
 
 async def test_tls_server_with_a_trusted_ca(start_aggregator, pki):
