@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ class DemoConfig:
 
 
 def split_ranks(dp_size: int, agents: int) -> list[list[int]]:
-    """Contiguous rank groups, one per agent process (one sglang server may hold several dp ranks)."""
+    """Rank groups, one per agent process, dealt round-robin (one sglang server may hold several dp ranks)."""
     return [list(range(dp_size))[i::agents] for i in range(agents)]
 
 
@@ -44,7 +45,9 @@ def spawn_agents(config: DemoConfig, port: int) -> list[subprocess.Popen]:
                "--collect-latency-ms", str(config.collect_latency_ms), "--log-level", "WARNING"]
         for rank in ranks:
             cmd += ["--dp-rank", str(rank)]
-        procs.append(subprocess.Popen(cmd))
+        # The demo's agents are plaintext simulators whatever LOADAGG_* (TLS, source, offset...) this shell has.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOADAGG_")}
+        procs.append(subprocess.Popen(cmd, env=env))
     return procs
 
 

@@ -40,6 +40,8 @@ class SecurityConfig:
         for name, token in (("agent", self.agent_token), ("router", self.router_token)):
             if any(c in token for c in "\r\n"):
                 raise ValueError(f"the {name} token must be a single line")
+            if token != token.strip():  # callers' tokens are trimmed: this one could never match
+                raise ValueError(f"the {name} token starts or ends with whitespace; remove it")
 
     @property
     def tls(self) -> bool:

@@ -43,8 +43,9 @@ class LinkSecurity:
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together (the agent's client certificate and its key)")
-        if self.keepalive_s < 0:
-            raise ValueError("keepalive_s must be >= 0 (0 turns keepalive pings off)")
+        if self.keepalive_s < 0 or 0 < self.keepalive_s < 5:
+            raise ValueError("keepalive_s must be 0 (pings off) or at least 5: the aggregator refuses pings more "
+                             "often than every 5 s and would drop the link")
         if self.token and any(c in self.token for c in "\r\n"):
             raise ValueError("the token must be a single line")
 

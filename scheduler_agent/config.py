@@ -67,6 +67,8 @@ class AgentConfig:
             raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
         if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
             raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
+        if 0 < self.push_interval_ms < 10:  # each push reads the engine: 1 ms would poll it a thousand times a second
+            raise ValueError("push_interval_ms must be 0 (no pushes) or at least 10")
         if self.rediscover_interval_s < 0:
             raise ValueError("rediscover_interval_s must be >= 0")
         if self.gpu not in ("auto", "on", "off"):

@@ -184,3 +184,17 @@ def test_a_mean_over_ranks_without_the_figure_stays_unset():
     assert summary.total_running_reqs == 7 and summary.num_ranks == 2
     assert not summary.HasField("avg_token_usage") and not summary.HasField("avg_throughput")
     assert not summary.HasField("avg_utilization") and mean_usage(summary) == "-"
+
+
+def test_settings_that_could_never_work_are_refused_up_front():
+    from loadagg.security import SecurityConfig
+    from scheduler_agent.channel import LinkSecurity
+    from scheduler_agent.config import AgentConfig
+
+    with pytest.raises(ValueError, match="whitespace"):
+        SecurityConfig(router_token="secret ")  # presented tokens are trimmed: it could never match
+    with pytest.raises(ValueError, match="at least 5"):
+        LinkSecurity(keepalive_s=1)  # the aggregator would drop the link for pinging too often
+    assert LinkSecurity(keepalive_s=0).keepalive_s == 0 and LinkSecurity(keepalive_s=5).keepalive_s == 5
+    with pytest.raises(ValueError, match="at least 10"):
+        AgentConfig(push_interval_ms=1)
