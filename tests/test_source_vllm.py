@@ -27,6 +27,10 @@ def test_page_parses_per_engine_rank():
     single = parse_page(older.replace("{running0}", "1.0").replace("{generated0}", "5.0")
                         .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))
     assert set(single) == {0} and single[0]["kv_usage_v0"] == 0.25
+    v1_before_0_10 = older.replace("vllm:prefix_cache_", "vllm:gpu_prefix_cache_")  # the counters' older names
+    renamed = parse_page(v1_before_0_10.replace("{running0}", "1.0").replace("{generated0}", "5.0")
+                         .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))
+    assert (renamed[0]["hits"], renamed[0]["queries"]) == (1.0, 4.0) and "hits_gpu" not in renamed[0]
 
     noisy = engine.page() + "".join(
         f'vllm:e2e_request_latency_seconds_bucket{{engine="0",le="{b}.0",model_name="m"}} 1.0\n' for b in range(500))

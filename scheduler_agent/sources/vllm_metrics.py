@@ -6,9 +6,9 @@ Figures per dp rank (the `engine` label in data-parallel deployments; no label =
   `vllm:gpu_cache_usage_perc` -> token_usage;
 * `vllm:cache_config_info{num_gpu_blocks, block_size}` -> max_total_num_tokens (blocks x block size),
   and with it num_used_tokens = token_usage x capacity (block granular);
-* counters `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` -> cache_hit_rate over the last
-  window (>= WINDOW_S) that saw queries, the lifetime ratio before the first one; v0's
-  `vllm:gpu_prefix_cache_hit_rate` gauge when the counters are absent;
+* counters `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (named `vllm:gpu_prefix_cache_*` in
+  v1 releases before 0.10) -> cache_hit_rate over the last window (>= WINDOW_S) that saw queries, the
+  lifetime ratio before the first one; v0's `vllm:gpu_prefix_cache_hit_rate` gauge when the counters are absent;
 * counter `vllm:generation_tokens` -> gen_throughput, tokens/s over the last window. Unset until a
   window has passed: a rate needs two samples.
 Everything else (memory breakdown, spec, lora, disagg, queues) is not on the page and stays unset.
@@ -39,6 +39,8 @@ _GAUGES = {
 _COUNTERS = {  # sample names (the parser keeps `_total` on samples, drops it from family names)
     "vllm:prefix_cache_hits_total": "hits",
     "vllm:prefix_cache_queries_total": "queries",
+    "vllm:gpu_prefix_cache_hits_total": "hits_gpu",  # the same counters before 0.10 (some pages carry both)
+    "vllm:gpu_prefix_cache_queries_total": "queries_gpu",
     "vllm:generation_tokens_total": "generated",
 }
 
@@ -98,6 +100,11 @@ def parse_page(text: str) -> dict[int, dict[str, float]]:
         raise SourceError(f"GET {METRICS}: not Prometheus text ({type(error).__name__})") from None
     if not any("running" in f for f in figures.values()):
         raise SourceError(f"GET {METRICS}: no vllm:num_requests_running on the page: is this vLLM?")
+    for f in figures.values():  # the older names count only when the newer ones are absent
+        for old, new in (("hits_gpu", "hits"), ("queries_gpu", "queries")):
+            if old in f:
+                f.setdefault(new, f[old])
+                del f[old]
     return dict(figures)
 
 
