@@ -107,7 +107,7 @@ async def test_two_agents_sharing_an_instance_id_back_off_instead_of_flapping(st
     try:
         await asyncio.sleep(3.0)
         assert all(agent.connects >= 1 for agent in agents)  # each linked, and each was replaced...
-        assert sum(agent.connects for agent in agents) <= 8  # ...but backed off: with an immediate redial, ~60 in 3 s
+        assert sum(agent.connects for agent in agents) <= 12  # ...but backed off (~8 expected): redialling at once, ~60
         assert all(agent.last_refusal is None for agent in agents)  # ABORTED is an outage to retry, not a refusal
         logged = caplog.text
         assert "ABORTED: a newer link of instance 'node-1'" in logged  # what the replaced agent was told
