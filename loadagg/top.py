@@ -110,7 +110,9 @@ async def run_top(config: TopConfig, console: Console) -> int:
     async with AsyncLoadClient(config.target, timeout=None, retry=retry, security=config.security) as client:
         feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
         if console.is_terminal and config.frames == 0:
-            with Live(console=console, auto_refresh=False, transient=False) as live:
+            waiting = Text(f"loadagg top: waiting for the aggregator at {config.target} ...")
+            with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
+                live.refresh()  # says what it waits for until the first frame (it retries until Ctrl-C)
                 async for loads in feed:
                     live.update(render(loads, config), refresh=True)
                     shown += 1
