@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="grpc.health.v1 Check: exit 0 when SERVING, 1 otherwise (container probes)",
                        parents=[common], formatter_class=fmt)
     h.add_argument("--target", default=default_target(),
-                   help="HOST:PORT [LOADAGG_TARGET; else 127.0.0.1:$LOADAGG_PORT]")
+                   help="HOST:PORT [LOADAGG_TARGET; else $LOADAGG_HOST (127.0.0.1 when it binds all addresses):$LOADAGG_PORT]")
     h.add_argument("--service", default="", help="health service name; '' = the whole server, "
                    "or loadagg.v1.LoadAggregator / loadagg.v1.AgentLink")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds")

@@ -18,8 +18,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def default_target() -> str:
-    """LOADAGG_TARGET when set, else this host's aggregator port (LOADAGG_PORT, 50051): right inside its container."""
-    return env("TARGET") or f"127.0.0.1:{env('PORT') or 50051}"
+    """LOADAGG_TARGET when set, else the aggregator of this host as `serve` binds it (LOADAGG_HOST when that
+    is one address rather than all of them, else 127.0.0.1; LOADAGG_PORT, 50051): right inside its container."""
+    host = env("HOST") or ""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    return env("TARGET") or f"{host}:{env('PORT') or 50051}"
 
 
 @dataclass(frozen=True, slots=True)

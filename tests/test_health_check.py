@@ -92,3 +92,18 @@ def test_health_check_inside_a_mutual_tls_aggregators_container(processes, tmp_p
     without_client_cert = {k: v for k, v in container_env.items() if not k.startswith("LOADAGG_CLIENT_")}
     refused = _health(env=without_client_cert)  # mutual TLS: no client certificate, no answer
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+
+
+def test_the_default_target_is_where_serve_binds(monkeypatch):
+    from loadagg.health_check import default_target
+
+    for name in ("LOADAGG_TARGET", "LOADAGG_HOST", "LOADAGG_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert default_target() == "127.0.0.1:50051"
+    monkeypatch.setenv("LOADAGG_PORT", "6000")
+    for host, target in (("0.0.0.0", "127.0.0.1:6000"), ("::", "127.0.0.1:6000"), ("10.1.2.3", "10.1.2.3:6000"),
+                         ("fd00::5", "[fd00::5]:6000")):
+        monkeypatch.setenv("LOADAGG_HOST", host)
+        assert default_target() == target, host
+    monkeypatch.setenv("LOADAGG_TARGET", "agg:7000")
+    assert default_target() == "agg:7000"
