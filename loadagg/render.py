@@ -50,7 +50,8 @@ def to_table(response: pb.GetLoadsResponse) -> str:
             f"{_opt(load, 'cache_hit_rate', '{:.2f}'):>5} {gpu:>13}  {state}"
         )
     if response.missing_ranks:
-        lines.append(f"missing ranks: {', '.join(map(str, response.missing_ranks))}")
+        cut = " (answered at this call's deadline: the round was still collecting them)" if response.partial else ""
+        lines.append(f"missing ranks: {', '.join(map(str, response.missing_ranks))}{cut}")
     s = response.summary
     lines.append(
         f"total: {s.num_ranks} ranks, {s.total_running_reqs} running, {s.total_waiting_reqs} waiting, "

@@ -198,3 +198,13 @@ def test_settings_that_could_never_work_are_refused_up_front():
     assert LinkSecurity(keepalive_s=0).keepalive_s == 0 and LinkSecurity(keepalive_s=5).keepalive_s == 5
     with pytest.raises(ValueError, match="at least 10"):
         AgentConfig(push_interval_ms=1)
+
+
+def test_the_table_says_when_an_answer_was_cut_at_the_callers_deadline():
+    from loadagg.render import to_table
+
+    response = pb.GetLoadsResponse(round_id=7, dp_size=2, loads=[pb.RankLoad(dp_rank=0, num_running_reqs=1)],
+                                   missing_ranks=[1])
+    assert "missing ranks: 1\n" in to_table(response) + "\n" and "deadline" not in to_table(response)
+    response.partial = True
+    assert "missing ranks: 1 (answered at this call's deadline" in to_table(response)
