@@ -143,14 +143,13 @@ def sync_channel(target: str, security: ChannelSecurity | None = None, options=(
 
 
 def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
-    from loadagg.config import env
+    from loadagg.config import env, env_bool
 
     g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
     if token:
         g.add_argument("--token", default=None,
                        help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
-    tls_on = (env("TLS", "") or "").strip().lower() in ("1", "true", "yes", "on")  # "false"/"no"/"off": plaintext
-    g.add_argument("--tls", action="store_true", default=tls_on,
+    g.add_argument("--tls", action="store_true", default=env_bool("TLS", False),
                    help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
     # CLIENT_: in the aggregator's own container LOADAGG_TLS_CERT/KEY are the server's (what `serve` reads),

@@ -21,6 +21,11 @@ def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"LOADAGG_{name}", default)
 
 
+def env_flag(name: str) -> bool:
+    """LOADAGG_<NAME> as a switch: 1/true/yes/on (any case) is on; anything else, or unset, is off."""
+    return (env(name, "") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -88,8 +93,7 @@ def add_link_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("secure link to the aggregator")
     g.add_argument("--token", default=None,  # read from the environment later, so --help never prints it
                    help="shared agent token (the aggregator's --agent-token) [LOADAGG_AGENT_TOKEN]")
-    tls_on = (env("TLS", "") or "").strip().lower() in ("1", "true", "yes", "on")  # "false"/"no"/"off": plaintext
-    g.add_argument("--tls", action="store_true", default=tls_on,
+    g.add_argument("--tls", action="store_true", default=env_flag("TLS"),
                    help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
     g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
     g.add_argument("--tls-cert", default=env("TLS_CERT", ""),

@@ -10,7 +10,7 @@ import signal
 import sys
 
 from scheduler_agent.agent import SchedulerAgent
-from scheduler_agent.channel import add_link_flags, link_security_from_args
+from scheduler_agent.channel import add_link_flags, env_flag, link_security_from_args
 from scheduler_agent.config import AgentConfig, default_instance_id, env
 from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--collect-latency-ms", type=float, default=env("COLLECT_LATENCY_MS", "0"),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
     p.add_argument("--resolve-all", action="store_true",
-                   default=(env("RESOLVE_ALL", "") or "").lower() in ("1", "true", "yes", "on"),
+                   default=env_flag("RESOLVE_ALL"),
                    help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
     p.add_argument("--resolve-interval-s", type=float, default=env("RESOLVE_INTERVAL_S", "10"),
