@@ -202,18 +202,16 @@ class QueueingCommunicator(_Communicator):
     async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
         """A round of this caller's own, once the callers ahead have had theirs; the wait for the turn counts
         against the caller's deadline (DEADLINE_EXCEEDED when the turn does not come in time)."""
-        if wait_timeout is None:
-            async with self._turn:
-                return await self._await(self._start_round(), None)
-        deadline = time.monotonic() + wait_timeout
+        deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
         try:
-            await asyncio.wait_for(self._turn.acquire(), wait_timeout)
+            await asyncio.wait_for(self._turn.acquire(), wait_timeout)  # (None: as long as it takes)
         except TimeoutError:
             raise DeadlineTooShort(f"queueing mode: this call's turn did not come within its deadline "
                                    f"({wait_timeout * 1000:.0f} ms): the callers ahead each wait for a round "
                                    "of their own") from None
         try:
-            return await self._await(self._start_round(), max(0.0, deadline - time.monotonic()))
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return await self._await(self._start_round(), remaining)
         finally:
             self._turn.release()
 

@@ -181,8 +181,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 context.write, which spares every collect a pass through two more generators."""
                 await admit(context)
                 responses = inner(decoded(raw_requests, context), context)
+                asynchronous = inspect.isasyncgen(responses)
                 try:
-                    if inspect.isasyncgen(responses):
+                    if asynchronous:
                         async for response in responses:
                             await context.write(response)
                     else:
@@ -190,7 +191,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                             await context.write(response)
                 finally:
                     try:
-                        if inspect.isasyncgen(responses):
+                        if asynchronous:
                             await responses.aclose()  # its cleanup (releasing an agent's ranks) runs now
                     finally:
                         if capped:
