@@ -11,6 +11,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+from loadagg.grpc_core import use_classic_listener
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,6 +26,7 @@ class Child:
     def __init__(self, module: str, *args: str, name: str = "") -> None:
         self.name = name or module
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        use_classic_listener(env)  # every server child (aggregator, echo, link floor) as `loadagg serve` runs
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._lines: queue.Queue[str | None] = queue.Queue()

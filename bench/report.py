@@ -7,6 +7,9 @@ import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+
+from loadagg.grpc_core import CLASSIC_LISTENER
 
 
 @dataclass
@@ -86,12 +89,16 @@ def print_outcome(outcome: Outcome) -> None:
 
 
 def machine() -> str:
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"grpcio {version('grpcio')}")
 
 
 def write_markdown(outcomes: list[Outcome], path: str, command: str, plot: str | None) -> None:
     parts = [f"# loadagg benchmark results\n\n`{command}` on {machine()}. Every ratio compares runs made side by side "
-             "in the same invocation (servers, agents and the load generator in separate processes, all on loopback).\n"]
+             "in the same invocation (servers, agents and the load generator in separate processes, all on loopback). "
+             "Every server (aggregator, echo, link floor) runs with GRPC_EXPERIMENTS="
+             f"{os.environ.get('GRPC_EXPERIMENTS', CLASSIC_LISTENER)!r}, as `loadagg serve` does by default "
+             "(loadagg/grpc_core.py).\n"]
     summary = [{"scenario": o.scenario, **r} for o in outcomes for r in targets_rows(o)]
     parts.append("## Targets\n\n" + markdown_table(summary) + "\n")
     for o in outcomes:

@@ -7,7 +7,10 @@ import asyncio
 import logging
 import sys
 
-import grpc
+from loadagg.grpc_core import use_classic_listener
+
+use_classic_listener()  # gRPC reads its experiments when first imported: just below, for the `loadagg` command
+import grpc  # noqa: E402
 
 from loadagg.channels import add_client_flags
 from loadagg.config import AggregatorConfig, env, env_bool, env_int
