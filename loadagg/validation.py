@@ -14,7 +14,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from loadagg.errors import InvalidRequest
 from loadagg.v1 import loadagg_pb2 as pb
 
-_RATIOS_CORE = ("token_usage", "cache_hit_rate", "utilization")
+# Not `utilization`: sglang's is max(running / max_running_requests_under_SLO, token_usage / 0.9), above 1
+# on a server past its SLO, which is when routers need it most.
+_RATIOS_CORE = ("token_usage", "cache_hit_rate")
 _COUNTS_CORE = (
     "num_running_reqs",
     "num_waiting_reqs",
@@ -94,7 +96,7 @@ def _numeric_getters(descriptor, ratios: tuple[str, ...]):
 
 _SECTION_NAMES = ("memory", "spec", "lora", "disagg", "queues")
 _SECTIONS = attrgetter(*_SECTION_NAMES)
-_CORE_GETTERS = (_getter([*_COUNTS_CORE, "gen_throughput"]), _getter(list(_RATIOS_CORE)))
+_CORE_GETTERS = (_getter([*_COUNTS_CORE, "gen_throughput", "utilization"]), _getter(list(_RATIOS_CORE)))
 _SECTION_GETTERS = tuple(
     _numeric_getters(pb.RankLoad.DESCRIPTOR.fields_by_name[name].message_type, _SECTION_RATIOS.get(name, ()))
     for name in _SECTION_NAMES
@@ -130,7 +132,7 @@ def load_problem(load: pb.RankLoad) -> str | None:
         return None
     if load.stale or load.age_ms:
         return "stale/age_ms are set by the aggregator, not by agents"
-    for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput",):
+    for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput", "utilization"):
         if load.HasField(name):
             problem = _check_number(name, getattr(load, name), name in _RATIOS_CORE)
             if problem:

@@ -110,9 +110,12 @@ class SglangHttpEngine(HttpEngine):
         self.legacy_only = legacy_only
         self.bare_ranks = bare_ranks  # ranks served without any section object
         self.running = {r: 5 + r for r in range(dp_size)}
+        self.utilization: dict[int, float] = {}  # per rank, instead of sglang_entry's 0.75
 
     def v1_body(self, request: web.Request) -> dict:
         loads = [sglang_entry(r, self.running[r], sections=r not in self.bare_ranks) for r in range(self.dp_size)]
+        for entry in loads:
+            entry["utilization"] = self.utilization.get(entry["dp_rank"], entry["utilization"])
         if request.query.get("include") == "core":
             loads = [{k: v for k, v in e.items() if not isinstance(v, dict)} for e in loads]
         return {"timestamp": "2026-11-25T09:00:00.000000+00:00", "version": "0.5.6", "dp_rank_count": self.dp_size,
@@ -134,6 +137,8 @@ class SglangHttpEngine(HttpEngine):
         return routes
 
 
+# vLLM's front end sums num_gpu_blocks over its DP engines and prints that sum on every engine's
+# cache_config_info: 32768 here is two engines of 16384 blocks each.
 VLLM_PAGE = """\
 # HELP python_gc_objects_collected_total Objects collected during gc
 # TYPE python_gc_objects_collected_total counter
@@ -170,8 +175,8 @@ vllm:generation_tokens_total{engine="1",model_name="Qwen/Qwen3-8B"} 100.0
 vllm:generation_tokens_created{engine="1",model_name="Qwen/Qwen3-8B"} 1.7640468e+09
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
-vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="16384",num_gpu_blocks_override="None"} 1.0
-vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="1",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="16384",num_gpu_blocks_override="None"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="32768",num_gpu_blocks_override="None"} 1.0
+vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="1",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="32768",num_gpu_blocks_override="None"} 1.0
 # HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.
 # TYPE vllm:e2e_request_latency_seconds histogram
 vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="Qwen/Qwen3-8B"} 2.0

@@ -20,7 +20,16 @@ def test_presence_rules_for_protos_without_presence():
     load = load_from_scheduler_load(sglang, "sglang", now_ms=5)
     assert load.num_running_reqs == 5 and load.max_total_num_tokens == 262144
     assert load.HasField("gen_throughput") and load.gen_throughput == 0.0  # sglang fills every core figure
-    assert load.HasField("num_waiting_uncached_tokens")
+    # 0 uncached tokens beside 2 waiting requests: some sglang servicers never fill the field, so not a 0
+    assert not load.HasField("num_waiting_uncached_tokens")
+    sglang.num_waiting_uncached_tokens = 640
+    assert load_from_scheduler_load(sglang, "sglang", now_ms=5).num_waiting_uncached_tokens == 640
+    sglang.num_waiting_uncached_tokens, sglang.num_waiting_reqs = 0, 0
+    idle = load_from_scheduler_load(sglang, "sglang", now_ms=5)
+    assert idle.HasField("num_waiting_uncached_tokens") and idle.num_waiting_uncached_tokens == 0  # nothing waits
+    sglang.utilization = -1.0  # a PD prefill server: "does not apply"
+    prefill = load_from_scheduler_load(sglang, "sglang", now_ms=5)
+    assert not prefill.HasField("utilization") and prefill.num_running_reqs == 5
     assert load.memory.weight_gb == 15.3 and load.disagg.mode == "prefill" and load.queues.waiting == 2
     assert not load.HasField("spec") and not load.HasField("lora")  # sections the engine left out
 

@@ -214,3 +214,30 @@ async def test_a_server_without_dp_rank_in_its_only_entry_is_rank_0_and_a_bad_ra
             await source.close()
         await single.stop()
         await broken.stop()
+
+
+async def test_prefill_and_overloaded_utilization_keep_their_ranks(start_aggregator, channel_to):
+    """sglang's utilization is -1 on a PD prefill server ("does not apply") and passes 1 past its SLO
+    (max(running / max_running_requests_under_SLO, token_usage / 0.9)): neither may cost a rank."""
+    entry = sglang_entry(0)
+    entry["utilization"] = -1
+    prefill = load_from_v1(entry, now_ms=1)
+    assert not prefill.HasField("utilization") and prefill.num_running_reqs == 5  # unset, the rest read
+    entry["utilization"] = -0.0
+    assert load_from_v1(entry, now_ms=1).utilization == 0.0
+
+    engine = SglangHttpEngine(dp_size=2)
+    engine.utilization = {0: -1.0, 1: 1.37}
+    await engine.start()
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+    agent = engine_agent(agg.port, SglangHttpSource(engine.url))
+    try:
+        async with running(agent):
+            await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="engine ranks registered")
+            response = await get_loads(channel_to(agg.port))
+            assert not response.missing_ranks and [l.dp_rank for l in response.loads] == [0, 1]
+            assert not response.loads[0].HasField("utilization") and response.loads[1].utilization == 1.37
+            assert response.summary.avg_utilization == 1.37  # the mean counts only the rank that reports it
+            assert agent.rejections == 0
+    finally:
+        await engine.stop()

@@ -19,7 +19,8 @@ def test_page_parses_per_engine_rank():
     figures = parse_page(engine.page())
     assert set(figures) == {0, 1}
     assert figures[0]["running"] == 7 and figures[0]["waiting"] == 4 and figures[0]["kv_usage"] == 0.25
-    assert figures[0]["capacity"] == 16384 * 16 and figures[0]["generated"] == 1000.0
+    # each engine's own 16384 blocks, though both labels carry the front end's sum (32768)
+    assert figures[0]["capacity"] == figures[1]["capacity"] == 16384 * 16 and figures[0]["generated"] == 1000.0
     assert figures[1]["queries"] == 0.0
 
     older = "\n".join(line.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc").replace('engine="1"', 'engine="0"')
@@ -27,6 +28,7 @@ def test_page_parses_per_engine_rank():
     single = parse_page(older.replace("{running0}", "1.0").replace("{generated0}", "5.0")
                         .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))
     assert set(single) == {0} and single[0]["kv_usage_v0"] == 0.25
+    assert single[0]["capacity"] == 32768 * 16  # one engine: its blocks are the whole sum
     v1_before_0_10 = older.replace("vllm:prefix_cache_", "vllm:gpu_prefix_cache_")  # the counters' older names
     renamed = parse_page(v1_before_0_10.replace("{running0}", "1.0").replace("{generated0}", "5.0")
                          .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))

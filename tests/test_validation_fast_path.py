@@ -73,3 +73,13 @@ def test_fast_path_agrees_with_the_detailed_check(changes) -> None:
 def test_fast_path_takes_a_plain_snapshot_and_an_empty_load() -> None:
     assert validation._looks_valid(BASE)
     assert validation._looks_valid(pb.RankLoad())
+
+
+def test_utilization_is_a_non_negative_figure_not_a_ratio() -> None:
+    # sglang's utilization is max(running / max_running_requests_under_SLO, token_usage / 0.9): past 1 when
+    # a server runs over its SLO. Refusing it would drop exactly the ranks a router must steer away from.
+    for value in (1.0, 1.37, 12.0):
+        load = pb.RankLoad(dp_rank=0, utilization=value)
+        assert validation.load_problem(load) is None and detailed(load) is None
+    assert validation.load_problem(pb.RankLoad(dp_rank=0, utilization=-0.5)) == "utilization is negative (-0.5)"
+    assert validation.load_problem(pb.RankLoad(dp_rank=0, token_usage=1.2)).startswith("token_usage must be a ratio")

@@ -25,6 +25,12 @@ class PartialRead(SourceError):
         self.loads = loads
 
 
+def not_applicable(field: str, value: object) -> bool:
+    """sglang's marker for a figure that does not apply: `utilization` -1 on a PD-disaggregation prefill
+    server (its scheduler sets it so). Such a figure stays unset, and the rank is still read."""
+    return field == "utilization" and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+
+
 def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
     """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank.
 

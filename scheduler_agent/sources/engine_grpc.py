@@ -8,8 +8,10 @@ Those protos give the core scalars no presence (0 is both "zero" and "not known"
 * request counts (running, waiting, total) are always known to a scheduler: copied, 0 included;
 * capacities (`max_total_num_tokens`, `max_running_requests`) cannot be 0 on a live engine: 0 = unset,
   and `num_used_tokens` / `token_usage` are only trusted at 0 when the capacity is known;
-* sglang fills every other core figure: copied as sent. vLLM documents "unset fields are 0", so a 0
-  from vLLM in any other figure is left unset;
+* sglang fills every other core figure: copied as sent, except `num_waiting_uncached_tokens`, which
+  some sglang servicers never set: a 0 there beside waiting requests is left unset (with none waiting it
+  is a true 0). vLLM documents "unset fields are 0", so a 0 from vLLM in any other figure is left unset;
+* `utilization` -1 is sglang's "does not apply" (PD prefill servers): left unset, the rank still read;
 * the sections (sglang only) do have presence: a section the engine sent is copied, one it left out
   stays out; an empty disaggregation `mode` stays unset.
 """
@@ -23,7 +25,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, read_ranks
+from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, not_applicable, read_ranks
 from scheduler_agent.sources.http_client import DEFAULT_TIMEOUT_S, MIN_TIMEOUT_S, ROUND_SHARE
 
 _FLAVORS = {
@@ -78,6 +80,9 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
         if not hasattr(src, field):
             continue
         value = getattr(src, field)
+        if not_applicable(field, value) or (field == "num_waiting_uncached_tokens" and not value
+                                             and src.num_waiting_reqs):
+            continue
         _check(f"{where} {field}", value)
         if value or flavor == "sglang":
             setattr(load, field, value)

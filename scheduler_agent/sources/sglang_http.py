@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError, read_ranks
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError, not_applicable, read_ranks
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
 
 V1_LOADS = "/v1/loads?include=all"
@@ -115,7 +115,7 @@ def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: boo
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=_taken_at(entry.get("timestamp"), now_ms))
     for key, kind in _CORE.items():
         raw = entry.get(key)
-        if raw is not None:
+        if raw is not None and not not_applicable(key, raw):
             setattr(load, key, _value(f"{where}: rank {rank} {key}", raw, kind))
     for key, (section, fields) in _SECTIONS.items():
         raw = entry.get(key)

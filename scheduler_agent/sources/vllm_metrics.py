@@ -5,7 +5,9 @@ Figures per dp rank (the `engine` label in data-parallel deployments; no label =
 * `vllm:kv_cache_usage_perc` (v1; a 0..1 ratio despite the name), or the older
   `vllm:gpu_cache_usage_perc` -> token_usage;
 * `vllm:cache_config_info{num_gpu_blocks, block_size}` -> max_total_num_tokens (blocks x block size),
-  and with it num_used_tokens = token_usage x capacity (block granular);
+  and with it num_used_tokens = token_usage x capacity (block granular). vLLM's front end sums
+  num_gpu_blocks over the DP engines it runs and labels every engine with that sum, so each engine
+  on a page gets an even share (they run the same model on the same kind of GPU);
 * counters `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (named `vllm:gpu_prefix_cache_*` in
   v1 releases before 0.10) -> cache_hit_rate over the last window (>= WINDOW_S) that saw queries, the
   lifetime ratio before the first one; v0's `vllm:gpu_prefix_cache_hit_rate` gauge when the counters are absent;
@@ -100,6 +102,9 @@ def parse_page(text: str) -> dict[int, dict[str, float]]:
         raise SourceError(f"GET {METRICS}: not Prometheus text ({type(error).__name__})") from None
     if not any("running" in f for f in figures.values()):
         raise SourceError(f"GET {METRICS}: no vllm:num_requests_running on the page: is this vLLM?")
+    sized = [f for f in figures.values() if "capacity" in f]
+    for f in sized:  # every engine label carries the front end's sum over its engines
+        f["capacity"] /= len(sized)
     for f in figures.values():  # the older names count only when the newer ones are absent
         for old, new in (("hits_gpu", "hits"), ("queries_gpu", "queries")):
             if old in f:
