@@ -13,7 +13,7 @@ use_classic_listener()  # gRPC reads its experiments when first imported: just b
 import grpc  # noqa: E402
 
 from loadagg.channels import add_client_flags
-from loadagg.config import AggregatorConfig, env, env_bool, env_int
+from loadagg.config import LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice, env_int
 from loadagg.limits import add_server_flags as add_limit_flags
 from loadagg.security import add_server_flags as add_security_flags
 
@@ -104,7 +104,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
+    common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=env_choice("LOG_LEVEL", "INFO", LOG_LEVELS), help="[LOADAGG_LOG_LEVEL]")
 
     s = sub.add_parser("serve", help="run the aggregator", parents=[common], formatter_class=fmt)
     s.add_argument("--host", default=env("HOST", "0.0.0.0"), help="bind address [LOADAGG_HOST]")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"loadagg: error: bad environment variable: {error}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         sys.exit(args.func(args))
     except ValueError as error:

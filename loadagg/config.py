@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loadagg.limits import LimitsConfig
@@ -22,6 +23,21 @@ def env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"LOADAGG_{name} must be an integer, got {value!r}") from None
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """LOADAGG_<NAME> as one of `choices` (any case), else `default`. argparse checks `choices` only on the
+    command line, never on a default: a bad variable must fail here, naming itself."""
+    value = env(name)
+    if value in (None, ""):
+        return default
+    for choice in choices:
+        if value.strip().lower() == choice.lower():
+            return choice
+    raise ValueError(f"LOADAGG_{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def env_bool(name: str, default: bool) -> bool:

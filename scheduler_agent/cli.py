@@ -11,7 +11,7 @@ import sys
 
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import add_link_flags, env_flag, link_security_from_args
-from scheduler_agent.config import AgentConfig, default_instance_id, env
+from scheduler_agent.config import LOG_LEVELS, AgentConfig, default_instance_id, env, env_choice
 from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
 
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                         "numbering) [LOADAGG_RANK_OFFSET]")
     p.add_argument("--instance-id", default=env("INSTANCE_ID") or default_instance_id(),
                    help="stable id of this agent [LOADAGG_INSTANCE_ID]")
-    p.add_argument("--source", choices=SOURCE_NAMES, default=env("SOURCE", "simulator"),
+    p.add_argument("--source", choices=SOURCE_NAMES, default=env_choice("SOURCE", "simulator", SOURCE_NAMES),
                    help="where loads come from [LOADAGG_SOURCE]")
     p.add_argument("--engine-url", default=env("ENGINE_URL", ""),
                    help="the engine beside this agent: http://HOST:PORT, or grpc://HOST:PORT for an engine in "
@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
     p.add_argument("--resolve-interval-s", type=float, default=env("RESOLVE_INTERVAL_S", "10"),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="[LOADAGG_LOG_LEVEL]")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   default=env_choice("LOG_LEVEL", "INFO", LOG_LEVELS), help="[LOADAGG_LOG_LEVEL]")
     p.add_argument("--backoff-initial-ms", type=int, default=env("BACKOFF_INITIAL_MS", "100"),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
     p.add_argument("--backoff-max-ms", type=int, default=env("BACKOFF_MAX_MS", "5000"),
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parser().parse_args(argv)  # the defaults read LOADAGG_* variables: a bad one is a usage error
     except ValueError as error:
         sys.exit(f"scheduler-agent: error: bad environment variable: {error}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
         fanout = fanout_from_args(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler_agent.channel import LinkSecurity
@@ -13,6 +14,21 @@ from scheduler_agent.channel import LinkSecurity
 def env(name: str, default: str | None = None) -> str | None:
     """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`."""
     return os.environ.get(f"LOADAGG_{name}", default)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """LOADAGG_<NAME> as one of `choices` (any case), else `default`. argparse checks `choices` only on the
+    command line, never on a default: a bad variable must fail here, naming itself."""
+    value = env(name)
+    if value in (None, ""):
+        return default
+    for choice in choices:
+        if value.strip().lower() == choice.lower():
+            return choice
+    raise ValueError(f"LOADAGG_{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def default_instance_id() -> str:

@@ -106,8 +106,14 @@ def test_a_bad_environment_variable_is_a_usage_error_naming_it():
                             cwd=ROOT, env=env)
     assert result.returncode == 2 and "LOADAGG_PORT must be an integer, got 'abc'" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "loadagg", "loads"], capture_output=True, text=True, timeout=30,
+                            cwd=ROOT, env={**os.environ, "LOADAGG_LOG_LEVEL": "verbose"})
+    assert result.returncode == 2 and "LOADAGG_LOG_LEVEL must be one of DEBUG" in result.stderr
+    assert "Traceback" not in result.stderr
     for name, value, said in (("LOADAGG_GPU", "maybe", "LOADAGG_GPU='maybe'"),
-                              ("LOADAGG_PUSH_INTERVAL_MS", "x", "argument --push-interval-ms: invalid int value")):
+                              ("LOADAGG_PUSH_INTERVAL_MS", "x", "argument --push-interval-ms: invalid int value"),
+                              ("LOADAGG_SOURCE", "bogus", "LOADAGG_SOURCE must be one of simulator, sglang, vllm"),
+                              ("LOADAGG_LOG_LEVEL", "verbose", "LOADAGG_LOG_LEVEL must be one of DEBUG")):
         result = subprocess.run([sys.executable, "-m", "scheduler_agent"], capture_output=True, text=True,
                                 timeout=30, cwd=ROOT, env={**os.environ, name: value})
         assert result.returncode in (1, 2) and said in result.stderr and "Traceback" not in result.stderr

@@ -208,3 +208,18 @@ def test_the_table_says_when_an_answer_was_cut_at_the_callers_deadline():
     assert "missing ranks: 1\n" in to_table(response) + "\n" and "deadline" not in to_table(response)
     response.partial = True
     assert "missing ranks: 1 (answered at this call's deadline" in to_table(response)
+
+
+def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch):
+    from loadagg.config import LOG_LEVELS, env_choice
+    from scheduler_agent.config import env_choice as agent_env_choice
+
+    monkeypatch.setenv("LOADAGG_SOURCE", " SGLang ")
+    assert agent_env_choice("SOURCE", "simulator", ("simulator", "sglang", "vllm")) == "sglang"
+    monkeypatch.setenv("LOADAGG_LOG_LEVEL", "warning")
+    assert env_choice("LOG_LEVEL", "INFO", LOG_LEVELS) == "WARNING"
+    monkeypatch.setenv("LOADAGG_LOG_LEVEL", "")
+    assert env_choice("LOG_LEVEL", "INFO", LOG_LEVELS) == "INFO"
+    monkeypatch.setenv("LOADAGG_LOG_LEVEL", "loud")
+    with pytest.raises(ValueError, match="LOADAGG_LOG_LEVEL must be one of DEBUG, INFO"):
+        env_choice("LOG_LEVEL", "INFO", LOG_LEVELS)
