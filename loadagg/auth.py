@@ -50,7 +50,7 @@ class TokenPolicy:
         if role is None:
             return None
         values = [v for k, v in (metadata or ()) if k == AUTHORIZATION]
-        flag = "--token" if role == "agent" else "--token / LoadClient(token=...)"
+        flag = "--token" if role == "agent" else "--token / LoadClient(..., security=ChannelSecurity(token=...))"
         if not values:
             return (f"{service} requires the {role} token: send metadata 'authorization: Bearer <token>' "
                     f"({flag}; the aggregator's --{role}-token)")

@@ -13,7 +13,7 @@ use_classic_listener()  # gRPC reads its experiments when first imported: just b
 import grpc  # noqa: E402
 
 from loadagg.channels import add_client_flags
-from loadagg.config import LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice, env_int
+from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice, env_int
 from loadagg.limits import add_server_flags as add_limit_flags
 from loadagg.security import add_server_flags as add_security_flags
 
@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also answer sglang.grpc.scheduler.SglangScheduler/GetLoads [LOADAGG_SGLANG_COMPAT]")
     s.add_argument("--vllm-compat", action=argparse.BooleanOptionalAction, default=env_bool("VLLM_COMPAT", True),
                    help="also answer vllm.grpc.engine.VllmEngine/GetLoads [LOADAGG_VLLM_COMPAT]")
-    s.add_argument("--watch-interval-ms", type=int, default=env_int("WATCH_INTERVAL_MS", 1000),
+    s.add_argument("--watch-interval-ms", type=int, default=env_int("WATCH_INTERVAL_MS", DEFAULT_WATCH_INTERVAL_MS),
                    help="WatchLoads interval when a watcher asks for 0 [LOADAGG_WATCH_INTERVAL_MS]")
     s.add_argument("--min-watch-interval-ms", type=int, default=env_int("MIN_WATCH_INTERVAL_MS", 10),
                    help="shortest WatchLoads interval accepted [LOADAGG_MIN_WATCH_INTERVAL_MS]")

@@ -55,7 +55,10 @@ class RetryPolicy:
             raise ValueError("RetryPolicy.attempts must be >= 1")
 
     def backoff(self, failures: int) -> float:
-        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(0, failures - 1))
+        # The exponent is capped before the power: KEEP_TRYING counts past 1024 failures in ~35 min of
+        # outage, and 2.0 ** 1025 is an OverflowError, not "the cap".
+        exponent = min(max(0, failures - 1), 64)
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** exponent)
         return base * (1 + random.uniform(-self.jitter, self.jitter))
 
 

@@ -25,6 +25,7 @@ def env_int(name: str, default: int) -> int:
         raise ValueError(f"LOADAGG_{name} must be an integer, got {value!r}") from None
 
 
+DEFAULT_WATCH_INTERVAL_MS = 1000  # what a WatchLoads asking for interval 0 gets, unless --watch-interval-ms
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -60,7 +61,7 @@ class AggregatorConfig:
     round_timeout_ms: int = 500  # a round ends at this deadline even if a rank never answers
     hello_timeout_ms: int = 10_000  # an agent must say hello this soon after connecting
     grace_s: float = 5.0  # SIGTERM: time for in-flight calls to finish
-    default_watch_interval_ms: int = 1000
+    default_watch_interval_ms: int = DEFAULT_WATCH_INTERVAL_MS
     aggregator_id: str = ""
     security: SecurityConfig = field(default_factory=SecurityConfig)  # tokens, TLS (loadagg/security.py)
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # message size, streams, keepalive (limits.py)

@@ -30,6 +30,10 @@ _FORMATS = ("json", "prometheus")
 _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
 
 
+_UINT32_MAX = 2**32 - 1
+_SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
+
+
 def _int_param(query, name: str) -> int | None:
     raw = query.get(name)
     if raw is None or raw == "":
@@ -45,6 +49,10 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
     unknown = sorted(set(query) - _PARAMS)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s) {unknown}; accepted: {sorted(_PARAMS)}")
+    repeated = [name for name in _SINGLE if len(query.getall(name, ())) > 1]
+    if repeated:
+        raise InvalidRequest(f"query parameter(s) {repeated} given more than once; give each at most once "
+                             "(include may repeat, or list sections with commas)")
     fmt = query.get("format", "json") or "json"
     if fmt not in _FORMATS:
         raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {fmt!r}")
@@ -54,13 +62,13 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
         if not 0 <= dp_rank < dp_size:
             raise InvalidRequest(f"dp_rank {dp_rank} is out of range: dp_size={dp_size} (ranks 0..{dp_size - 1})")
         request.dp_rank = dp_rank
-    include = [s.strip() for s in query.get("include", "").split(",") if s.strip()]
+    include = [s.strip() for value in query.getall("include", ()) for s in value.split(",") if s.strip()]
     parse_include(include)  # validates
     request.include.extend(include)
     staleness = _int_param(query, "max_staleness_ms")
     if staleness is not None:
-        if staleness < 0:
-            raise InvalidRequest(f"max_staleness_ms must be >= 0, got {staleness}")
+        if not 0 <= staleness <= _UINT32_MAX:
+            raise InvalidRequest(f"max_staleness_ms must be in 0..{_UINT32_MAX}, got {staleness}")
         request.freshness = pb.FRESHNESS_CACHED
         request.max_staleness_ms = staleness
     return request

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
 from loadagg.client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
-from loadagg.config import env, env_int
+from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int
 from loadagg.render import mean_usage
 
 GIB = 1 << 30
@@ -32,13 +32,13 @@ class TopConfig:
     interval_ms: int = 1000
     dp_rank: int | None = None
     frames: int = 0  # 0: until Ctrl-C
-    stale_ms: int = 0  # 0: three intervals
+    stale_ms: int = 0  # 0: three intervals (interval 0 is the server's default watch interval, 1 s unless changed)
     width: int | None = None
     security: ChannelSecurity | None = None  # TLS / mutual TLS and the router token
 
     @property
     def stale_after_ms(self) -> int:
-        return self.stale_ms or 3 * max(self.interval_ms, 1)
+        return self.stale_ms or 3 * (self.interval_ms or DEFAULT_WATCH_INTERVAL_MS)
 
 
 def bar(ratio: float, width: int = 12) -> Text:

@@ -93,6 +93,8 @@ async def test_dp_rank_and_include_filters(start_aggregator, start_agents):
     assert not {"speculative", "lora", "disaggregation", "queues"} & set(load)
     _, _, body = await _get(agg.http_port, "?include=core")
     assert all(not set(SECTION_KEYS) & set(load) for load in json.loads(body)["loads"])
+    _, _, body = await _get(agg.http_port, "?include=memory&include=queues")  # repeated, as most HTTP clients send lists
+    assert all({"memory", "queues"} <= set(load) and "lora" not in load for load in json.loads(body)["loads"])
 
 
 async def test_prometheus_format(start_aggregator, start_agents):
@@ -118,7 +120,11 @@ async def test_prometheus_format(start_aggregator, start_agents):
     ("?include=core,bogus", "unknown section 'bogus'"),
     ("?format=xml", "format must be one of"),
     ("?rank=1", "unknown query parameter"),
-    ("?max_staleness_ms=-5", "max_staleness_ms must be >= 0"),
+    ("?max_staleness_ms=-5", "max_staleness_ms must be in 0..4294967295"),
+    ("?max_staleness_ms=4294967296", "max_staleness_ms must be in 0..4294967295"),  # past the proto's uint32
+    ("?include=memory&include=bogus", "unknown section 'bogus'"),  # every repeat is checked
+    ("?dp_rank=1&dp_rank=0", "given more than once"),
+    ("?format=json&format=prometheus", "given more than once"),
 ])
 async def test_bad_queries_get_400_with_a_clear_message(start_aggregator, query, words):
     agg = await start_aggregator(dp_size=2, http_port=0)

@@ -72,6 +72,7 @@ async def test_router_and_agent_tokens_are_separate_and_required(start_aggregato
     request = pb.GetLoadsRequest()
     for metadata, reason in [
         ((), "requires the router token"),
+        ((), "LoadClient(..., security=ChannelSecurity(token=...))"),  # an API that exists
         (_bearer("guess"), "router token presented for loadagg.v1.LoadAggregator is not valid"),
         (_bearer(AGENT_TOKEN), "is not valid"),  # an agent's token does not open the router service
         ((("authorization", f"Basic {ROUTER_TOKEN}"),), "must be 'Bearer <token>'"),
@@ -120,7 +121,7 @@ async def test_router_and_agent_tokens_are_separate_and_required(start_aggregato
             assert [l.dp_rank for l in first.loads] == [0]
     finally:
         await _stop(task)
-    assert agg.guard.refused["UNAUTHENTICATED"] == 9
+    assert agg.guard.refused["UNAUTHENTICATED"] == 10
 
 
 async def test_agent_with_a_wrong_token_is_refused_and_backs_off(start_aggregator):

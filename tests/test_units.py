@@ -223,3 +223,19 @@ def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch)
     monkeypatch.setenv("LOADAGG_LOG_LEVEL", "loud")
     with pytest.raises(ValueError, match="LOADAGG_LOG_LEVEL must be one of DEBUG, INFO"):
         env_choice("LOG_LEVEL", "INFO", LOG_LEVELS)
+
+
+def test_retry_backoff_stays_capped_however_long_an_outage_lasts():
+    from loadagg.client import KEEP_TRYING
+
+    # a live `loadagg top` counts a failure every ~2 s: 1025 of them is ~35 minutes of outage
+    for failures in (1, 10, 1025, 10_000, 2**31 - 1):
+        assert 0 < KEEP_TRYING.backoff(failures) <= KEEP_TRYING.max_backoff_s * (1 + KEEP_TRYING.jitter)
+
+
+def test_top_marks_stale_after_three_intervals_and_interval_0_is_the_servers_default():
+    from loadagg.top import TopConfig
+
+    assert TopConfig("t", interval_ms=200).stale_after_ms == 600
+    assert TopConfig("t", interval_ms=0).stale_after_ms == 3000  # not 3 ms: every rank would read STALE
+    assert TopConfig("t", interval_ms=0, stale_ms=50).stale_after_ms == 50
