@@ -113,6 +113,9 @@ def test_agents_link_to_every_replica_and_everything_is_bounded_and_non_root(kus
         spec = obj.get("spec", {}).get("template", {}).get("spec")
         if spec is None:
             continue
+        # Service links would set LOADAGG_PORT=tcp://... (the Service `loadagg`) in every pod, and the loadagg
+        # commands read that as their port: `loadagg health` in an agent pod exited 2.
+        assert spec["enableServiceLinks"] is False, obj["metadata"]["name"]
         for container in spec["containers"]:
             resources = container["resources"]
             assert resources["requests"] and resources["limits"], container["name"]
