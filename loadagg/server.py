@@ -159,7 +159,8 @@ class Aggregator:
         self.http.draining = True  # and 503 on the HTTP gateway
         await self.health.enter_graceful_shutdown()
         await self.watch.close()  # watch streams end cleanly (OK) instead of holding the grace period
-        stopping = asyncio.create_task(self.server.stop(grace + _ANSWER_MARGIN_S))
+        # The listener stays open while the calls in flight drain: probes read NOT_SERVING and new callers
+        # are told "shutting down" (a closed port would only say "connection refused").
         try:
             if self.loads.in_flight:  # (wait_for with grace 0 times out even when nothing is in flight)
                 await asyncio.wait_for(self.loads.drained(), grace)
@@ -169,6 +170,7 @@ class Aggregator:
             self.communicator.end_rounds()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.loads.drained(), _ANSWER_MARGIN_S / 2)
+        stopping = asyncio.create_task(self.server.stop(_ANSWER_MARGIN_S))  # the last answers go out
         for session in self.registry.sessions():
             session.close()
         await stopping

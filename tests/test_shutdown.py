@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -36,15 +38,12 @@ async def _start(processes, *flags: str) -> tuple[object, int, RawAgent]:
 
 
 async def _until_draining(port: int) -> None:
-    """Health turns NOT_SERVING (or the port refuses) once SIGTERM is being handled."""
+    """Health turns NOT_SERVING once SIGTERM is being handled (the port stays open while calls drain)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(400):
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    return
-            except grpc.aio.AioRpcError:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                 return
             await asyncio.sleep(0.05)
     raise AssertionError("the server never started draining")
@@ -79,8 +78,12 @@ async def test_sigterm_answers_calls_in_flight_and_refuses_new_ones(processes):
                 await pb_grpc.LoadAggregatorStub(fresh).GetLoads(pb.GetLoadsRequest(), timeout=10)
                 raise AssertionError("a call started after SIGTERM was accepted")
             except grpc.aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in error.details()
         assert not any(call.done() for call in calls)  # ... while the calls in flight still wait
+        # `loadagg health` (the container probe) says so too, instead of "connection refused".
+        probe = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "loadagg", "health", "--target",
+                                        f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 1 and "NOT_SERVING" in probe.stdout + probe.stderr, probe
 
         await held.report(collect.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=42)])
         responses = await asyncio.gather(*calls)
