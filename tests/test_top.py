@@ -9,9 +9,9 @@ import sys
 from conftest import ROOT, free_port, wait_for
 
 
-async def _top(port: int, *args: str) -> tuple[int, str, str]:
+async def _top(port: int, *args: str, width: int = 160) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadagg", "top", "--target", f"127.0.0.1:{port}", "--width", "160", *args,
+        sys.executable, "-m", "loadagg", "top", "--target", f"127.0.0.1:{port}", "--width", str(width), *args,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -42,6 +42,24 @@ async def test_top_renders_every_rank_with_missing_ones_highlighted(start_aggreg
     round_ids = [int(f.split("round ")[1].split()[0]) for f in frames]
     assert round_ids[1] > round_ids[0]  # refreshed by WatchLoads
     assert agg.watch.stats.ticks >= 1
+
+
+async def test_top_at_80_columns_keeps_every_rank_state_and_count(start_aggregator, start_agents):
+    """A pipe is 80 columns: the full table (bars, rules) needs ~125, and rich used to squeeze rank, state
+    and the request counts to nothing. The compact layout keeps them, with usage as a percentage."""
+    agg = await start_aggregator(dp_size=3)
+    await start_agents(agg, [[0], [1]])
+    code, out, err = await _top(agg.port, "--once", "--interval-ms", "100", width=80)
+    assert code == 0, err
+    assert all(len(line) <= 80 for line in out.splitlines())
+    lines = [line.split() for line in out.splitlines()]
+    header = lines.index(["rank", "state", "run", "wait", "usage", "tokens", "tok/s", "hit", "gpu", "GiB", "age",
+                          "ms"])
+    rows = {words[0]: words for words in lines[header + 1:]
+            if len(words) > 1 and words[1] in ("ok", "STALE", "MISSING")}
+    assert set(rows) == {"0", "1", "2"}
+    assert rows["0"][1] == rows["1"][1] == "ok" and rows["2"][1] == "MISSING"
+    assert rows["0"][2].isdigit() and rows["0"][3].isdigit() and rows["0"][4].endswith("%")
 
 
 async def test_top_once_single_rank_and_errors(start_aggregator, start_agents):
