@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 _FORMATS = ("json", "prometheus")
 _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
-
-
 _UINT32_MAX = 2**32 - 1
 _SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
 

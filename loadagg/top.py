@@ -86,11 +86,11 @@ def render(loads: Loads, config: TopConfig, width: int | None = None) -> Group:
     )
     table = (Table(expand=False, header_style="bold", box=None, pad_edge=False) if compact
              else Table(expand=False, header_style="bold"))
+    usage_title, tokens_title, gpu_title = (("usage", "tokens", "gpu GiB") if compact
+                                            else ("token usage", "tokens used/max", "gpu memory"))
     columns = (("rank", "right", 4), ("state", "left", 7), ("run", "right", 3), ("wait", "right", 4),
-               ("usage" if compact else "token usage", "left", 0), ("tokens" if compact else "tokens used/max",
-                                                                      "right", 0),
-               ("tok/s", "right", 5), ("hit", "right", 4), ("gpu GiB" if compact else "gpu memory", "left", 0),
-               ("age ms", "right", 6))
+               (usage_title, "left", 0), (tokens_title, "right", 0), ("tok/s", "right", 5), ("hit", "right", 4),
+               (gpu_title, "left", 0), ("age ms", "right", 6))  # (title, justify, min width: never squeezed out)
     for column, justify, min_width in columns:
         table.add_column(column, justify=justify, no_wrap=True, min_width=min_width or None)
     by_rank = {load.dp_rank: load for load in r.loads}
