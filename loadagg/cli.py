@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         print(f"loadagg {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # a port that cannot be bound, a file that cannot be read: one line, not a traceback
+        print(f"loadagg {args.command}: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

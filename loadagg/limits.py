@@ -36,6 +36,9 @@ class LimitsConfig:
     def server_options(self) -> list[tuple[str, int]]:
         options = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second aggregator on the same port would start
+            # without a word and the kernel would split agents and routers between the two.
+            ("grpc.so_reuseport", 0),
             # Agents ping every 20 s by default; accept pings down to every 5 s without calling it abuse.
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),

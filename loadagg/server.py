@@ -121,10 +121,14 @@ class Aggregator:
         services = (LOAD_SERVICE, AGENT_SERVICE, *self.compat_services, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         credentials = self.config.security.server_credentials()
-        if credentials is None:
-            self.port = server.add_insecure_port(self.config.address)
-        else:
-            self.port = server.add_secure_port(self.config.address, credentials)
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self.config.address)
+            else:
+                self.port = server.add_secure_port(self.config.address, credentials)
+        except RuntimeError as error:  # what grpc raises when the address is taken or cannot be bound
+            raise OSError(f"could not bind {self.config.address} ({error}): is another aggregator or process "
+                          "listening on that port?") from None
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
         await server.start()
@@ -132,7 +136,13 @@ class Aggregator:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         if self.config.http_port is not None:
-            self.http_port = await self.http.start(self.config.host, self.config.http_port)
+            try:
+                self.http_port = await self.http.start(self.config.host, self.config.http_port)
+            except OSError as error:
+                await server.stop(0)  # not half up: the gRPC port goes too
+                self.server = None
+                raise OSError(f"could not bind the HTTP gateway to {self.config.host}:{self.config.http_port}: "
+                              f"{error.strerror or error}") from None
             log.info("HTTP /v1/loads and /metrics on %s:%d", self.config.host, self.http_port)
         log.info(
             "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms; %s)",

@@ -117,3 +117,19 @@ def test_a_bad_environment_variable_is_a_usage_error_naming_it():
         result = subprocess.run([sys.executable, "-m", "scheduler_agent"], capture_output=True, text=True,
                                 timeout=30, cwd=ROOT, env={**os.environ, name: value})
         assert result.returncode in (1, 2) and said in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_second_aggregator_on_a_taken_port_fails_with_one_line(start_aggregator):
+    """gRPC sets SO_REUSEPORT by default: a second `serve` on the same port used to start silently, and the
+    kernel split agents and routers between two aggregators (half the answers had every rank missing)."""
+    import asyncio
+
+    agg = await start_aggregator(dp_size=1, http_port=0)
+    for flags, said in ((["--port", str(agg.port)], f"could not bind 127.0.0.1:{agg.port}"),
+                        (["--port", "0", "--http-port", str(agg.http_port)],
+                         f"could not bind the HTTP gateway to 127.0.0.1:{agg.http_port}")):
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "loadagg", "serve", "--host", "127.0.0.1", *flags],
+            capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert result.returncode == 1 and said in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
