@@ -100,6 +100,8 @@ async def test_vllm_engine_through_the_aggregator_with_faults(start_aggregator, 
                 assert (await get_loads(channel)).missing_ranks == [0, 1], mode
                 engine.set_mode("ok")
                 assert not (await get_loads(channel)).missing_ranks, mode
-            assert len(caplog.records) == 3  # one warning per failure state, however many rounds
+            # one warning per failure state, however many rounds (the source's own: another logger, such as
+            # asyncio reporting gRPC's poller of an earlier test's closed loop, is not this test's business)
+            assert len([r for r in caplog.records if r.name == "scheduler_agent.source"]) == 3, caplog.text
     finally:
         await engine.stop()
