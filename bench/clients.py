@@ -93,6 +93,9 @@ class Tally:
         if error is not None:
             self.errors[error.code().name] += 1
             self.details[f"{error.code().name}: {error.details()}"[:160]] += 1
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return  # counted, not a latency: a call that failed fast must not pull the percentiles down
+            # a timed-out caller did wait its whole deadline: its latency stays in, censored there
         self.latencies.append(done - started)
         if burst_started is not None:
             self.since_burst.append(done - burst_started)
@@ -105,7 +108,7 @@ class Tally:
             "wall_s": round(wall, 4),
             "latency": summary_ms(self.latencies),
             "since_burst": summary_ms(self.since_burst),
-            "ok": len(self.latencies) - sum(self.errors.values()),
+            "ok": len(self.latencies) - self.errors["DEADLINE_EXCEEDED"],
             "errors": dict(self.errors),
             "error_details": dict(self.details.most_common(3)),
             "rounds_seen": len(self.rounds),
@@ -115,7 +118,8 @@ class Tally:
 
 
 async def burst(run_spec: dict) -> dict:
-    """`callers` calls issued at once; `latency` counts from each call's issue, `since_burst` from the burst's start.
+    """`callers` calls issued as fast as one client can; `latency` counts from each call's issue, `since_burst`
+    from the burst's start, and `issue_s` is how long issuing them took (the server sees a ramp that long).
 
     Issued through grpc's synchronous futures API (`client: "futures"`, the default): the C core carries
     the calls and answers land on its threads, so the client adds no asyncio task per call and keeps
@@ -135,7 +139,7 @@ async def burst(run_spec: dict) -> dict:
     await asyncio.gather(*(one() for _ in range(run_spec["callers"])))
     wall = time.perf_counter() - started
     await callers.close()
-    return tally.result(wall)
+    return {**tally.result(wall), "issue_s": None}  # (calls start as the event loop gets to them)
 
 
 def burst_futures(run_spec: dict) -> dict:
@@ -166,9 +170,10 @@ def burst_futures(run_spec: dict) -> dict:
             issued = time.perf_counter()
             stubs[i % len(stubs)].future(request, timeout=timeout).add_done_callback(
                 lambda future, issued=issued: landed(future, issued))
+        issue_s = time.perf_counter() - started
         if not all_done.wait(timeout + 60):
             raise TimeoutError(f"{left[0]} of {callers} calls never ended")
-        return tally.result(time.perf_counter() - started)
+        return {**tally.result(time.perf_counter() - started), "issue_s": round(issue_s, 3)}
     finally:
         for channel in channels:
             channel.close()

@@ -52,3 +52,27 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     cpu = outcomes["cpu"]["rows"][0]
     assert cpu["rounds"] > 0 and cpu["aggregator_cores"] > 0
     assert all(row["floor_cores"] > 0 for row in outcomes["cpu"]["rows"])  # the bare link floor ran beside each
+
+
+def test_failed_calls_are_errors_not_latencies_but_timeouts_stay_at_their_deadline() -> None:
+    import grpc
+
+    sys.path.insert(0, str(ROOT))
+    from bench.clients import Tally
+
+    class Failure(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._code.name
+
+    tally = Tally()
+    tally.record(None, Failure(grpc.StatusCode.RESOURCE_EXHAUSTED), 0.0, 0.0)  # shed at once: no latency
+    tally.record(None, Failure(grpc.StatusCode.DEADLINE_EXCEEDED), 0.0, 0.0)  # waited its whole deadline
+    result = tally.result(1.0)
+    assert result["errors"] == {"RESOURCE_EXHAUSTED": 1, "DEADLINE_EXCEEDED": 1}
+    assert result["ok"] == 0 and len(tally.latencies) == len(tally.since_burst) == 1

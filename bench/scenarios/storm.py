@@ -31,18 +31,21 @@ def fetch_payload(cluster: Cluster) -> bytes:
         return pb_grpc.LoadAggregatorStub(channel).GetLoads(pb.GetLoadsRequest(), timeout=10).SerializeToString()
 
 
-def row(server: str, callers: int, result: dict, rounds: int | None = None, collects: int | None = None) -> dict:
-    """One table row; `rounds` from the aggregator's own counters (None: the echo server has none)."""
+def row(server: str, callers: int, result: dict, bursts: list[dict], rounds: int | None = None,
+        collects: int | None = None) -> dict:
+    """One table row of `result`, with the errors of all its `bursts`; `rounds` from the aggregator's own
+    counters (None: the echo server has none)."""
     agg = rounds is not None
     round_ms = max(1, result["round_ms_p50"])
-    errors = {k: v for k, v in result["errors"].items() if k != "DEADLINE_EXCEEDED"}
+    timeouts = sum(b["errors"].get("DEADLINE_EXCEEDED", 0) for b in bursts)
     return {
-        "server": server, "callers": callers, "wall_s": result["wall_s"],
-        "p50_ms": result["latency"]["p50_ms"], "p99_ms": result["latency"]["p99_ms"],
+        "server": server, "callers": callers, "wall_s": result["wall_s"], "issue_s": result["issue_s"],
+        "p50_ms": result["since_burst"]["p50_ms"], "p99_ms": result["since_burst"]["p99_ms"],
+        "p99_from_issue_ms": result["latency"]["p99_ms"],
         "rounds": rounds if agg else "-", "round_ms_p50": result["round_ms_p50"] if agg else "-",
         "rounds_bound": round(1 + result["wall_s"] * 1000 / round_ms, 1) if agg else "-",
         "collects_per_agent": round(collects / RANKS, 1) if agg else "-",
-        "timeouts": result["errors"].get("DEADLINE_EXCEEDED", 0), "other_errors": sum(errors.values()),
+        "timeouts": timeouts, "other_errors": sum(sum(b["errors"].values()) for b in bursts) - timeouts,
     }
 
 
@@ -56,7 +59,7 @@ def counted(cluster: Cluster, spec: dict) -> tuple[list[dict], int, int]:
 
 def median_run(results: list[dict]) -> dict:
     """The run whose p99 is the median of the repetitions (other jobs on a shared box make single runs noisy)."""
-    return sorted(results, key=lambda r: r["latency"]["p99_ms"])[len(results) // 2]
+    return sorted(results, key=lambda r: r["since_burst"]["p99_ms"])[len(results) // 2]
 
 
 def run(tiny: bool = False) -> Outcome:
@@ -80,17 +83,17 @@ def run(tiny: bool = False) -> Outcome:
                     "runs": [echo_run, {"target": watching.target}] * reps}
             results, rounds, _ = counted(watching, spec)
             mine = median_run(results[1::2])
-            rows["echo", callers] = row("echo", callers, median_run(results[0::2]))
+            rows["echo", callers] = row("echo", callers, median_run(results[0::2]), results[0::2])
             # Rounds of that run: the distinct rounds its callers were answered from (one collect per agent each).
-            rows["watching", callers] = row("watching", callers, mine, mine["rounds_seen"], mine["rounds_seen"] * RANKS)
-            rows["watching", callers]["other_errors"] = sum(sum(r["errors"].values()) for r in results[1::2])
+            rows["watching", callers] = row("watching", callers, mine, results[1::2], mine["rounds_seen"],
+                                            mine["rounds_seen"] * RANKS)
             bounds[callers] = (rounds, sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in results[1::2]))
             if callers == big:
                 walls = {"echo": [r["wall_s"] for r in results[0::2]], "watching": [r["wall_s"] for r in results[1::2]]}
             if callers != big:
                 spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
                 (queue_result,), rounds, collects = counted(queueing, spec)
-                rows["queueing", callers] = row("queueing", callers, queue_result, rounds, collects)
+                rows["queueing", callers] = row("queueing", callers, queue_result, [queue_result], rounds, collects)
     finally:
         for child in (watching, queueing, echo):
             if child is not None:
@@ -108,8 +111,10 @@ def run(tiny: bool = False) -> Outcome:
     outcome.targets = [
         Target(f"watching rounds, {top} callers ({reps} bursts)", f"{bounds[top][0]} (bound {bounds[top][1]:.0f})",
                "<= 1 + wall/round_time", bounds[top][0] <= bounds[top][1]),
-        Target(f"watching p99, {top} callers", f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms)", "<= 500 ms",
-               w["p99_ms"] <= 500),
+        Target(f"watching p99 from the burst's start, {top} callers",
+               f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms; from each call's issue: {w['p99_from_issue_ms']:.0f} "
+               f"ms; {w['timeouts'] + w['other_errors']} errors)", "<= 500 ms, no errors",
+               w["p99_ms"] <= 500 and w["timeouts"] + w["other_errors"] == 0),
         Target(f"queueing p99 / watching p99, {top} callers", f"{speedup:.0f}x", ">= 40x", speedup >= 40),
         Target(f"{big} callers: watching wall / echo wall (fastest of {reps})",
                f"{wall_ratio:.2f}x ({best_walls['watching']:.2f} s / {best_walls['echo']:.2f} s)", "<= 1.2x",
@@ -125,9 +130,14 @@ def run(tiny: bool = False) -> Outcome:
         "each side's fastest burst. Queueing runs once per size.",
         f"queueing callers have a {QUEUEING_DEADLINE_S:.0f} s deadline (others {DEADLINE_S:.0f} s): its p99 is "
         "censored at the deadline (timeouts counted), so the speed-up is a lower bound.",
-        "latency counts from each call's issue; the client issues the whole burst at once as grpc futures (sync API: "
-        "the C core carries the calls, no asyncio task per call), so the p99 of a big burst is mostly the time the "
-        "server needs to get through it: the echo rows show that floor for a bare grpc.aio server.",
+        "p50_ms / p99_ms count from the burst's start: one client thread issues the burst as grpc futures (sync API: "
+        "the C core carries the calls, no asyncio task per call), which takes issue_s on these 2 shared cores, so the "
+        "server sees a ramp and many calls are answered before the last is issued. Counted from the burst's start, "
+        "each latency is what it would be if all callers had come at once (the server is the bottleneck), and the "
+        "targets use it; p99_from_issue_ms counts from each call's own issue. The echo rows show the floor for a "
+        "bare grpc.aio server. Calls that fail are counted as errors and left out of the latencies, but for "
+        "timeouts, which stay in at their deadline (censored); timeouts and other_errors add up every burst of "
+        "that size.",
         "rounds in a watching row are those its callers were answered from; the targets use the aggregator's own "
         "counters over all bursts of that size; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it).",
     ]
