@@ -17,7 +17,8 @@ AUTHORIZATION = "authorization"
 
 
 def env(name: str, default: str | None = None) -> str | None:
-    """LOADAGG_<NAME> (config.py imports this module, so it cannot import config's twin)."""
+    """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`. The agent's
+    one reader of its variables: config.py and cli.py import it from here."""
     return os.environ.get(f"LOADAGG_{name}", default)
 
 

@@ -8,13 +8,9 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scheduler_agent.channel import LinkSecurity
+from scheduler_agent.channel import LinkSecurity, env
 
-
-def env(name: str, default: str | None = None) -> str | None:
-    """LOADAGG_<NAME> from the environment (how containers configure the agent), else `default`."""
-    return os.environ.get(f"LOADAGG_{name}", default)
-
+__all__ = ["LOG_LEVELS", "AgentConfig", "default_instance_id", "env", "env_choice"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
