@@ -220,6 +220,8 @@ async def periodic(run_spec: dict) -> dict:
     """One call every `interval_s` for `duration_s` (a poller such as the gateway's endpoint picker)."""
     callers = Callers({**run_spec, "channels": 1})
     await callers.ready()
+    if run_spec.get("announce_start"):  # the harness starts its CPU window here (not at this process's start-up)
+        emit({"polling": True})
     tally = Tally()
     started = time.perf_counter()
     ticks = int(run_spec["duration_s"] / run_spec["interval_s"])

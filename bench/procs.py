@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loadagg.grpc_core import use_classic_listener
@@ -83,11 +84,19 @@ class Child:
                 self.proc.wait(timeout=timeout)
 
 
-def run_client(spec: dict, timeout: float = 300.0) -> dict:
-    """Run the load generator (bench.clients) in its own process with `spec`; its JSON result."""
+def run_client(spec: dict, timeout: float = 300.0, on_start: Callable[[], None] | None = None) -> dict:
+    """Run the load generator (bench.clients) in its own process with `spec`; its JSON result.
+
+    `on_start` (periodic mode) is called once the client is connected and about to poll, so a CPU window
+    can start there rather than at the client's start-up."""
+    if on_start is not None:
+        spec = {**spec, "announce_start": True}
     child = Child("bench.clients", json.dumps(spec), name=f"client[{spec.get('mode')}]")
     try:
         result = child.read(timeout)
+        if on_start is not None and "error" not in result:
+            on_start()
+            result = child.read(timeout)
     finally:
         child.close()
     if "error" in result:

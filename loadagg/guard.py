@@ -156,8 +156,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         capped = service == AGENT_SERVICE
         decode_one = self._decoder(method, parse)
 
-        async def decoded(raw_requests: AsyncIterator[bytes], context):
-            async for raw in raw_requests:  # one stream message per agent report: parse inline, no coroutine each
+        async def decoded(_raw_requests: AsyncIterator[bytes], context):
+            # One stream message per agent report: read with context.read() (what gRPC's own request
+            # iterator wraps in two more layers) and parse inline, no coroutine each.
+            read, end = context.read, grpc.aio.EOF
+            while (raw := await read()) is not end:
                 try:
                     message = parse(raw)
                 except Exception:

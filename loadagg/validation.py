@@ -94,36 +94,44 @@ def _numeric_getters(descriptor, ratios: tuple[str, ...]):
     return _getter([n for n in names if n not in ratios]), _getter([n for n in names if n in ratios])
 
 
+def _section_getters(name: str):
+    return _numeric_getters(pb.RankLoad.DESCRIPTOR.fields_by_name[name].message_type, _SECTION_RATIOS.get(name, ()))
+
+
+# Every message-typed field of RankLoad is one of these (a test pins it), read in this order.
 _SECTION_NAMES = ("memory", "spec", "lora", "disagg", "queues")
-_SECTIONS = attrgetter(*_SECTION_NAMES)
-_CORE_GETTERS = (_getter([*_COUNTS_CORE, "gen_throughput", "utilization"]), _getter(list(_RATIOS_CORE)))
-_SECTION_GETTERS = tuple(
-    _numeric_getters(pb.RankLoad.DESCRIPTOR.fields_by_name[name].message_type, _SECTION_RATIOS.get(name, ()))
-    for name in _SECTION_NAMES
-)
-_GPU_GETTERS = _numeric_getters(pb.GpuDevice.DESCRIPTOR, _SECTION_RATIOS["gpu"])
+_SECTIONS_AND_GPU = attrgetter(*_SECTION_NAMES, "gpu")
+_CORE_COUNTS = _getter([*_COUNTS_CORE, "gen_throughput", "utilization"])
+_CORE_RATIOS = _getter(list(_RATIOS_CORE))
+(_MEMORY_COUNTS, _MEMORY_RATIOS), (_SPEC_COUNTS, _SPEC_RATIOS), (_LORA_COUNTS, _LORA_RATIOS), \
+    (_DISAGG_COUNTS, _DISAGG_RATIOS), (_QUEUES_COUNTS, _QUEUES_RATIOS) = map(_section_getters, _SECTION_NAMES)
+_GPU_COUNTS, _GPU_RATIOS = _numeric_getters(pb.GpuDevice.DESCRIPTOR, _SECTION_RATIOS["gpu"])
 _RATIO_MAX = 1.0 + 1e-9
+_INF = math.inf
 
 
 def _looks_valid(load: pb.RankLoad) -> bool:
     """The common case, cheaply: every figure plausible. False sends the load to the detailed check.
 
-    Under a 1024-rank fan-in the field-by-field check was most of the aggregator's CPU. Here every numeric
-    field (unset ones read 0, which is plausible) is read a message at a time by attrgetter, and the checks
-    run in C over the gathered tuples: a sum is finite only when no value is NaN or infinite.
+    Every report of every rank passes here (2,000 a second for 100 ranks refreshed every 50 ms), and it
+    was most of what the aggregator's own code cost per report. Every numeric field (unset ones read 0,
+    which is plausible) is read a message at a time by attrgetter, each section's wrapper made once, and
+    the checks run in C over the gathered tuples: the sum of non-negative figures is below infinity only
+    when none is NaN or infinite.
     """
     if load.stale or load.age_ms:
         return False
-    counts = _CORE_GETTERS[0](load)
-    ratios = _CORE_GETTERS[1](load)
-    for section, (section_counts, section_ratios) in zip(_SECTIONS(load), _SECTION_GETTERS):
-        counts += section_counts(section)
-        ratios += section_ratios(section)
-    for device in load.gpu.devices:
-        counts += _GPU_GETTERS[0](device)
-        ratios += _GPU_GETTERS[1](device)
-    return (math.isfinite(sum(counts)) and min(counts) >= 0
-            and math.isfinite(sum(ratios)) and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX)
+    memory, spec, lora, disagg, queues, gpu = _SECTIONS_AND_GPU(load)
+    counts = (*_CORE_COUNTS(load), *_MEMORY_COUNTS(memory), *_SPEC_COUNTS(spec), *_LORA_COUNTS(lora),
+              *_DISAGG_COUNTS(disagg), *_QUEUES_COUNTS(queues))
+    ratios = (*_CORE_RATIOS(load), *_MEMORY_RATIOS(memory), *_SPEC_RATIOS(spec), *_LORA_RATIOS(lora),
+              *_DISAGG_RATIOS(disagg), *_QUEUES_RATIOS(queues))
+    for device in gpu.devices:
+        counts += _GPU_COUNTS(device)
+        ratios += _GPU_RATIOS(device)
+    # (min and max skip a NaN that is not first: the sums are what catch it)
+    return (min(counts) >= 0 and sum(counts) < _INF
+            and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX and sum(ratios) < _INF)
 
 
 def load_problem(load: pb.RankLoad) -> str | None:

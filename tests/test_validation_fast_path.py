@@ -83,3 +83,10 @@ def test_utilization_is_a_non_negative_figure_not_a_ratio() -> None:
         assert validation.load_problem(load) is None and detailed(load) is None
     assert validation.load_problem(pb.RankLoad(dp_rank=0, utilization=-0.5)) == "utilization is negative (-0.5)"
     assert validation.load_problem(pb.RankLoad(dp_rank=0, token_usage=1.2)).startswith("token_usage must be a ratio")
+
+
+def test_fast_path_reads_every_section_of_a_rank_load() -> None:
+    # _looks_valid names the sections one by one (for speed): a section added to RankLoad must be added there.
+    messages = {f.name for f in pb.RankLoad.DESCRIPTOR.fields if f.type == f.TYPE_MESSAGE}
+    assert messages == {*validation._SECTION_NAMES, "gpu"}
+    assert set(SECTIONS) == set(validation._SECTION_NAMES)

@@ -4,7 +4,7 @@ picker scrapes each of 100 model-server pods every 50 ms.
 Model: 100 agents (one per pod, one rank each, in 4 processes) and one picker calling GetLoads with
 FRESHNESS_NEW_ROUND every 50 ms, so every rank is collected afresh 20 times a second (2,000 rank
 snapshots/s through the aggregator, like the picker's 2,000 scrapes/s). CPU is the aggregator process's
-own accounting (getrusage: user + system, all threads) over the window, in cores. A second row packs the
+own accounting (getrusage: user + system, all threads) from the picker's first call to its last, in cores. A second row packs the
 same 100 ranks into 25 pods of 4 dp ranks (25 agent streams) to show what the cost scales with. A third
 refreshes by push instead: every agent pushes its changed ranks every 50 ms (the agent's push interval) and
 the picker reads FRESHNESS_CACHED (max_staleness 100 ms), answered from pushed snapshots with no round.
@@ -81,23 +81,29 @@ def measure(ranks: int, ranks_per_agent: int, duration: float, idle_s: float, pr
         idle0, t0 = cluster.stats(), time.monotonic()
         time.sleep(idle_s)
         idle1, t1 = cluster.stats(), time.monotonic()
-        pushes0 = cluster.agent_stats()["pushes_sent"]
+        window: dict = {}
+
+        def polling_starts() -> None:
+            window.update(stats=cluster.stats(), t=time.monotonic(), pushes=cluster.agent_stats()["pushes_sent"])
+
         result = run_client({"mode": "periodic", "target": cluster.target, "interval_s": INTERVAL_S,
-                             "duration_s": duration, "timeout_s": 5, **freshness}, timeout=duration + 120)
+                             "duration_s": duration, "timeout_s": 5, **freshness}, timeout=duration + 120,
+                            on_start=polling_starts)
         result = result["results"][0]
-        busy = cluster.stats()
-        pushes = cluster.agent_stats()["pushes_sent"] - pushes0
+        busy, t2 = cluster.stats(), time.monotonic()
+        pushes = cluster.agent_stats()["pushes_sent"] - window["pushes"]
     finally:
         cluster.close()
     idle_cores = (idle1["cpu_s"] - idle0["cpu_s"]) / (t1 - t0)
-    # The window spans the client's start-up too (aggregator idle then): dividing by the polling wall
-    # overstates the busy share a little, never understates it.
-    cores = (busy["cpu_s"] - idle1["cpu_s"]) / result["wall_s"]
-    rounds = busy["rounds_started"] - idle1["rounds_started"]
+    # The window runs from the picker's first call to its result: the picker process's start-up (1-2 s of
+    # imports and connecting, during which pushes went on) is outside it; its last few ms of closing are in.
+    window_s = t2 - window["t"]
+    cores = (busy["cpu_s"] - window["stats"]["cpu_s"]) / window_s
+    rounds = busy["rounds_started"] - window["stats"]["rounds_started"]
     refresh = f"push {INTERVAL_S * 1000:.0f} ms + CACHED" if push else f"NEW_ROUND every {INTERVAL_S * 1000:.0f} ms"
     return {
         "ranks": ranks, "agents": ranks // ranks_per_agent, "refresh": refresh, "wall_s": result["wall_s"],
-        "rounds": rounds, "pushes": pushes, "rank_snapshots_per_s": round((rounds * ranks + pushes * ranks_per_agent) / result["wall_s"]),
+        "rounds": rounds, "pushes": pushes, "rank_snapshots_per_s": round((rounds * ranks + pushes * ranks_per_agent) / window_s),
         "round_p50_ms": result["round_ms_p50"], "call_p99_ms": result["latency"]["p99_ms"],
         "aggregator_cores": round(cores, 3), "idle_cores": round(idle_cores, 3),
         "peak_rss_mb": round(busy["vmhwm_kb"] / 1024, 1), "errors": sum(result["errors"].values()),
