@@ -305,7 +305,8 @@ async def routers(run_spec: dict) -> dict:
             try:
                 await asyncio.gather(*(get(session, url) for url in urls))
             except (aiohttp.ClientError, TimeoutError) as error:
-                tally.errors[type(error).__name__] += 1
+                tally.errors[type(error).__name__] += 1  # counted, not a latency (as Tally.record does)
+                return
             tally.latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(poll(s) for s in fleet))  # warm the keep-alive connections

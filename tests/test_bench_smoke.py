@@ -47,8 +47,11 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     assert "ncalls" in throughput["details"]  # the aggregator's profile
     fanin = outcomes["fanin"]["rows"]
     assert all(row["rounds"] == 5 and row["peak_rss_mb"] > 0 and row["errors"] == 0 for row in fanin)
-    routers = {row["routers poll via"].split()[0]: row for row in outcomes["routers"]["rows"]}
-    assert routers["HTTP"]["scheduler_hits"] > routers["GetLoads"]["scheduler_hits"] > 0
+    routers = {row["routers poll via"]: row for row in outcomes["routers"]["rows"]}
+    assert routers["HTTP /v1/loads x8 per poll"]["scheduler_hits"] > routers["GetLoads JOIN"]["scheduler_hits"] > 0
+    # One router alone: one round per poll, so as many hits as polling every rank itself.
+    alone = routers["GetLoads JOIN, 1 router alone"]
+    assert alone["scheduler_hits"] == routers["HTTP /v1/loads x8 per poll, 1 router alone"]["scheduler_hits"] > 0
     cpu = outcomes["cpu"]["rows"][0]
     assert cpu["rounds"] > 0 and cpu["aggregator_cores"] > 0
     assert all(row["floor_cores"] > 0 for row in outcomes["cpu"]["rows"])  # the bare link floor ran beside each
