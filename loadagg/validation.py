@@ -115,10 +115,9 @@ def _looks_valid(load: pb.RankLoad) -> bool:
 
     Every report of every rank passes here (2,000 a second for 100 ranks refreshed every 50 ms): with it
     switched off, the aggregator's main thread used ~30 µs less per report, about half of what it adds to
-    bare gRPC's per-message cost. Every numeric field (unset ones read 0,
-    which is plausible) is read a message at a time by attrgetter, each section's wrapper made once, and
-    the checks run in C over the gathered tuples: the sum of non-negative figures is below infinity only
-    when none is NaN or infinite.
+    bare gRPC's per-message cost. Every numeric field (unset ones read 0, which is plausible) is read a
+    message at a time by attrgetter, each section's wrapper made once, and the checks run in C over the
+    gathered tuples: the sum of non-negative figures is below infinity only when none is NaN or infinite.
     """
     if load.stale or load.age_ms:
         return False
