@@ -4,10 +4,11 @@ picker scrapes each of 100 model-server pods every 50 ms.
 Model: 100 agents (one per pod, one rank each, in 4 processes) and one picker calling GetLoads with
 FRESHNESS_NEW_ROUND every 50 ms, so every rank is collected afresh 20 times a second (2,000 rank
 snapshots/s through the aggregator, like the picker's 2,000 scrapes/s). CPU is the aggregator process's
-own accounting (getrusage: user + system, all threads) from the picker's first call to its last, in cores. A second row packs the
-same 100 ranks into 25 pods of 4 dp ranks (25 agent streams) to show what the cost scales with. A third
-refreshes by push instead: every agent pushes its changed ranks every 50 ms (the agent's push interval) and
-the picker reads FRESHNESS_CACHED (max_staleness 100 ms), answered from pushed snapshots with no round.
+own accounting (getrusage: user + system, all threads) from the picker's first call to its last, in cores.
+A second row packs the same 100 ranks into 25 pods of 4 dp ranks (25 agent streams) to show what the cost
+scales with. A third refreshes by push instead: every agent pushes its changed ranks every 50 ms (the agent's
+push interval) and the picker reads FRESHNESS_CACHED (max_staleness 100 ms), answered from pushed snapshots
+with no round.
 
 Each layout is measured again against bench.link_floor_proc, a bare grpc.aio AgentLink server that only
 moves the same messages (a collect to every stream every 50 ms, or the agents' pushes) without parsing
