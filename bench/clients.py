@@ -311,6 +311,7 @@ async def routers(run_spec: dict) -> dict:
 
         await asyncio.gather(*(poll(s) for s in fleet))  # warm the keep-alive connections
         tally.latencies.clear()
+        tally.errors.clear()
 
     async def router(member) -> None:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ import grpc
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.push import PushTracker
+from scheduler_agent.push import PushTracker, next_push_at
 from scheduler_agent.source_health import SourceHealth
 from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError
 from scheduler_agent.sources.inprocess import PublishedSource
@@ -237,10 +237,13 @@ class SchedulerAgent:
     async def _push_loop(self, call) -> None:
         """Every push interval: send the ranks whose load changed since the aggregator last heard of them."""
         interval = self.config.push_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         with contextlib.suppress(*_LINK_ENDED):
             while True:
                 await self.report(call, 0)
-                await asyncio.sleep(interval)
+                due = next_push_at(due, loop.time(), interval)
+                await asyncio.sleep(due - loop.time())
 
     def _handle(self, call, message: pb.AggregatorMessage) -> None:
         kind = message.WhichOneof("kind")

@@ -14,6 +14,16 @@ from collections.abc import Iterable
 from loadagg.v1 import loadagg_pb2 as pb
 
 
+def next_push_at(due: float, now: float, interval: float) -> float:
+    """When the push after the one due at `due` is due. Pushes keep to the interval's schedule, so the time a
+    push takes (reading the engine, writing) does not stretch the period; a push that ran past the next
+    tick(s) skips them rather than sending pushes back to back."""
+    due += interval
+    if due <= now:
+        due += ((now - due) // interval + 1) * interval
+    return due
+
+
 def fingerprint(load: pb.RankLoad) -> bytes:
     """The load's figures without its timestamp."""
     copy = pb.RankLoad()

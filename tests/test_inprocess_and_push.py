@@ -12,7 +12,7 @@ import scheduler_agent
 from agent_tasks import agent_config, get_loads, running
 from conftest import wait_for
 from scheduler_agent import AgentConfig, CallbackSource, RankLoad, SchedulerAgent
-from scheduler_agent.push import PushTracker
+from scheduler_agent.push import PushTracker, next_push_at
 
 
 async def test_embedded_scheduler_publishes_its_own_figures(start_aggregator, channel_to):
@@ -84,6 +84,33 @@ def test_push_tracker_ignores_timestamp_only_changes():
     assert len(tracker.changed([RankLoad(dp_rank=0, num_running_reqs=2, timestamp_ms=999)])) == 1
     tracker.reset()
     assert len(tracker.changed([load])) == 1
+
+
+def test_pushes_keep_to_the_interval_and_skip_the_ticks_a_slow_push_ran_past():
+    assert next_push_at(0.0, 0.03, 0.05) == 0.05  # a 30 ms push does not stretch the 50 ms period
+    assert next_push_at(0.05, 0.07, 0.05) == 0.10
+    assert next_push_at(0.0, 0.05, 0.05) == pytest.approx(0.10)  # due right now: the next tick, not at once
+    assert next_push_at(0.0, 0.12, 0.05) == pytest.approx(0.15)  # ran past two ticks: skip them, no burst
+
+
+async def test_a_slow_source_does_not_stretch_the_push_period(start_aggregator):
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=300)
+    reads: list[float] = []
+
+    async def slow_figures(ranks):  # an engine that takes 30 ms to answer, its figures changing every read
+        reads.append(time.monotonic())
+        await asyncio.sleep(0.03)
+        return [RankLoad(dp_rank=r, num_waiting_reqs=len(reads)) for r in ranks]
+
+    agent = SchedulerAgent(agent_config(agg.port, dp_ranks=(0,), dp_size=1, push_interval_ms=50),
+                           CallbackSource(slow_figures))
+    async with running(agent):
+        await wait_for(lambda: len(reads) >= 2, what="pushes under way")
+        first = len(reads)
+        await asyncio.sleep(1.0)
+        pushed = len(reads) - first
+    # Every 50 ms: ~20 reads a second. Sleeping 50 ms after each 30 ms push would give ~12.
+    assert pushed >= 16, f"{pushed} pushes in 1 s at a 50 ms interval"
 
 
 async def test_pushes_arrive_only_on_change(start_aggregator):

@@ -32,7 +32,7 @@ def fetch_payload(cluster: Cluster) -> bytes:
 
 
 def row(server: str, callers: int, result: dict, bursts: list[dict], rounds: int | None = None,
-        collects: int | None = None) -> dict:
+        collects: float | None = None) -> dict:
     """One table row of `result`, with the errors of all its `bursts`; `rounds` from the aggregator's own
     counters (None: the echo server has none)."""
     agg = rounds is not None
@@ -81,19 +81,21 @@ def run(tiny: bool = False) -> Outcome:
             # Echo and watching bursts alternate `reps` times in one client process; the median run counts.
             spec = {"mode": "burst", "callers": callers, "timeout_s": DEADLINE_S,
                     "runs": [echo_run, {"target": watching.target}] * reps}
-            results, rounds, _ = counted(watching, spec)
+            results, rounds, collects = counted(watching, spec)
             mine = median_run(results[1::2])
             rows["echo", callers] = row("echo", callers, median_run(results[0::2]), results[0::2])
-            # Rounds of that run: the distinct rounds its callers were answered from (one collect per agent each).
+            # Rounds of that run: the distinct rounds its callers were answered from; collects: what the
+            # aggregator sent over all of this size's bursts, per burst.
             rows["watching", callers] = row("watching", callers, mine, results[1::2], mine["rounds_seen"],
-                                            mine["rounds_seen"] * RANKS)
+                                            collects / reps)
             bounds[callers] = (rounds, sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in results[1::2]))
-            if callers == big:
-                walls = {"echo": [r["wall_s"] for r in results[0::2]], "watching": [r["wall_s"] for r in results[1::2]]}
+            if callers == big:  # each watching burst against the echo burst just before it
+                walls = [(w["wall_s"], e["wall_s"]) for e, w in zip(results[0::2], results[1::2])]
             if callers != big:
                 spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
                 (queue_result,), rounds, collects = counted(queueing, spec)
                 rows["queueing", callers] = row("queueing", callers, queue_result, [queue_result], rounds, collects)
+        max_in_flight = watching.stats()["max_rounds_in_flight"]
     finally:
         for child in (watching, queueing, echo):
             if child is not None:
@@ -105,19 +107,20 @@ def run(tiny: bool = False) -> Outcome:
     w, q, e = rows["watching", top], rows["queueing", top], rows["echo", top]
     wb = rows["watching", big]
     speedup = ratio(q["p99_ms"], w["p99_ms"])
-    # Walls: each side's fastest burst (like timeit's min: other jobs on the box only ever add time).
-    best_walls = {server: min(walls[server]) for server in ("watching", "echo")}
-    wall_ratio = ratio(best_walls["watching"], best_walls["echo"])
+    # Walls: the median of the alternated pairs' ratios (each side's minimum would favour the noisier side).
+    pair_ratios = sorted(ratio(w, e) for w, e in walls)
+    wall_ratio = pair_ratios[len(pair_ratios) // 2]
     outcome.targets = [
-        Target(f"watching rounds, {top} callers ({reps} bursts)", f"{bounds[top][0]} (bound {bounds[top][1]:.0f})",
-               "<= 1 + wall/round_time", bounds[top][0] <= bounds[top][1]),
+        Target(f"watching rounds, {top} callers ({reps} bursts)",
+               f"{bounds[top][0]} (bound {bounds[top][1]:.0f}); at most {max_in_flight} in flight",
+               "<= 1 + wall/round_time, 1 at a time", bounds[top][0] <= bounds[top][1] and max_in_flight == 1),
         Target(f"watching p99 from the burst's start, {top} callers",
                f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms; from each call's issue: {w['p99_from_issue_ms']:.0f} "
                f"ms; {w['timeouts'] + w['other_errors']} errors)", "<= 500 ms, no errors",
                w["p99_ms"] <= 500 and w["timeouts"] + w["other_errors"] == 0),
         Target(f"queueing p99 / watching p99, {top} callers", f"{speedup:.0f}x", ">= 40x", speedup >= 40),
-        Target(f"{big} callers: watching wall / echo wall (fastest of {reps})",
-               f"{wall_ratio:.2f}x ({best_walls['watching']:.2f} s / {best_walls['echo']:.2f} s)", "<= 1.2x",
+        Target(f"{big} callers: watching wall / echo wall (median of {reps} alternated pairs)",
+               f"{wall_ratio:.2f}x (watching/echo walls: " + ", ".join(f"{w:.2f}/{e:.2f} s" for w, e in walls) + ")", "<= 1.2x",
                wall_ratio <= 1.2),
         Target(f"{big} callers: errors ({reps} bursts)", str(wb["other_errors"] + wb["timeouts"]), "0",
                wb["other_errors"] + wb["timeouts"] == 0),
@@ -126,8 +129,10 @@ def run(tiny: bool = False) -> Outcome:
     ]
     outcome.notes = [
         f"{RANKS} agents (one rank each) in {processes} processes. Echo and watching bursts alternate {reps} times per size in one client "
-        "process (8 connections); each row is the run with the median p99; the 10,000-caller wall target compares "
-        "each side's fastest burst. Queueing runs once per size.",
+        "process (8 connections); each row is the run with the median p99; the 10,000-caller wall target is the "
+        "median of the watching/echo ratios of the alternated pairs. Queueing runs once per size. "
+        f"collects_per_agent: collects the aggregator sent per burst (its own count), per agent; its most rounds in "
+        f"flight at once over the whole scenario: {max_in_flight} (watching must never exceed 1).",
         f"queueing callers have a {QUEUEING_DEADLINE_S:.0f} s deadline (others {DEADLINE_S:.0f} s): its p99 is "
         "censored at the deadline (timeouts counted), so the speed-up is a lower bound.",
         "p50_ms / p99_ms count from the burst's start: one client thread issues the burst as grpc futures (sync API: "

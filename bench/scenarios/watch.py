@@ -1,6 +1,6 @@
 """Scenario 5, WatchLoads: 1000 watchers at a 100 ms interval over 8 ranks (20 ms collect latency).
 
-All watchers due at the same tick must share one round: rounds per tick <= 1. Delivery lag is the time
+All watchers due at the same tick must share one round: rounds per scheduled tick <= 1, with no errors. Delivery lag is the time
 from a round's end (the answer's timestamp_ms) to the watcher reading it, in the client's process on the
 same machine clock. Until the aggregator serves WatchLoads (UNIMPLEMENTED), the scenario says so and skips.
 """
@@ -31,21 +31,26 @@ def run(tiny: bool = False) -> Outcome:
         return outcome
     rounds = after["rounds_started"] - before["rounds_started"]
     ticks = after.get("watch_ticks", 0) - before.get("watch_ticks", 0)  # the hub's own count of ticks
-    per_tick = rounds / ticks if ticks else float("inf")
+    # Against the tick schedule (the hub's own tick count could not show a tick that ran two rounds late).
+    scheduled = result["wall_s"] * 1000 / INTERVAL_MS
+    per_tick = rounds / scheduled if scheduled else float("inf")
+    errors = sum(result["errors"].values())
     outcome.rows.append({
         "watchers": watchers, "interval_ms": INTERVAL_MS, "wall_s": result["wall_s"], "messages": result["messages"],
-        "msgs_per_watcher_min": result["min_per_watcher"], "ticks": ticks, "rounds": rounds,
-        "rounds_per_tick": round(per_tick, 2), "ticks_skipped": after.get("watch_ticks_skipped", 0),
+        "msgs_per_watcher_min": result["min_per_watcher"], "scheduled_ticks": round(scheduled, 1), "hub_ticks": ticks,
+        "rounds": rounds, "rounds_per_tick": round(per_tick, 2),
+        "ticks_skipped": after.get("watch_ticks_skipped", 0) - before.get("watch_ticks_skipped", 0),
         "replaced": after.get("watch_replaced", 0) - before.get("watch_replaced", 0),
-        "lag_p50_ms": result["lag"]["p50_ms"], "lag_p99_ms": result["lag"]["p99_ms"],
-        "errors": sum(result["errors"].values()),
+        "lag_p50_ms": result["lag"]["p50_ms"], "lag_p99_ms": result["lag"]["p99_ms"], "errors": errors,
     })
     outcome.targets = [
-        Target("rounds per tick", f"{per_tick:.2f}", "<= 1", per_tick <= 1.0),
+        Target("rounds per scheduled tick, no errors", f"{per_tick:.2f} ({rounds} rounds, {scheduled:.0f} ticks; "
+               f"{errors} errors)", "<= 1 (rounds <= 1 + ticks), 0 errors", rounds <= 1 + scheduled and errors == 0),
         Target("delivery lag p99", f"{result['lag']['p99_ms']:.0f} ms", "reported", True),
     ]
     outcome.notes = [
-        f"{duration:.0f} s of watching; ticks and rounds from the aggregator's own counters (watch hub, communicator); "
+        f"{duration:.0f} s of watching; rounds from the aggregator's own counter, against the ticks the {INTERVAL_MS} ms "
+        "schedule holds over the client's wall (scheduled_ticks; hub_ticks is the watch hub's own count); "
         "replaced: answers a slow watcher had not read yet when the next tick's replaced them (latest wins).",
         "lag: now - timestamp_ms (the round's end) when the watcher reads the message, in the client's process.",
     ]
