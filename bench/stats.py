@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -13,6 +16,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def median_by(items: Sequence[T], key: Callable[[T], object] = lambda item: item) -> T:
+    """The item in the middle when sorted by `key` (the upper middle one for an even count): the repetition
+    that counts when a run is repeated on a noisy box."""
+    return sorted(items, key=key)[len(items) // 2]
 
 
 def summary_ms(seconds: Sequence[float]) -> dict:

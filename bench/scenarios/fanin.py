@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bench.procs import run_client, start_cluster
 from bench.report import Outcome, Target
-from bench.stats import percentile
+from bench.stats import median_by, percentile
 
 PROCESSES = 8
 
@@ -39,7 +39,7 @@ def run(tiny: bool = False) -> Outcome:
             cluster.close()
         # Passes of `calls` rounds each; the pass with the median p99 counts (other jobs on a shared box spike tails).
         p99s = [percentile(r["round_durations_ms"], 99) for r in results]
-        result = sorted(results, key=lambda r: percentile(r["round_durations_ms"], 99))[len(results) // 2]
+        result = median_by(results, key=lambda r: percentile(r["round_durations_ms"], 99))
         durations = result["round_durations_ms"]
         measured[dp_size, ranks_per_agent] = row = {
             "ranks": dp_size, "agents": dp_size // ranks_per_agent, "processes": processes, "rounds": len(durations),

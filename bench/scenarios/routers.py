@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bench.procs import Child, run_client, start_cluster
 from bench.report import Outcome, Target
-from bench.stats import ratio
+from bench.stats import median_by, ratio
 
 RANKS = 64
 ROUTERS = 16
@@ -72,8 +72,7 @@ def run(tiny: bool = False) -> Outcome:
             child.close()
         if cluster is not None:
             cluster.close()
-    median = {label: sorted(tries, key=lambda t: t[0]["latency"]["p50_ms"])[len(tries) // 2][0]
-              for label, tries in runs.items()}
+    median = {label: median_by(tries, key=lambda t: t[0]["latency"]["p50_ms"])[0] for label, tries in runs.items()}
     hits = {label: sum(t[1] for t in tries) for label, tries in runs.items()}
     rounds = {label: sum(t[3] for t in tries) for label, tries in runs.items()}
     for label, tries in runs.items():

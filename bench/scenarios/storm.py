@@ -12,7 +12,7 @@ import tempfile
 
 from bench.procs import Cluster, run_client, start_cluster, start_echo
 from bench.report import Outcome, Target
-from bench.stats import ratio
+from bench.stats import median_by, ratio
 
 RANKS = 8
 COLLECT_MS = 20.0
@@ -59,7 +59,7 @@ def counted(cluster: Cluster, spec: dict) -> tuple[list[dict], int, int]:
 
 def median_run(results: list[dict]) -> dict:
     """The run whose p99 is the median of the repetitions (other jobs on a shared box make single runs noisy)."""
-    return sorted(results, key=lambda r: r["since_burst"]["p99_ms"])[len(results) // 2]
+    return median_by(results, key=lambda r: r["since_burst"]["p99_ms"])
 
 
 def run(tiny: bool = False) -> Outcome:
@@ -108,8 +108,7 @@ def run(tiny: bool = False) -> Outcome:
     wb = rows["watching", big]
     speedup = ratio(q["p99_ms"], w["p99_ms"])
     # Walls: the median of the alternated pairs' ratios (each side's minimum would favour the noisier side).
-    pair_ratios = sorted(ratio(w, e) for w, e in walls)
-    wall_ratio = pair_ratios[len(pair_ratios) // 2]
+    wall_ratio = median_by([ratio(w, e) for w, e in walls])
     outcome.targets = [
         Target(f"watching rounds, {top} callers ({reps} bursts)",
                f"{bounds[top][0]} (bound {bounds[top][1]:.0f}); at most {max_in_flight} in flight",

@@ -18,7 +18,7 @@ import tempfile
 from bench.procs import run_client, start_cluster, start_echo
 from bench.report import Outcome, Target
 from bench.scenarios.storm import fetch_payload
-from bench.stats import ratio
+from bench.stats import median_by, ratio
 
 RANKS = 8
 CONCURRENCY = 64
@@ -72,8 +72,7 @@ def run(tiny: bool = False) -> Outcome:
         runs = results[i::len(variants)]
         # Each run against the echo run of its own repetition (they alternate); the median pair counts.
         shares = [ratio(run["calls_per_s"], echo["calls_per_s"]) for run, echo in zip(runs, echo_runs)]
-        middle = sorted(range(len(runs)), key=lambda k: (shares[k], runs[k]["calls_per_s"]))[len(runs) // 2]
-        result, share = runs[middle], shares[middle]
+        result, share = median_by(list(zip(runs, shares)), key=lambda pair: (pair[1], pair[0]["calls_per_s"]))
         outcome.rows.append({
             "server": name, "calls_per_s": result["calls_per_s"], "vs_echo": f"{share:.0%}",
             "vs_echo_each": "/".join(f"{x:.0%}" for x in shares),
