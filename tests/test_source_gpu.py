@@ -3,7 +3,11 @@ monkeypatched at the library boundary (the `pynvml` functions the module calls; 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
+import threading
 from types import SimpleNamespace
 
 import pynvml
@@ -182,3 +186,84 @@ async def test_ranks_read_keep_their_gpus_when_another_rank_fails(monkeypatch):
     mapping = source.devices_for([0, 1])
     await source.discover()  # the same engine again (a periodic rank check): the device split is kept
     assert source.devices_for([0, 1]) is mapping
+
+
+async def test_an_nvml_failure_costs_the_gpu_section_never_the_load(monkeypatch, caplog):
+    """NVML failing outside a single device (the device count itself) drops the gpu section of this read,
+    says so once, and the figures come back with NVML."""
+    caplog.set_level(logging.INFO, logger="scheduler_agent.sources.gpu")
+    FakeNvml(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def broken_count() -> int:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
+    telemetry = NvmlTelemetry()
+    assert telemetry.visible() == [0, 1, 2, 3]  # NVML came up fine, then started failing
+    healthy_count = pynvml.nvmlDeviceGetCount
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", broken_count)
+    source = WithGpuTelemetry(_published(0, 1), telemetry)
+    for _ in range(3):
+        loads = await source.read([0, 1])
+        assert [loads[r].num_running_reqs for r in (0, 1)] == [0, 1]  # the engine's figures, every read
+        assert not loads[0].HasField("gpu") and not loads[1].HasField("gpu")
+    warnings = [r.getMessage() for r in caplog.records if "GPU telemetry:" in r.getMessage()]
+    assert len(warnings) == 1 and "NVML failed" in warnings[0]
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", healthy_count)
+    loads = await source.read([0, 1])
+    assert [d.index for d in loads[1].gpu.devices] == [2, 3]
+    assert any("GPU telemetry is back" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hung_nvml_call_is_waited_for_within_its_budget_only(monkeypatch):
+    """A wedged driver (an NVML call that does not return): the read goes out without GPU figures after
+    the budget (a share of the round timeout), later reads do not queue behind the stuck call, and the
+    figures come back once it returns."""
+    FakeNvml(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    source = WithGpuTelemetry(_published(0), NvmlTelemetry())
+    source.set_round_timeout(200)
+    assert source.budget_s == 0.05
+    released = threading.Event()
+    calls = []
+    real_utilization = pynvml.nvmlDeviceGetUtilizationRates
+
+    def hanging(handle):
+        calls.append(handle.index)
+        released.wait(30)
+        return real_utilization(handle)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", hanging)
+    loads = await asyncio.wait_for(source.read([0]), 5)
+    assert loads[0].num_running_reqs == 0 and not loads[0].HasField("gpu") and "within 50 ms" in source.trouble
+    assert source.nvml.busy
+    for _ in range(3):  # refused at once while the stuck call runs: no second thread, no queue behind it
+        loads = await asyncio.wait_for(source.read([0]), 5)
+        assert not loads[0].HasField("gpu")
+    assert len(calls) == 1
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUtilizationRates", real_utilization)
+    released.set()
+    await wait_for(lambda: not source.nvml.busy, what="the stuck NVML call returned")
+    loads = await source.read([0])
+    assert [d.index for d in loads[0].gpu.devices] == [0, 1, 2, 3] and source.trouble == ""
+    await source.close()
+
+
+async def test_an_agent_with_a_hung_nvml_keeps_answering_and_exits_on_sigterm(processes, start_aggregator,
+                                                                              channel_to):
+    """The real agent CLI over a fake NVML whose power query never returns (as a wedged driver): its rank
+    is still answered every round, and SIGTERM ends the process (a stuck thread in asyncio's default
+    executor used to hold the exit forever)."""
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=1000)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    agent = processes.start(
+        "hung_nvml_agent", "--aggregator", f"127.0.0.1:{agg.port}", "--dp-size", "1", "--dp-rank", "0", "--gpu",
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
+    await wait_for(lambda: agg.registry.live_ranks() == {0}, timeout=30, what="agent linked")
+    for _ in range(3):
+        response = await get_loads(channel_to(agg.port), freshness=pb.FRESHNESS_NEW_ROUND)
+        assert [load.dp_rank for load in response.loads] == [0] and not response.missing_ranks
+        assert all(d.name != "Fake hung GPU" for d in response.loads[0].gpu.devices)
+    agent.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.wait, 20) == 0
+    assert "GPU telemetry: NVML did not answer" in agent.stdout.read()

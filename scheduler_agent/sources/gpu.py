@@ -19,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import pynvml
 
@@ -29,6 +32,12 @@ from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead
 log = logging.getLogger(__name__)
 
 MAX_DEVICES_PER_RANK = 64
+# An NVML read's budget: a share of the aggregator's round timeout (the engine read takes most of it).
+NVML_ROUND_SHARE = 0.25
+NVML_DEFAULT_BUDGET_S = 0.5
+NVML_MIN_BUDGET_S = 0.05
+
+T = TypeVar("T")
 
 
 def parse_gpu_devices(text: str) -> dict[int, tuple[str, ...]]:
@@ -146,6 +155,59 @@ def _try(read) -> None:
         pass  # NotSupported and friends: the figure stays unset
 
 
+class NvmlBusy(Exception):
+    """An earlier NVML call is still running (past its budget): this read goes without GPU figures."""
+
+
+class NvmlThread:
+    """The one thread NVML is called from.
+
+    A daemon thread, so a call that never returns cannot hold up the agent's exit (asyncio's default
+    executor joins its threads on the way out), and one thread, so a stuck driver ties up one thread
+    rather than one more per read: while a call runs past its budget, later ones are refused at once.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.busy = False
+
+    async def call(self, work: Callable[[], T], budget_s: float) -> T:
+        """`work()` on the NVML thread; TimeoutError past `budget_s` (it runs on), NvmlBusy if one still runs."""
+        if self.busy:
+            raise NvmlBusy("an earlier NVML call has not returned")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="nvml", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self.busy = True
+        self._jobs.put((work, loop, future))
+        return await asyncio.wait_for(future, budget_s)
+
+    def _work(self) -> None:
+        while True:
+            work, loop, future = self._jobs.get()
+            try:
+                result, error = work(), None
+            except Exception as failure:  # handed to the caller, whatever NVML raised
+                result, error = None, failure
+            self.busy = False
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():  # its caller stopped waiting (budget spent, or cancelled)
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class WithGpuTelemetry(LoadSource):
     """A scheduler source whose ranks also carry their GPUs' NVML figures."""
 
@@ -156,24 +218,28 @@ class WithGpuTelemetry(LoadSource):
         self.telemetry = telemetry
         self.explicit = rank_devices or {}
         self.engine_ranks: tuple[int, ...] = ()  # every rank the engine runs, once discover() said
-        self._devices: dict[tuple[int, ...], dict[int, list[int]]] = {}
+        self._devices: dict[tuple, dict[int, list[int]]] = {}
+        self.nvml = NvmlThread()
+        self.budget_s = NVML_DEFAULT_BUDGET_S
+        self.trouble = ""  # why the last reads went without GPU figures ("" while NVML answers)
 
     def devices_for(self, ranks: Sequence[int]) -> dict[int, list[int]]:
-        """Rank -> NVML indices (see the module docstring); computed once per set of ranks."""
-        key = tuple(sorted(ranks))
+        """Rank -> NVML indices (see the module docstring); computed once per set of ranks (NVML thread)."""
+        ranks = tuple(sorted(ranks))
+        key = (ranks, self.engine_ranks)  # a split made before the engine's ranks changed is never reused
         mapping = self._devices.get(key)
         if mapping is None:
             mapping = {}
             if self.explicit:
-                for rank in key:
+                for rank in ranks:
                     resolved = [self.telemetry.resolve(d) for d in self.explicit.get(rank, ())]
                     mapping[rank] = [i for i in resolved if i is not None]
             else:
                 visible = self.telemetry.visible()
-                placed = self.engine_ranks if set(key) <= set(self.engine_ranks) else key
+                placed = self.engine_ranks if set(ranks) <= set(self.engine_ranks) else ranks
                 per_rank = len(visible) // len(placed) if placed else 0
                 for k, rank in enumerate(placed):
-                    if rank in key:
+                    if rank in ranks:
                         mapping[rank] = visible[k * per_rank:(k + 1) * per_rank][:MAX_DEVICES_PER_RANK]
             if self.telemetry.available:
                 log.info("GPU devices per dp rank: %s", mapping)
@@ -182,6 +248,9 @@ class WithGpuTelemetry(LoadSource):
 
     def set_round_timeout(self, round_timeout_ms: int) -> None:
         self.inner.set_round_timeout(round_timeout_ms)
+        if round_timeout_ms > 0:
+            self.budget_s = max(NVML_MIN_BUDGET_S, min(NVML_DEFAULT_BUDGET_S,
+                                                       round_timeout_ms / 1000 * NVML_ROUND_SHARE))
 
     async def start(self) -> None:
         await self.inner.start()
@@ -190,7 +259,7 @@ class WithGpuTelemetry(LoadSource):
         engine = await self.inner.discover()
         if engine is not None and tuple(sorted(engine.dp_ranks)) != self.engine_ranks:
             self.engine_ranks = tuple(sorted(engine.dp_ranks))
-            self._devices.clear()  # the devices are split over the engine's ranks: split them again
+            self._devices = {}  # the devices are split over the engine's ranks: split them again
         return engine
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
@@ -205,14 +274,38 @@ class WithGpuTelemetry(LoadSource):
     async def _add_gpus(self, ranks: Sequence[int], loads: dict[int, pb.RankLoad]) -> None:
         if self.telemetry.available is False or not loads:
             return
+        read = list(loads)
+        try:
+            per_rank = await self.nvml.call(lambda: self._read_devices(ranks, read), self.budget_s)
+        except (NvmlBusy, TimeoutError):
+            self._troubled(f"NVML did not answer within {self.budget_s * 1000:.0f} ms (a hung driver?)")
+            return
+        except Exception as error:  # NVMLError from the device count, a driver gone...: the loads still go
+            self._troubled(f"NVML failed: {error or type(error).__name__}")
+            return
+        if self.trouble:
+            log.warning("GPU telemetry is back (after: %s)", self.trouble)
+            self.trouble = ""
+        for rank, devices in per_rank.items():
+            loads[rank].gpu.CopyFrom(pb.GpuMetrics(devices=devices))
+
+    def _read_devices(self, ranks: Sequence[int], read: list[int]) -> dict[int, list[pb.GpuDevice]]:
+        """On the NVML thread: the devices of each rank in `read` (ranks without any are left out)."""
         mapping = self.devices_for(ranks)
-        wanted = sorted({i for rank in loads for i in mapping.get(rank, ())})
-        devices = {d.index: d for d in await asyncio.to_thread(self.telemetry.read, wanted)}
-        for rank, load in loads.items():
-            mine = [devices[i] for i in mapping.get(rank, ()) if i in devices]
-            if mine:
-                load.gpu.CopyFrom(pb.GpuMetrics(devices=mine))
+        devices = {d.index: d for d in self.telemetry.read(sorted({i for r in read for i in mapping.get(r, ())}))}
+        per_rank = {r: [devices[i] for i in mapping.get(r, ()) if i in devices] for r in read}
+        return {r: found for r, found in per_rank.items() if found}
+
+    def _troubled(self, reason: str) -> None:
+        if not self.trouble:  # once per episode, not once per read
+            log.warning("GPU telemetry: %s; ranks are reported without their gpu section until it answers",
+                        reason)
+        self.trouble = reason
 
     async def close(self) -> None:
         await self.inner.close()
-        self.telemetry.close()
+        if self.telemetry.available:
+            try:
+                await self.nvml.call(self.telemetry.close, self.budget_s)
+            except Exception as error:  # a stuck NVML: the process is leaving anyway
+                log.debug("NVML shutdown skipped: %s", error or type(error).__name__)
