@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-timeout-ms", type=int, default=env("ENGINE_TIMEOUT_MS", "0"),
                    help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
                         "[LOADAGG_ENGINE_TIMEOUT_MS]")
+    p.add_argument("--engine-api-key", default=None,  # read from the environment later, so --help never prints it
+                   help="the key an HTTP engine was started with (sglang/vLLM --api-key), sent as a Bearer "
+                        "token [LOADAGG_ENGINE_API_KEY]")
     p.add_argument("--rediscover-interval-s", type=float, default=env("REDISCOVER_INTERVAL_S", "30"),
                    help="sglang/vllm: ask the engine for its dp ranks again this often and re-link when they "
                         "changed (an engine restarted with another DP); 0: only at start [LOADAGG_REDISCOVER_INTERVAL_S]")
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         push_refresh_ms=args.push_refresh_ms,
         engine_url=args.engine_url,
         engine_timeout_ms=args.engine_timeout_ms,
+        engine_api_key=args.engine_api_key if args.engine_api_key is not None else env("ENGINE_API_KEY", ""),
         ranks_from_engine=from_engine,
         rediscover_interval_s=args.rediscover_interval_s,
         gpu=args.gpu,

@@ -53,6 +53,7 @@ class AgentConfig:
     # Engine sources (sglang, vllm): where the engine listens (http://... or grpc://...).
     engine_url: str = ""
     engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
+    engine_api_key: str = field(default="", repr=False)  # the engine's --api-key (HTTP engines), as a Bearer token
     # Serve the dp ranks the engine reports (dp_ranks, when given, restricts them); dp_size 0 takes the engine's.
     ranks_from_engine: bool = False
     # Ask the engine again this often; when its ranks changed (restarted with another DP), say hello anew. 0: never.
@@ -68,6 +69,8 @@ class AgentConfig:
             raise ValueError("an agent must serve at least one dp rank")
         if any(r < 0 for r in self.dp_ranks):
             raise ValueError(f"dp ranks must be >= 0, got {list(self.dp_ranks)}")
+        if len(set(self.dp_ranks)) != len(self.dp_ranks):  # every aggregator would refuse the hello, forever
+            raise ValueError(f"dp ranks repeat a rank: {list(self.dp_ranks)}; give each rank once")
         if self.rank_offset < 0:
             raise ValueError(f"rank_offset must be >= 0, got {self.rank_offset}")
         if self.dp_size and any(r + self.rank_offset >= self.dp_size for r in self.dp_ranks):
@@ -77,6 +80,8 @@ class AgentConfig:
             raise ValueError("collect_latency_ms must be >= 0")
         if not 1 <= self.backoff_initial_ms <= self.backoff_max_ms:
             raise ValueError("backoff must satisfy 1 <= backoff_initial_ms <= backoff_max_ms")
+        if any(c in self.engine_api_key for c in "\r\n"):
+            raise ValueError("the engine API key must be a single line")
         if min(self.push_interval_ms, self.push_refresh_ms, self.engine_timeout_ms) < 0:
             raise ValueError("push_interval_ms, push_refresh_ms and engine_timeout_ms must be >= 0")
         if 0 < self.push_interval_ms < 10:  # each push reads the engine: 1 ms would poll it a thousand times a second

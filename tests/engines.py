@@ -53,6 +53,7 @@ class HttpEngine:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.api_key = ""  # as the engine's --api-key: every path but /health and /metrics wants the Bearer key
         self.hits: Counter[str] = Counter()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -81,7 +82,14 @@ class HttpEngine:
         return web.Response(text=text, content_type=content_type)
 
     async def start(self) -> int:
-        app = web.Application()
+        @web.middleware
+        async def api_key(request: web.Request, handler):  # sglang's add_api_key_middleware, as it checks
+            if self.api_key and request.path not in ("/health", "/metrics") \
+                    and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+                return web.json_response({"error": "Unauthorized"}, status=401)
+            return await handler(request)
+
+        app = web.Application(middlewares=[api_key])
         app.add_routes(self.routes())
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self._runner.setup()

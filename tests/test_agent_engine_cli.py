@@ -52,8 +52,18 @@ def test_cli_rejects_a_bad_engine_url():
     assert result.returncode == 2 and "http://HOST:PORT or grpc://HOST:PORT" in result.stderr
 
 
+def test_cli_rejects_a_repeated_rank_up_front():
+    """Every aggregator refuses a hello that repeats a rank: said once at start-up (usage error), not as a
+    refusal retried forever."""
+    result = subprocess.run([sys.executable, "-m", "scheduler_agent", "--aggregator", "127.0.0.1:1", "--dp-size",
+                             "2", "--dp-rank", "0", "--dp-rank", "0"], capture_output=True, text=True, timeout=30,
+                            cwd=ROOT)
+    assert result.returncode == 2 and "repeat a rank: [0, 0]" in result.stderr
+
+
 def test_every_new_flag_reads_its_env_var(monkeypatch):
     from scheduler_agent.cli import config_from_args, parser
+    from scheduler_agent.sources import build_source
 
     monkeypatch.setenv("LOADAGG_SOURCE", "vllm")
     monkeypatch.setenv("LOADAGG_ENGINE_URL", "grpc://127.0.0.1:30001")
@@ -70,6 +80,13 @@ def test_every_new_flag_reads_its_env_var(monkeypatch):
     assert config_from_args(parser().parse_args(["--dp-rank", "1"])).dp_ranks == (1,)
     monkeypatch.setenv("LOADAGG_SOURCE", "simulator")
     assert config_from_args(parser().parse_args([])).dp_ranks == (0,)  # the simulator's default is unchanged
+    monkeypatch.setenv("LOADAGG_ENGINE_API_KEY", "from-env")
+    monkeypatch.setenv("LOADAGG_SOURCE", "sglang")
+    monkeypatch.setenv("LOADAGG_ENGINE_URL", "http://127.0.0.1:30000")
+    config = config_from_args(parser().parse_args([]))
+    assert config.engine_api_key == "from-env" and "from-env" not in repr(config)
+    assert build_source(config).http.headers  # (LOADAGG_GPU=off: no wrapper) == {"Authorization": "Bearer from-env"}
+    assert config_from_args(parser().parse_args(["--engine-api-key", "flag"])).engine_api_key == "flag"
 
 
 async def test_two_engines_fill_one_cluster_with_rank_offset(start_aggregator, channel_to, processes):

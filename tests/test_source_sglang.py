@@ -96,8 +96,33 @@ async def test_legacy_get_load_when_v1_loads_is_absent(start_aggregator, channel
             assert source.legacy
             load = response.loads[1]
             assert (load.num_total_reqs, load.num_waiting_reqs, load.num_running_reqs) == (8, 2, 6)
+            assert load.num_total_tokens == 4096  # num_tokens: in use plus queued, /v1/loads' num_total_tokens
             for absent in ("num_used_tokens", "token_usage", "max_total_num_tokens", "gen_throughput"):
                 assert not load.HasField(absent), absent
+    finally:
+        await engine.stop()
+
+
+async def test_an_engine_started_with_an_api_key(start_aggregator, channel_to, caplog):
+    """sglang --api-key guards /v1/loads: without the key the agent says what to give it; with it, it reads."""
+    caplog.set_level(logging.WARNING)
+    engine = SglangHttpEngine(dp_size=2)
+    engine.api_key = "engine-secret"
+    await engine.start()
+    try:
+        keyless = SglangHttpSource(engine.url)
+        with pytest.raises(SourceError, match="HTTP 401: the engine wants an API key .*--engine-api-key"):
+            await keyless.read([0, 1])
+        await keyless.close()
+        wrong = SglangHttpSource(engine.url, api_key="not-it")
+        with pytest.raises(SourceError, match="HTTP 401: the engine refused this agent's API key"):
+            await wrong.read([0])
+        await wrong.close()
+        agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+        async with running(engine_agent(agg.port, SglangHttpSource(engine.url, api_key="engine-secret"))):
+            await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="ranks read with the key")
+            response = await get_loads(channel_to(agg.port))
+            assert [load.num_running_reqs for load in response.loads] == [5, 6]
     finally:
         await engine.stop()
 

@@ -35,10 +35,10 @@ def _engine_source(config: AgentConfig) -> LoadSource:
     if config.source == "sglang":
         from scheduler_agent.sources.sglang_http import SglangHttpSource
 
-        return SglangHttpSource(where, timeout)
+        return SglangHttpSource(where, timeout, api_key=config.engine_api_key)
     from scheduler_agent.sources.vllm_metrics import VllmMetricsSource
 
-    return VllmMetricsSource(where, timeout)
+    return VllmMetricsSource(where, timeout, api_key=config.engine_api_key)
 
 
 def _with_gpu(config: AgentConfig, source: LoadSource) -> LoadSource:

@@ -30,12 +30,16 @@ class NotFound(SourceError):
 
 
 class EngineHttp:
-    """GETs against one engine base URL with a per-request timeout shorter than the aggregator's rounds."""
+    """GETs against one engine base URL with a per-request timeout shorter than the aggregator's rounds.
 
-    def __init__(self, base_url: str, timeout_s: float | None = None) -> None:
+    `api_key`: the engine's own key (sglang and vLLM `--api-key`), sent as `Authorization: Bearer`.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float | None = None, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.fixed_timeout = timeout_s  # set by --engine-timeout-ms: wins over the round share
         self.timeout_s = timeout_s or DEFAULT_TIMEOUT_S
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
 
     def set_round_timeout(self, round_timeout_ms: int) -> None:
@@ -45,7 +49,8 @@ class EngineHttp:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # Keep-alive to the one engine; aiohttp drops connections the engine closed (restart).
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=False))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=8, force_close=False),
+                                                  headers=self.headers)
         return self._session
 
     async def get_text(self, path: str) -> str:
@@ -54,6 +59,11 @@ class EngineHttp:
             async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as response:
                 if response.status == 404:
                     raise NotFound(f"GET {path}: HTTP 404")
+                if response.status in (401, 403):
+                    raise SourceError(f"GET {path}: HTTP {response.status}: " + (
+                        "the engine refused this agent's API key; give the agent the engine's --api-key"
+                        if self.headers else "the engine wants an API key (it was started with --api-key); "
+                        "give the agent the same key with --engine-api-key or LOADAGG_ENGINE_API_KEY"))
                 if response.status != 200:
                     raise SourceError(f"GET {path}: HTTP {response.status}")
                 return await response.text()

@@ -6,8 +6,8 @@ the core figures and, when the engine has them, the `memory`, `speculative`, `lo
 and `queues` objects. A key the engine leaves out (or sends as null) stays unset in the RankLoad.
 
 Servers older than `/v1/loads` (HTTP 404) are read through `/get_load`: `[{dp_rank, num_reqs,
-num_waiting_reqs, num_tokens}]`, where num_reqs counts running + waiting requests. Its num_tokens
-(tokens in use plus the prompts still queued) matches no RankLoad field, so it is not reported.
+num_waiting_reqs, num_tokens}]`, where num_reqs counts running + waiting requests and num_tokens the
+tokens in use plus the prompts still queued: what `/v1/loads` calls num_total_tokens.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: boo
 
 
 def load_from_legacy(entry: dict, now_ms: int, single: bool) -> pb.RankLoad:
-    """One legacy `/get_load` entry: only request counts map onto RankLoad."""
+    """One legacy `/get_load` entry: request counts and num_tokens (as num_total_tokens)."""
     rank = _rank_of(entry, LEGACY, single)
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms)
     total = entry.get("num_reqs")
@@ -144,6 +144,8 @@ def load_from_legacy(entry: dict, now_ms: int, single: bool) -> pb.RankLoad:
         load.num_waiting_reqs = _value(f"{LEGACY}: rank {rank} num_waiting_reqs", waiting, _INT)
     if total is not None and waiting is not None and load.num_total_reqs >= load.num_waiting_reqs:
         load.num_running_reqs = load.num_total_reqs - load.num_waiting_reqs
+    if (tokens := entry.get("num_tokens")) is not None:
+        load.num_total_tokens = _value(f"{LEGACY}: rank {rank} num_tokens", tokens, _INT)
     return load
 
 
@@ -159,8 +161,8 @@ class SglangHttpSource(LoadSource):
 
     name = "sglang"
 
-    def __init__(self, base_url: str, timeout_s: float | None = None) -> None:
-        self.http = EngineHttp(base_url, timeout_s)
+    def __init__(self, base_url: str, timeout_s: float | None = None, api_key: str = "") -> None:
+        self.http = EngineHttp(base_url, timeout_s, api_key)
         self.legacy = False  # switched on by a 404 on /v1/loads, off again by a 404 on /get_load
         self.reads = 0
 

@@ -137,8 +137,9 @@ class _Window:
 class VllmMetricsSource(LoadSource):
     name = "vllm"
 
-    def __init__(self, base_url: str, timeout_s: float | None = None, window_s: float = WINDOW_S) -> None:
-        self.http = EngineHttp(base_url, timeout_s)
+    def __init__(self, base_url: str, timeout_s: float | None = None, window_s: float = WINDOW_S,
+                 api_key: str = "") -> None:
+        self.http = EngineHttp(base_url, timeout_s, api_key)
         self.window_s = window_s
         self._windows: dict[int, _Window] = {}
         self.reads = 0
