@@ -54,6 +54,7 @@ class _Communicator:
         self._next_id = 1
         self._round_listeners: list[Callable[[RoundResult], None]] = []
         registry.on_disconnect(self._agent_left)
+        registry.on_connect(self._agent_joined)
 
     def on_round_end(self, listener: Callable[[RoundResult], None]) -> None:
         """Called with every round's result as it ends (metrics)."""
@@ -72,7 +73,7 @@ class _Communicator:
         self._rounds[rnd.id] = rnd
         self.stats.rounds_started += 1
         self.stats.max_rounds_in_flight = max(self.stats.max_rounds_in_flight, len(self._rounds))
-        message = pb.AggregatorMessage(collect=pb.CollectRequest(round_id=rnd.id, include=["all"]))
+        message = _collect(rnd.id)
         for session in self.registry.sessions():
             session.send(message)
             self.stats.collects_sent += 1
@@ -155,13 +156,25 @@ class _Communicator:
         return True
 
     def _agent_left(self, session: AgentSession) -> None:
+        unserved = [r for r in session.dp_ranks if self.registry.owner(r) is None]  # not those a re-link took
         for rnd in list(self._rounds.values()):
-            rnd.give_up(session.dp_ranks)
+            rnd.give_up(unserved)
             if rnd.complete:
                 self._finish(rnd)
 
+    def _agent_joined(self, session: AgentSession) -> None:
+        """A link that took over ranks a round in flight still waits for (an agent re-linking) is asked for them."""
+        for rnd in self._rounds.values():
+            if not rnd.waiting_for.isdisjoint(session.serves):
+                session.send(_collect(rnd.id))
+                self.stats.collects_sent += 1
+
     async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:
         raise NotImplementedError
+
+
+def _collect(round_id: int) -> pb.AggregatorMessage:
+    return pb.AggregatorMessage(collect=pb.CollectRequest(round_id=round_id, include=["all"]))
 
 
 class WatchingCommunicator(_Communicator):

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
+
+# What a status message may quote of the caller's own input: gRPC carries the message in a trailer of at
+# most 16 KiB, and past that the caller would get RESOURCE_EXHAUSTED instead of the error meant for it.
+QUOTE_CHARS = 64
+QUOTE_ITEMS = 10
+
+
+def quoted(value: str) -> str:
+    """`value` as repr() shows it, cut to QUOTE_CHARS characters (saying how long it was)."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
+
+
+def listed(items: Sequence) -> str:
+    """`items` as a list, the first QUOTE_ITEMS of them (saying how many more there were)."""
+    shown = ", ".join(quoted(i) if isinstance(i, str) else str(i) for i in items[:QUOTE_ITEMS])
+    more = f", ... (+{len(items) - QUOTE_ITEMS} more)" if len(items) > QUOTE_ITEMS else ""
+    return f"[{shown}{more}]"
 
 
 class LoadAggError(Exception):

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from loadagg.answers import build_response
 from loadagg.auth import TokenPolicy, http_middleware
-from loadagg.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status
+from loadagg.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status, listed, quoted
 from loadagg.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.sections import parse_include
 from loadagg.service import LoadAggregatorService
@@ -39,21 +39,21 @@ def _int_param(query, name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got {raw!r}") from None
+        raise InvalidRequest(f"{name} must be an integer, got {quoted(raw)}") from None
 
 
 def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
     """The GetLoadsRequest a /v1/loads query stands for; InvalidRequest (HTTP 400) saying what is wrong."""
     unknown = sorted(set(query) - _PARAMS)
     if unknown:
-        raise InvalidRequest(f"unknown query parameter(s) {unknown}; accepted: {sorted(_PARAMS)}")
+        raise InvalidRequest(f"unknown query parameter(s) {listed(unknown)}; accepted: {sorted(_PARAMS)}")
     repeated = [name for name in _SINGLE if len(query.getall(name, ())) > 1]
     if repeated:
         raise InvalidRequest(f"query parameter(s) {repeated} given more than once; give each at most once "
                              "(include may repeat, or list sections with commas)")
     fmt = query.get("format", "json") or "json"
     if fmt not in _FORMATS:
-        raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {fmt!r}")
+        raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {quoted(fmt)}")
     request = pb.GetLoadsRequest()
     dp_rank = _int_param(query, "dp_rank")
     if dp_rank is not None:

@@ -97,11 +97,16 @@ class AgentRegistry:
         self._snapshots: dict[int, Snapshot] = {}
         self._sessions: set[AgentSession] = set()
         self._listeners: list[Callable[[AgentSession], None]] = []
+        self._joined_listeners: list[Callable[[AgentSession], None]] = []
         self.snapshot_version = 0
 
     def on_disconnect(self, listener: Callable[[AgentSession], None]) -> None:
-        """Called with each session that leaves (the communicator stops waiting for its ranks)."""
+        """Called with each session that leaves (the communicator stops waiting for the ranks nobody serves now)."""
         self._listeners.append(listener)
+
+    def on_connect(self, listener: Callable[[AgentSession], None]) -> None:
+        """Called with each session once it holds its ranks (a re-link is asked the round in flight again)."""
+        self._joined_listeners.append(listener)
 
     def register(self, session: AgentSession) -> None:
         """Claim the session's ranks, replacing an older link of the same instance; RankConflict otherwise."""
@@ -114,6 +119,12 @@ class AgentRegistry:
                 )
         replaced = {self._owner[r] for r in session.dp_ranks if r in self._owner}
         replaced |= {s for s in self._sessions if s.instance_id == session.instance_id}
+        # The new link holds its ranks before the old one leaves: a rank that changes link is never unserved,
+        # so a round in flight keeps waiting for it rather than calling it missing.
+        self._sessions.add(session)
+        for rank in session.dp_ranks:
+            self._owner[rank] = session
+            self._last_owner_id[rank] = session.instance_id
         for old in replaced:
             if old.instance_id == session.instance_id and old.dp_ranks != session.dp_ranks:
                 log.warning("agent %s linked again from %s serving ranks %s (its old link from %s served %s): "
@@ -125,10 +136,8 @@ class AgentRegistry:
             self.unregister(old)
             old.replaced_by = session.peer or "another link"
             old.close()
-        self._sessions.add(session)
-        for rank in session.dp_ranks:
-            self._owner[rank] = session
-            self._last_owner_id[rank] = session.instance_id
+        for listener in self._joined_listeners:
+            listener(session)
 
     def unregister(self, session: AgentSession) -> None:
         if session not in self._sessions:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from loadagg.errors import InvalidRequest
+from loadagg.errors import InvalidRequest, quoted
 from loadagg.v1 import loadagg_pb2 as pb
 
 # Section name -> RankLoad field holding it. "core" is the scalar fields, always returned (as sglang does).
@@ -42,7 +42,7 @@ def parse_include(include: Iterable[str]) -> frozenset[str]:
                 continue
             if name not in SECTION_FIELDS:
                 raise InvalidRequest(
-                    f"unknown section {name!r} in include; valid sections are: {', '.join(SECTIONS)}, all"
+                    f"unknown section {quoted(name)} in include; valid sections are: {', '.join(SECTIONS)}, all"
                 )
             wanted.add(name)
     return frozenset(wanted) if seen_any and not every else ALL_SECTIONS

@@ -11,7 +11,7 @@ from operator import attrgetter
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from loadagg.errors import InvalidRequest
+from loadagg.errors import InvalidRequest, listed
 from loadagg.v1 import loadagg_pb2 as pb
 
 # Not `utilization`: sglang's is max(running / max_running_requests_under_SLO, token_usage / 0.9), above 1
@@ -49,10 +49,10 @@ def validate_hello(hello: pb.AgentHello, dp_size: int) -> tuple[int, ...]:
         raise InvalidRequest("hello.dp_ranks is empty: an agent must serve at least one dp rank")
     ranks = sorted(hello.dp_ranks)
     if len(set(ranks)) != len(ranks):
-        raise InvalidRequest(f"hello.dp_ranks repeats a rank: {ranks}")
+        raise InvalidRequest(f"hello.dp_ranks repeats a rank: {listed(ranks)}")
     bad = [r for r in ranks if not 0 <= r < dp_size]
     if bad:
-        raise InvalidRequest(f"dp ranks {bad} are outside [0, {dp_size}) (dp_size={dp_size})")
+        raise InvalidRequest(f"dp ranks {listed(bad)} are outside [0, {dp_size}) (dp_size={dp_size})")
     return tuple(ranks)
 
 

@@ -71,6 +71,36 @@ async def test_same_instance_reconnecting_replaces_its_old_stream(start_aggregat
         await new.close()
 
 
+async def test_an_agent_relinking_during_a_round_is_asked_again_not_called_missing(start_aggregator, channel_to):
+    """Agent X re-links while a round waits for its ranks 0 and 1: the round keeps waiting for them, the new
+    link is sent the round's collect, and its answer counts; a rank the new link dropped is given up."""
+    agg = await start_aggregator(dp_size=4, round_timeout_ms=5000)
+    old = RawAgent(agg.port, "X", [0, 1, 3], dp_size=4)
+    other = RawAgent(agg.port, "Y", [2], dp_size=4)
+    new = RawAgent(agg.port, "X", [0, 1], dp_size=4)  # same instance; rank 3 is no longer served
+    try:
+        await old.connect()
+        await other.connect()
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        first = await old.next_collect()
+        await other.report((await other.next_collect()).round_id, [pb.RankLoad(dp_rank=2, num_running_reqs=2)])
+        await new.connect()
+        asked = await new.next_collect()
+        assert asked.round_id == first.round_id and not call.done()
+        rnd = agg.communicator._rounds[first.round_id]
+        assert rnd.waiting_for == {0, 1}  # rank 3 lost its agent: given up; 0 and 1 changed link: still awaited
+        await new.report(asked.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=7),
+                                          pb.RankLoad(dp_rank=1, num_running_reqs=8)])
+        response = await call
+        assert response.round_id == first.round_id and list(response.missing_ranks) == [3]
+        assert [(l.dp_rank, l.num_running_reqs) for l in response.loads] == [(0, 7), (1, 8), (2, 2)]
+        assert agg.communicator.stats.rounds_timed_out == 0
+    finally:
+        for agent in (old, other, new):
+            await agent.close()
+
+
 async def test_a_rank_is_free_again_once_its_agent_disconnects(start_aggregator):
     agg = await start_aggregator(dp_size=1)
     first = RawAgent(agg.port, "first", [0])
@@ -94,6 +124,8 @@ async def test_a_rank_is_free_again_once_its_agent_disconnects(start_aggregator)
         (pb.AgentHello(instance_id="a", dp_ranks=[0], dp_size=-4), "dp_size=-4"),
         (pb.AgentHello(instance_id="a"), "dp_ranks is empty"),
         (pb.AgentHello(instance_id="a", dp_ranks=[2, 2]), "repeats a rank"),
+        (pb.AgentHello(instance_id="a", dp_ranks=range(3, 3003)), "outside [0, 4)"),  # 2,999 ranks: not all quoted
+        (pb.AgentHello(instance_id="a", dp_ranks=[1] * 3000), "repeats a rank: [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ... "),
         (pb.AgentHello(dp_ranks=[0]), "instance_id"),
         (pb.AgentHello(instance_id="x" * 300, dp_ranks=[0]), "instance_id"),
     ],
@@ -105,7 +137,7 @@ async def test_invalid_hello_gets_invalid_argument(start_aggregator, hello, reas
     try:
         error = await _refusal(agent)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert reason in error.details()
+        assert reason in error.details() and len(error.details()) < 300
         assert not agg.registry.live_ranks()
     finally:
         await agent.close()
