@@ -9,6 +9,8 @@
   exponential backoff and jitter, at most `RetryPolicy.attempts` times in all; any other status is
   raised at once (grpc.RpcError). A watch stream that breaks, or that the aggregator ends (graceful
   shutdown), is resubscribed under the same policy, counted from its last good message.
+* Watches hand out the newest answer (loadagg.latest): a consumer that stalls gets the current answer
+  next, not the backlog the transport buffered meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
+from loadagg.latest import newest, newest_blocking
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -224,14 +227,15 @@ class AsyncLoadClient(_Base):
 
     async def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
                           allow_stale: bool = False) -> AsyncIterator[Loads]:
-        """Pushed answers at `interval_ms` (0: the server's default), resubscribing after UNAVAILABLE."""
+        """Pushed answers at `interval_ms` (0: the server's default), resubscribing after UNAVAILABLE; the
+        newest one each time the consumer asks (latest wins), however long it took over the last."""
         request = watch_request(dp_rank, include, interval_ms, allow_stale)
         failures = 0
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
             error: grpc.RpcError | None = None
             try:
-                async for response in call:
+                async for response in newest(call):
                     failures = 0
                     yield Loads(response)
             except grpc.aio.AioRpcError as exc:
@@ -289,7 +293,7 @@ class LoadClient(_Base):
             call = self._stub.WatchLoads(request, metadata=self.metadata)
             error: grpc.RpcError | None = None
             try:
-                for response in call:
+                for response in newest_blocking(call):
                     failures = 0
                     yield Loads(response)
             except grpc.RpcError as exc:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
 from conftest import wait_for
+from loadagg.client import AsyncLoadClient, LoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -124,6 +126,44 @@ async def test_slow_watcher_does_not_delay_the_others(start_aggregator, start_ag
     fast.cancel()
     await slow_channel.close()
     await wait_for(lambda: agg.watch.watchers == 0 and agg.watch.tickers == 0, what="watchers to leave")
+
+
+async def test_the_client_hands_a_watcher_that_looked_away_the_newest_answer(start_aggregator, start_agents):
+    """The server keeps one undelivered answer per watcher, but what it wrote already waits in the transport
+    (hundreds of small answers). The client library reads on while its consumer stalls, so the consumer's
+    next answer is the newest round, not the one after the answer it stalled over (async and blocking)."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+    await start_agents(agg, [[0, 1]], collect_latency_ms=1)
+    target = f"127.0.0.1:{agg.port}"
+
+    async with AsyncLoadClient(target) as client:
+        feed = client.watch_loads(include=["core"], interval_ms=10)
+        first = await anext(feed)
+        await wait_for(lambda: agg.communicator.last_result.round_id >= first.round_id + 20, timeout=60,
+                       what="20 more rounds while the consumer looks away")
+        await asyncio.sleep(0.2)
+        newest = agg.communicator.last_result.round_id
+        after = await anext(feed)
+        await feed.aclose()
+    assert after.round_id >= newest - 2, (first.round_id, newest, after.round_id)
+
+    def blocking() -> tuple[int, int, int]:
+        with LoadClient(target) as client:
+            feed = client.watch_loads(include=["core"], interval_ms=10)
+            first = next(feed)
+            for _ in range(600):  # bounded: at most a minute for 20 rounds
+                if agg.communicator.last_result.round_id >= first.round_id + 20:
+                    break
+                time.sleep(0.1)
+            time.sleep(0.2)
+            newest = agg.communicator.last_result.round_id
+            after = next(feed)
+            feed.close()
+            return first.round_id, newest, after.round_id
+
+    first_id, newest, after_id = await asyncio.to_thread(blocking)
+    assert newest >= first_id + 20 and after_id >= newest - 2, (first_id, newest, after_id)
+    await wait_for(lambda: agg.watch.watchers == 0, what="both watchers to leave")
 
 
 async def test_interval_bounds_and_bad_requests(start_aggregator, start_agents, channel_to):
