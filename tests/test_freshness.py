@@ -88,6 +88,38 @@ async def test_cached_reuses_the_last_round_only_within_max_staleness(start_aggr
     assert agg.communicator.stats.rounds_started == 2
 
 
+async def test_cached_prefers_pushed_snapshots_over_a_round_that_missed_a_rank(start_aggregator, channel_to):
+    """The last round ran before rank 1's agent linked. Once that agent has pushed, a CACHED read gets the
+    pushed snapshots of both ranks rather than the round's 'rank 1 missing'; before it pushed, the cached
+    round is still the answer (a rank that stays down must not turn cached reads into rounds)."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    early = RawAgent(agg.port, "early", [0], 2)
+    late = RawAgent(agg.port, "late", [1], 2)
+    try:
+        await early.connect()
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        await early.report((await early.next_collect()).round_id, [_load(0)])
+        assert list((await call).missing_ranks) == [1]
+        cached = pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000)
+
+        await late.connect()  # linked, nothing pushed yet: the round is all there is within the bound
+        answer = await stub.GetLoads(cached, timeout=10)
+        assert answer.source == pb.ANSWER_SOURCE_CACHE and list(answer.missing_ranks) == [1]
+
+        await late.report(0, [_load(1)])
+        await wait_for(lambda: agg.registry.snapshot(1) is not None, what="rank 1's push stored")
+        for request in (cached, pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000,
+                                                   dp_rank=1)):
+            answer = await stub.GetLoads(request, timeout=10)
+            assert answer.source == pb.ANSWER_SOURCE_SNAPSHOTS and not answer.missing_ranks
+            assert 1 in [load.dp_rank for load in answer.loads]
+        assert agg.communicator.stats.rounds_started == 1  # and no round for any of it
+    finally:
+        await early.close()
+        await late.close()
+
+
 async def test_cached_never_answers_older_than_max_staleness(start_aggregator, pushing_agents, channel_to):
     agg = await start_aggregator(dp_size=2)
     await pushing_agents(agg, [[0], [1]], push_interval_ms=20)
