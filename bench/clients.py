@@ -19,7 +19,7 @@ from collections import Counter
 
 import grpc
 
-from bench.child import emit, run
+from bench.child import emit, own_usage, run
 from bench.echo_proc import ECHO_METHOD
 from bench.stats import summary_ms
 from loadagg.v1 import loadagg_pb2 as pb
@@ -165,6 +165,7 @@ def burst_futures(run_spec: dict) -> dict:
                 if left[0] == 0:
                     all_done.set()
 
+        cpu_before = own_usage()["cpu_s"]
         started = time.perf_counter()
         for i in range(callers):
             issued = time.perf_counter()
@@ -173,7 +174,9 @@ def burst_futures(run_spec: dict) -> dict:
         issue_s = time.perf_counter() - started
         if not all_done.wait(timeout + 60):
             raise TimeoutError(f"{left[0]} of {callers} calls never ended")
-        return {**tally.result(time.perf_counter() - started), "issue_s": round(issue_s, 3)}
+        wall = time.perf_counter() - started
+        return {**tally.result(wall), "issue_s": round(issue_s, 3),
+                "client_cpu_s": round(own_usage()["cpu_s"] - cpu_before, 3)}  # this process, all its threads
     finally:
         for channel in channels:
             channel.close()

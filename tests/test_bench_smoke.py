@@ -42,6 +42,7 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     watching = [row for row in storm["rows"] if row["server"] == "watching"]
     assert all(row["rounds"] >= 1 and row["other_errors"] == 0 for row in watching)
     assert {"p50_ms", "p99_ms", "collects_per_agent", "timeouts"} <= set(storm["rows"][0])
+    assert any("CPU per burst" in note for note in storm["notes"])  # what the biggest burst cost each process
     throughput = outcomes["throughput"]
     assert throughput["rows"][0]["server"].startswith("echo") and throughput["rows"][0]["calls_per_s"] > 0
     assert "ncalls" in throughput["details"]  # the aggregator's profile

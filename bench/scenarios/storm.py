@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from bench.procs import Cluster, run_client, start_cluster, start_echo
+from bench.procs import Child, Cluster, run_client, start_cluster, start_echo
 from bench.report import Outcome, Target
 from bench.stats import median_by, ratio
 
@@ -57,6 +57,26 @@ def counted(cluster: Cluster, spec: dict) -> tuple[list[dict], int, int]:
     return results, after["rounds_started"] - before["rounds_started"], after["collects_sent"] - before["collects_sent"]
 
 
+def cpu_seconds(cluster: Cluster, echo: Child) -> dict[str, float]:
+    """CPU (user + system) each kind of process has used so far, from its own accounting."""
+    return {"aggregator": cluster.stats()["cpu_s"], "agents": cluster.agent_stats()["cpu_s"],
+            "echo": echo.ask("stats")["cpu_s"]}
+
+
+def cpu_per_burst(before: dict[str, float], after: dict[str, float], results: list[dict], reps: int) -> dict:
+    """Mean CPU seconds of one watching burst (aggregator + agents + client) and one echo burst (echo + client).
+
+    The bursts alternate in one client invocation: the servers of one side idle while the other side's
+    bursts run (their idle cost, linked streams and keepalives, is included and is tiny)."""
+    used = {kind: (after[kind] - before[kind]) / reps for kind in before}
+    client = {"echo": sum(r["client_cpu_s"] for r in results[0::2]) / reps,
+              "watching": sum(r["client_cpu_s"] for r in results[1::2]) / reps}
+    return {"aggregator": used["aggregator"], "agents": used["agents"], "echo": used["echo"],
+            "client_watching": client["watching"], "client_echo": client["echo"],
+            "watching_total": used["aggregator"] + used["agents"] + client["watching"],
+            "echo_total": used["echo"] + client["echo"]}
+
+
 def median_run(results: list[dict]) -> dict:
     """The run whose p99 is the median of the repetitions (other jobs on a shared box make single runs noisy)."""
     return median_by(results, key=lambda r: r["since_burst"]["p99_ms"])
@@ -81,7 +101,10 @@ def run(tiny: bool = False) -> Outcome:
             # Echo and watching bursts alternate `reps` times in one client process; the median run counts.
             spec = {"mode": "burst", "callers": callers, "timeout_s": DEADLINE_S,
                     "runs": [echo_run, {"target": watching.target}] * reps}
+            cpu_before = cpu_seconds(watching, echo) if callers == big else {}
             results, rounds, collects = counted(watching, spec)
+            if callers == big:
+                cpu = cpu_per_burst(cpu_before, cpu_seconds(watching, echo), results, reps)
             mine = median_run(results[1::2])
             rows["echo", callers] = row("echo", callers, median_run(results[0::2]), results[0::2])
             # Rounds of that run: the distinct rounds its callers were answered from; collects: what the
@@ -142,6 +165,12 @@ def run(tiny: bool = False) -> Outcome:
         "bare grpc.aio server. Calls that fail are counted as errors and left out of the latencies, but for "
         "timeouts, which stay in at their deadline (censored); timeouts and other_errors add up every burst of "
         "that size.",
+        f"{big:,} callers, CPU per burst (mean of {reps}, each process's own accounting): watching "
+        f"{cpu['watching_total']:.2f} s = aggregator {cpu['aggregator']:.2f} + {RANKS} agents {cpu['agents']:.2f} + client "
+        f"{cpu['client_watching']:.2f}; echo {cpu['echo_total']:.2f} s = echo {cpu['echo']:.2f} + client "
+        f"{cpu['client_echo']:.2f}. On 2 shared cores the walls follow the CPU: {ratio(cpu['watching_total'], cpu['echo_total']):.2f}x "
+        f"the echo's in all, {ratio(cpu['aggregator'] + cpu['client_watching'], cpu['echo_total']):.2f}x without the agents "
+        "(whose collects, in a deployment, run on the GPU nodes).",
         "rounds in a watching row are those its callers were answered from; the targets use the aggregator's own "
         "counters over all bursts of that size; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it).",
     ]
