@@ -29,8 +29,9 @@ class CachedAnswers:
         """The last round if young enough, else pushed snapshots if every wanted rank has a young one.
 
         A young round that missed a wanted rank (an agent linking, or re-linking, as it ran) gives way to
-        pushed snapshots when they cover every wanted rank; otherwise it is still the answer, as a rank
-        that stays down must not turn every cached read into a round.
+        pushed snapshots when they cover every wanted rank and that rank pushed after the round ended;
+        otherwise it is still the answer, as a rank that stays down must not turn every cached read into a
+        round (nor a snapshot taken before it went down overrule the round that found it gone).
         """
         last = self.last_round(max_staleness_ms)
         if last is not None and self._misses(last, max_staleness_ms, dp_rank):
@@ -38,14 +39,15 @@ class CachedAnswers:
         return last or self.from_snapshots(max_staleness_ms, dp_rank)
 
     def _misses(self, result: RoundResult, max_staleness_ms: int, dp_rank: int | None) -> bool:
-        """Whether `result` missed a wanted rank that a young pushed snapshot could answer for."""
+        """Whether `result` missed a wanted rank that has pushed since, within the bound."""
         if dp_rank is not None:
-            return dp_rank not in result.fresh and self._young(dp_rank, max_staleness_ms)
-        return any(self._young(rank, max_staleness_ms) for rank in result.missing)
+            return dp_rank not in result.fresh and self._pushed_since(result, dp_rank, max_staleness_ms)
+        return any(self._pushed_since(result, rank, max_staleness_ms) for rank in result.missing)
 
-    def _young(self, rank: int, max_staleness_ms: int) -> bool:
+    def _pushed_since(self, result: RoundResult, rank: int, max_staleness_ms: int) -> bool:
         snap = self.registry.snapshot(rank)
-        return snap is not None and snap.age_ms(time.monotonic()) <= max_staleness_ms
+        return (snap is not None and snap.received > result.finished
+                and snap.age_ms(time.monotonic()) <= max_staleness_ms)
 
     def last_round(self, max_staleness_ms: int) -> RoundResult | None:
         last = self.communicator.last_result

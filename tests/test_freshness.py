@@ -120,6 +120,34 @@ async def test_cached_prefers_pushed_snapshots_over_a_round_that_missed_a_rank(s
         await late.close()
 
 
+async def test_cached_keeps_a_round_that_found_a_rank_gone_over_its_earlier_push(start_aggregator, channel_to):
+    """Rank 1 pushed, then its agent left; the round after that says rank 1 is missing. A CACHED read gets that
+    round, not rank 1's older pushed snapshot served as if the rank were still there."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    alive = RawAgent(agg.port, "alive", [0], 2)
+    gone = RawAgent(agg.port, "gone", [1], 2)
+    try:
+        await alive.connect()
+        await gone.connect()
+        await gone.report(0, [_load(1)])
+        await wait_for(lambda: agg.registry.snapshot(1) is not None, what="rank 1's push stored")
+        await gone.close()
+        await wait_for(lambda: agg.registry.live_ranks() == {0}, what="rank 1's agent gone")
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        await alive.report((await alive.next_collect()).round_id, [_load(0)])
+        assert list((await call).missing_ranks) == [1]
+        for dp_rank in (None, 1):
+            request = pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000, dp_rank=dp_rank)
+            answer = await stub.GetLoads(request, timeout=10)
+            assert answer.source == pb.ANSWER_SOURCE_CACHE and list(answer.missing_ranks) == [1], dp_rank
+            assert 1 not in [load.dp_rank for load in answer.loads]
+        assert agg.communicator.stats.rounds_started == 1
+    finally:
+        await alive.close()
+        await gone.close()
+
+
 async def test_cached_never_answers_older_than_max_staleness(start_aggregator, pushing_agents, channel_to):
     agg = await start_aggregator(dp_size=2)
     await pushing_agents(agg, [[0], [1]], push_interval_ms=20)
