@@ -31,9 +31,13 @@ async def newest(stream: AsyncIterable[T]) -> AsyncIterator[T]:
                 ready.set()
         except Exception as error:  # grpc.aio.AioRpcError: handed to the consumer after the last message
             ended.append(error)
+        except asyncio.CancelledError as cancelled:  # the call cancelled (its channel closed), or this reader
+            ended.append(cancelled)  # the consumer raises it, as iterating the call would
+            raise
         else:
             ended.append(None)
-        ready.set()
+        finally:
+            ready.set()  # whatever ended the stream, the consumer wakes
 
     reader = asyncio.create_task(pump())
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -163,6 +164,36 @@ async def test_the_client_hands_a_watcher_that_looked_away_the_newest_answer(sta
 
     first_id, newest, after_id = await asyncio.to_thread(blocking)
     assert newest >= first_id + 20 and after_id >= newest - 2, (first_id, newest, after_id)
+    await wait_for(lambda: agg.watch.watchers == 0, what="both watchers to leave")
+
+
+async def test_a_watch_consumer_waiting_when_its_client_closes_is_woken(start_aggregator, start_agents):
+    """Closing the client cancels its watch call: a consumer waiting for the next answer gets CancelledError,
+    as iterating the call itself gives, instead of waiting forever (async and blocking)."""
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=500)
+    await start_agents(agg, [[0]])
+    target = f"127.0.0.1:{agg.port}"
+    client = AsyncLoadClient(target)
+    feed = client.watch_loads(interval_ms=5000)  # the next answer is seconds away: the consumer waits
+    await anext(feed)
+    waiting = asyncio.ensure_future(anext(feed))
+    await asyncio.sleep(0.2)
+    await client.close()
+    done, _ = await asyncio.wait({waiting}, timeout=10)
+    assert done and waiting.cancelled()
+
+    def blocking() -> str:
+        client = LoadClient(target)
+        feed = client.watch_loads(interval_ms=5000)
+        next(feed)
+        threading.Timer(0.2, client.close).start()
+        try:
+            next(feed)
+        except grpc.RpcError as error:
+            return error.code().name
+        return "another answer"
+
+    assert await asyncio.wait_for(asyncio.to_thread(blocking), 10) == "CANCELLED"
     await wait_for(lambda: agg.watch.watchers == 0, what="both watchers to leave")
 
 
