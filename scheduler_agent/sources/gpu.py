@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import pynvml
@@ -36,6 +37,8 @@ MAX_DEVICES_PER_RANK = 64
 NVML_ROUND_SHARE = 0.25
 NVML_DEFAULT_BUDGET_S = 0.5
 NVML_MIN_BUDGET_S = 0.05
+# NVML's own start-up: about a second without the persistence daemon, so it gets a budget of its own.
+NVML_INIT_BUDGET_S = 5.0
 
 T = TypeVar("T")
 
@@ -62,7 +65,8 @@ class NvmlTelemetry:
         self.available: bool | None = None
         self.reason = ""
 
-    def _init(self) -> bool:
+    def init(self) -> bool:
+        """Start NVML once (True when it is there); later calls only say whether it is."""
         if self.available is None:
             try:
                 pynvml.nvmlInit()
@@ -76,7 +80,7 @@ class NvmlTelemetry:
 
     def resolve(self, device: str) -> int | None:
         """An NVML index for an index or UUID string (None: no such device)."""
-        if not self._init():
+        if not self.init():
             return None
         try:
             if device.isdigit():
@@ -88,7 +92,7 @@ class NvmlTelemetry:
 
     def visible(self) -> list[int]:
         """NVML indices of the devices this process may use (CUDA_VISIBLE_DEVICES, else all)."""
-        if not self._init():
+        if not self.init():
             return []
         listed = os.environ.get("CUDA_VISIBLE_DEVICES")
         if listed is None:
@@ -125,7 +129,7 @@ class NvmlTelemetry:
         return gpu
 
     def read(self, indices: Sequence[int]) -> list[pb.GpuDevice]:
-        if not self._init():
+        if not self.init():
             return []
         devices = []
         for index in indices:
@@ -156,7 +160,15 @@ def _try(read) -> None:
 
 
 class NvmlBusy(Exception):
-    """An earlier NVML call is still running (past its budget): this read goes without GPU figures."""
+    """An earlier NVML call ran past its budget and has not returned: this read goes without GPU figures."""
+
+
+@dataclass(eq=False)
+class _Job:
+    work: Callable[[], object]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    finished: bool = False
 
 
 class NvmlThread:
@@ -164,37 +176,50 @@ class NvmlThread:
 
     A daemon thread, so a call that never returns cannot hold up the agent's exit (asyncio's default
     executor joins its threads on the way out), and one thread, so a stuck driver ties up one thread
-    rather than one more per read: while a call runs past its budget, later ones are refused at once.
+    rather than one more per read. Concurrent calls (a push beside a collect) queue, each within its
+    own budget; once a call has run past its budget and not returned, later ones are refused at once.
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.busy = False
+        self._lock = threading.Lock()
+        self._stuck: _Job | None = None  # a call past its budget that has not returned yet
+
+    @property
+    def stuck(self) -> bool:
+        return self._stuck is not None
 
     async def call(self, work: Callable[[], T], budget_s: float) -> T:
-        """`work()` on the NVML thread; TimeoutError past `budget_s` (it runs on), NvmlBusy if one still runs."""
-        if self.busy:
-            raise NvmlBusy("an earlier NVML call has not returned")
+        """`work()` on the NVML thread; TimeoutError past `budget_s` (it runs on), NvmlBusy while one is stuck."""
+        if self._stuck is not None:
+            raise NvmlBusy("an earlier NVML call ran past its budget and has not returned")
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="nvml", daemon=True)
             self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self.busy = True
-        self._jobs.put((work, loop, future))
-        return await asyncio.wait_for(future, budget_s)
+        job = _Job(work, asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+        self._jobs.put(job)
+        try:
+            return await asyncio.wait_for(job.future, budget_s)
+        except TimeoutError:
+            with self._lock:
+                if not job.finished:
+                    self._stuck = job
+            raise
 
     def _work(self) -> None:
         while True:
-            work, loop, future = self._jobs.get()
+            job = self._jobs.get()
             try:
-                result, error = work(), None
+                result, error = job.work(), None
             except Exception as failure:  # handed to the caller, whatever NVML raised
                 result, error = None, failure
-            self.busy = False
+            with self._lock:
+                job.finished = True
+                if self._stuck is job:
+                    self._stuck = None
             try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
@@ -253,7 +278,14 @@ class WithGpuTelemetry(LoadSource):
                                                        round_timeout_ms / 1000 * NVML_ROUND_SHARE))
 
     async def start(self) -> None:
+        """Start the scheduler source, then NVML (on its thread, so a first read need not pay for it)."""
         await self.inner.start()
+        try:
+            await self.nvml.call(self.telemetry.init, NVML_INIT_BUDGET_S)
+        except (NvmlBusy, TimeoutError):
+            self._troubled(f"NVML did not start within {NVML_INIT_BUDGET_S:.0f} s (a hung driver?)")
+        except Exception as error:  # whatever the library raised: the loads go out without the gpu section
+            self._troubled(f"NVML failed to start: {error or type(error).__name__}")
 
     async def discover(self) -> EngineRanks | None:
         engine = await self.inner.discover()
