@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loadagg.communicator import Communicator
-from loadagg.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with
+from loadagg.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with, listed, quoted
 from loadagg.registry import AgentRegistry, AgentSession
 from loadagg.rounds import unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
@@ -77,9 +77,9 @@ class AgentLinkService:
                 yield message
             if session.replaced_by:  # a status the old agent backs off on (two agents sharing an id would flap)
                 await abort_with(context, LinkReplaced(
-                    f"a newer link of instance {session.instance_id!r} (from {session.replaced_by}) took over "
-                    "ranks " + ", ".join(map(str, session.dp_ranks)) + "; if that is another agent, give each "
-                    "agent its own --instance-id"))
+                    f"a newer link of instance {quoted(session.instance_id)} (from {session.replaced_by}) took "
+                    f"over ranks {listed(session.dp_ranks)}; if that is another agent, give each agent its own "
+                    "--instance-id"))
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # never skip the unregister below

@@ -71,6 +71,26 @@ async def test_same_instance_reconnecting_replaces_its_old_stream(start_aggregat
         await new.close()
 
 
+async def test_a_replaced_link_of_thousands_of_ranks_still_ends_aborted(start_aggregator):
+    """The status that ends a replaced link quotes a bounded part of its id and ranks: all 4000 of them would
+    pass gRPC's 16 KiB trailer limit and turn ABORTED (what the agent backs off on) into RESOURCE_EXHAUSTED."""
+    ranks = list(range(4000))
+    agg = await start_aggregator(dp_size=len(ranks))
+    old = RawAgent(agg.port, "x" * 256, ranks, dp_size=len(ranks))
+    new = RawAgent(agg.port, "x" * 256, ranks, dp_size=len(ranks))
+    try:
+        await old.connect()
+        await new.connect()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await old.read()
+        assert ended.value.code() == grpc.StatusCode.ABORTED
+        assert "(256 characters)" in ended.value.details() and "(+3990 more)" in ended.value.details()
+    finally:
+        await old.close()
+        await new.close()
+
+
 async def test_an_agent_relinking_during_a_round_is_asked_again_not_called_missing(start_aggregator, channel_to):
     """Agent X re-links while a round waits for its ranks 0 and 1: the round keeps waiting for them, the new
     link is sent the round's collect, and its answer counts; a rank the new link dropped is given up."""
