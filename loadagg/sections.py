@@ -18,6 +18,10 @@ SECTION_FIELDS: dict[str, str] = {
 }
 SECTIONS: tuple[str, ...] = ("core", *SECTION_FIELDS)
 ALL_SECTIONS: frozenset[str] = frozenset(SECTION_FIELDS)
+# Far above any real list ("core,memory,gpu,spec,lora,disagg,queues,all" is 43 characters), and low enough
+# that parsing a hostile one (megabytes of commas) cannot hold the event loop for other callers.
+MAX_INCLUDE_ITEMS = 64
+MAX_INCLUDE_CHARS = 1024
 
 
 def parse_include(include: Iterable[str]) -> frozenset[str]:
@@ -27,6 +31,12 @@ def parse_include(include: Iterable[str]) -> frozenset[str]:
     """
     if not include:  # the common call: everything
         return ALL_SECTIONS
+    if len(include) > MAX_INCLUDE_ITEMS or (chars := sum(map(len, include))) > MAX_INCLUDE_CHARS:
+        size = f"{len(include)} items" if len(include) > MAX_INCLUDE_ITEMS else f"{chars} characters"
+        raise InvalidRequest(
+            f"include is too long ({size}; at most {MAX_INCLUDE_ITEMS} items, {MAX_INCLUDE_CHARS} characters "
+            f"in all): name each section at most once: {', '.join(SECTIONS)}, all"
+        )
     wanted: set[str] = set()
     seen_any = every = False
     for item in include:

@@ -81,8 +81,11 @@ async def test_filters_do_not_leak_between_callers_of_one_round(stub):
         (pb.GetLoadsRequest(dp_rank=-1), "dp_rank -1 is out of range"),
         (pb.GetLoadsRequest(include=["memroy"]), "unknown section 'memroy'"),
         (pb.GetLoadsRequest(include=["core", "bogus"]), "valid sections are"),
-        # quoted in part: all 20,000 characters would pass gRPC's 16 KiB trailer limit (RESOURCE_EXHAUSTED)
-        (pb.GetLoadsRequest(include=["x" * 20_000]), "unknown section 'xxxx"),
+        # quoted in part (64 characters): a caller's input never makes a status message long
+        (pb.GetLoadsRequest(include=["x" * 200]), "unknown section 'xxxx"),
+        # bounded before it is parsed: megabytes of commas (or of "core") held the event loop for everyone
+        (pb.GetLoadsRequest(include=["," * 2_000_000]), "include is too long (2000000 characters"),
+        (pb.GetLoadsRequest(include=["core"] * 100_000), "include is too long (100000 items"),
     ],
 )
 async def test_bad_requests_get_invalid_argument(stub, request_, message):

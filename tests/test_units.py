@@ -23,6 +23,11 @@ def test_parse_include():
         parse_include(["memory", "x"])
     with pytest.raises(InvalidRequest, match="unknown section 'bogus'"):  # found by tests/test_fuzz.py
         parse_include(["all", "bogus"])
+    assert parse_include(["core"] * 64) == frozenset() and parse_include([",memory" * 146]) == {"memory"}
+    with pytest.raises(InvalidRequest, match=r"too long \(65 items"):
+        parse_include(["core"] * 65)
+    with pytest.raises(InvalidRequest, match=r"too long \(1025 characters"):
+        parse_include(["memory", "," * 1019])
 
 
 def test_trim_never_mutates_the_shared_load():
