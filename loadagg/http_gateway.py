@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from aiohttp import web
@@ -30,16 +31,17 @@ _FORMATS = ("json", "prometheus")
 _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
 _UINT32_MAX = 2**32 - 1
 _SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def _int_param(query, name: str) -> int | None:
+    """A decimal integer in ASCII digits (int() alone would take "0_1" as 1, "٣" as 3 and " +2 " as 2)."""
     raw = query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got {quoted(raw)}") from None
+    if _INTEGER.fullmatch(raw) is None:
+        raise InvalidRequest(f"{name} must be an integer, got {quoted(raw)}")
+    return int(raw)
 
 
 def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:

@@ -19,7 +19,7 @@ from loadagg.answers import build_response
 from loadagg.errors import LoadAggError, NotServed, abort_with
 from loadagg.rounds import RoundResult
 from loadagg.service import LoadAggregatorService, wait_budget
-from loadagg.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp
+from loadagg.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp, total_reqs
 from loadagg.v1 import loadagg_pb2 as pb
 
 SGLANG_SERVICE = sg.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -41,7 +41,7 @@ def to_scheduler_load(load: pb.RankLoad, module) -> object:
     """A loadagg RankLoad as the peer's SchedulerLoad (sections only where the peer has them)."""
     out = module.SchedulerLoad(dp_rank=load.dp_rank)
     _copy_scalars(out, load, CORE_FIELDS)
-    out.num_total_reqs = min(load.num_running_reqs + load.num_waiting_reqs, INT32_MAX)
+    out.num_total_reqs = min(total_reqs(load) or 0, INT32_MAX)  # (the peer's contract has no field presence)
     fields = out.DESCRIPTOR.fields_by_name
     for section, key in SECTION_KEYS.items():
         if key in fields and load.HasField(section):
@@ -53,19 +53,19 @@ def to_scheduler_load(load: pb.RankLoad, module) -> object:
 
 
 def sglang_response(response: pb.GetLoadsResponse, version: str) -> sg.GetLoadsResponse:
-    agg = aggregate(response.loads)
+    agg = aggregate(response.loads)  # a figure no rank has is left out: 0 here, as the peer has no presence
     return sg.GetLoadsResponse(
         timestamp=iso_timestamp(response.timestamp_ms),
         version=version,
         dp_rank_count=response.dp_size,
         loads=[to_scheduler_load(load, sg) for load in response.loads],
         aggregate=sg.AggregateMetrics(
-            total_running_reqs=min(agg["total_running_reqs"], INT32_MAX),
-            total_waiting_reqs=min(agg["total_waiting_reqs"], INT32_MAX),
-            total_reqs=min(agg["total_reqs"], INT32_MAX),
-            avg_token_usage=agg["avg_token_usage"],
-            avg_throughput=agg["avg_throughput"],
-            avg_utilization=agg["avg_utilization"],
+            total_running_reqs=min(agg.get("total_running_reqs", 0), INT32_MAX),
+            total_waiting_reqs=min(agg.get("total_waiting_reqs", 0), INT32_MAX),
+            total_reqs=min(agg.get("total_reqs", 0), INT32_MAX),
+            avg_token_usage=agg.get("avg_token_usage", 0.0),
+            avg_throughput=agg.get("avg_throughput", 0.0),
+            avg_utilization=agg.get("avg_utilization", 0.0),
         ),
     )
 

@@ -63,6 +63,15 @@ def _fields(message) -> dict:
     return {field.name: value for field, value in message.ListFields()}
 
 
+def total_reqs(load: pb.RankLoad) -> int | None:
+    """The rank's running plus waiting requests: as its source said, else the sum when it has both figures."""
+    if load.HasField("num_total_reqs"):
+        return load.num_total_reqs
+    if load.HasField("num_running_reqs") and load.HasField("num_waiting_reqs"):
+        return load.num_running_reqs + load.num_waiting_reqs
+    return None
+
+
 def load_dict(load: pb.RankLoad) -> dict:
     """One rank as sglang's JSON has it: dp_rank, core figures, sections, and num_total_reqs."""
     d: dict = {"dp_rank": load.dp_rank}
@@ -72,27 +81,37 @@ def load_dict(load: pb.RankLoad) -> dict:
     for section, key in SECTION_KEYS.items():
         if load.HasField(section):
             d[key] = _fields(getattr(load, section))
-    d["num_total_reqs"] = load.num_running_reqs + load.num_waiting_reqs
+    if (total := total_reqs(load)) is not None:
+        d["num_total_reqs"] = total
     return d
 
 
-def _mean(values: list[float], ndigits: int) -> float:
-    return round(sum(values) / len(values), ndigits) if values else 0.0
+def _total(loads: list[pb.RankLoad], name: str) -> int | None:
+    present = [getattr(load, name) for load in loads if load.HasField(name)]
+    return sum(present) if present else None
+
+
+def _mean(loads: list[pb.RankLoad], name: str, ndigits: int) -> float | None:
+    present = [getattr(load, name) for load in loads if load.HasField(name)]
+    return round(sum(present) / len(present), ndigits) if present else None
 
 
 def aggregate(loads: Iterable[pb.RankLoad]) -> dict:
-    """sglang's `aggregate`: totals, and means rounded as sglang rounds them (over ranks reporting the figure)."""
+    """sglang's `aggregate`: totals, and means rounded as sglang rounds them, over the ranks reporting each
+    figure; one that no returned rank reports is left out (as a rank's own missing figure is), never a 0."""
     loads = list(loads)
-    return {
-        "total_running_reqs": sum(load.num_running_reqs for load in loads),
-        "total_waiting_reqs": sum(load.num_waiting_reqs for load in loads),
-        "total_reqs": sum(load.num_running_reqs + load.num_waiting_reqs for load in loads),
-        "total_used_tokens": sum(load.num_used_tokens for load in loads),
-        "total_tokens": sum(load.num_total_tokens for load in loads),
-        "avg_token_usage": _mean([x.token_usage for x in loads if x.HasField("token_usage")], 4),
-        "avg_throughput": _mean([x.gen_throughput for x in loads if x.HasField("gen_throughput")], 2),
-        "avg_utilization": _mean([x.utilization for x in loads if x.HasField("utilization")], 4),
+    totals = [t for t in map(total_reqs, loads) if t is not None]
+    figures = {
+        "total_running_reqs": _total(loads, "num_running_reqs"),
+        "total_waiting_reqs": _total(loads, "num_waiting_reqs"),
+        "total_reqs": sum(totals) if totals else None,
+        "total_used_tokens": _total(loads, "num_used_tokens"),
+        "total_tokens": _total(loads, "num_total_tokens"),
+        "avg_token_usage": _mean(loads, "token_usage", 4),
+        "avg_throughput": _mean(loads, "gen_throughput", 2),
+        "avg_utilization": _mean(loads, "utilization", 4),
     }
+    return {name: value for name, value in figures.items() if value is not None}
 
 
 def response_dict(response: pb.GetLoadsResponse, version: str) -> dict:

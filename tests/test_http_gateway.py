@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_for
+from raw_agent import RawAgent
 from loadagg.sglang_shape import CORE_FIELDS
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -113,8 +114,40 @@ async def test_prometheus_format(start_aggregator, start_agents):
     }
 
 
+async def test_a_figure_no_rank_reports_is_left_out_not_made_up(start_aggregator):
+    """A source with only some figures (here num_total_reqs and token_usage): the rank's num_total_reqs is the
+    source's, and the aggregate has the totals and means of what was reported, nothing else (no made-up 0s);
+    with no rank answering, the aggregate is empty."""
+    agg = await start_aggregator(dp_size=2, http_port=0, round_timeout_ms=2000)
+    agent = RawAgent(agg.port, "sparse", [0, 1], 2)
+    try:
+        await agent.connect()
+        answered = asyncio.ensure_future(_get(agg.http_port))
+        collect = await agent.next_collect()
+        await agent.report(collect.round_id, [pb.RankLoad(dp_rank=r, num_total_reqs=7 + 2 * r, token_usage=0.5)
+                                              for r in (0, 1)])
+        status, _, body = await answered
+        doc = json.loads(body)
+        assert status == 200 and [load["num_total_reqs"] for load in doc["loads"]] == [7, 9]
+        assert all(set(load) == {"dp_rank", "num_total_reqs", "token_usage"} for load in doc["loads"])
+        assert doc["aggregate"] == {"total_reqs": 16, "avg_token_usage": 0.5}
+        status, _, body = await _get(agg.http_port, "?format=prometheus&max_staleness_ms=60000")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert {s.value for s in families["sglang_num_total_reqs"].samples} == {7.0, 9.0}
+        assert "sglang_num_running_reqs" not in families
+    finally:
+        await agent.close()
+    await wait_for(lambda: not agg.registry.live_ranks(), what="the agent gone")
+    status, _, body = await _get(agg.http_port)
+    assert status == 200 and json.loads(body)["aggregate"] == {} and json.loads(body)["loads"] == []
+
+
 @pytest.mark.parametrize("query, words", [
     ("?dp_rank=abc", "dp_rank must be an integer"),
+    ("?dp_rank=0_1", "dp_rank must be an integer, got '0_1'"),  # int() would read these as other ranks
+    ("?dp_rank=%D9%A3", "dp_rank must be an integer"),  # an Arabic-Indic 3
+    ("?dp_rank=%20%2B1%20", "dp_rank must be an integer"),
+    ("?max_staleness_ms=1_000", "max_staleness_ms must be an integer"),
     ("?dp_rank=5", "out of range"),
     ("?dp_rank=-1", "out of range"),
     ("?include=core,bogus", "unknown section 'bogus'"),
