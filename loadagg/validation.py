@@ -34,6 +34,10 @@ _SECTION_RATIOS = {
     "gpu": ("utilization", "memory_utilization"),
 }
 MAX_INSTANCE_ID_LEN = 256
+# Above any real float figure (tokens/s, GB, W, ratios past an SLO) by orders of magnitude, and far enough
+# below the largest double that sums and means over any number of ranks stay finite (1e308 + 1e308 = inf,
+# which JSON cannot even carry). Integer counts are bounded by their int64 field (totals saturate).
+MAX_FLOAT_FIGURE = 1e15
 
 
 def validate_hello(hello: pb.AgentHello, dp_size: int) -> tuple[int, ...]:
@@ -59,6 +63,8 @@ def validate_hello(hello: pb.AgentHello, dp_size: int) -> tuple[int, ...]:
 def _check_number(where: str, value: float, ratio: bool) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where} is {value}"
+    if isinstance(value, float) and value > MAX_FLOAT_FIGURE:
+        return f"{where} is {value:g}, above {MAX_FLOAT_FIGURE:g}: no scheduler or GPU reports that"
     if value < 0:
         return f"{where} is negative ({value})"
     if ratio and value > 1.0 + 1e-9:
@@ -117,7 +123,8 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     switched off, the aggregator's main thread used ~30 µs less per report, about half of what it adds to
     bare gRPC's per-message cost. Every numeric field (unset ones read 0, which is plausible) is read a
     message at a time by attrgetter, each section's wrapper made once, and the checks run in C over the
-    gathered tuples: the sum of non-negative figures is below infinity only when none is NaN or infinite.
+    gathered tuples: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
+    infinite or past that bound (a large integer count also goes to the detailed check, which allows it).
     """
     if load.stale or load.age_ms:
         return False
@@ -130,7 +137,7 @@ def _looks_valid(load: pb.RankLoad) -> bool:
         counts += _GPU_COUNTS(device)
         ratios += _GPU_RATIOS(device)
     # (min and max skip a NaN that is not first: the sums are what catch it)
-    return (min(counts) >= 0 and sum(counts) < _INF
+    return (min(counts) >= 0 and sum(counts) < MAX_FLOAT_FIGURE
             and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX and sum(ratios) < _INF)
 
 

@@ -22,7 +22,8 @@ SECTIONS = {name: [f.name for f in pb.RankLoad.DESCRIPTOR.fields_by_name[name].m
             for name in ("memory", "spec", "lora", "disagg", "queues")}
 GPU = [f.name for f in pb.GpuDevice.DESCRIPTOR.fields if f.type in (f.TYPE_DOUBLE, f.TYPE_INT32, f.TYPE_INT64)]
 
-values = st.one_of(st.sampled_from([0, 0.5, 1.0, 1.5, -1, -0.0, math.nan, math.inf, -math.inf, 2**40]),
+values = st.one_of(st.sampled_from([0, 0.5, 1.0, 1.5, -1, -0.0, math.nan, math.inf, -math.inf, 2**40, 2**31 - 1,
+                                    1e15, 1.000001e15, 1e308]),
                    st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**6))
 edits = st.lists(st.tuples(st.sampled_from(["core", *SECTIONS, "gpu"]), st.integers(0, 40), values), max_size=3)
 
@@ -90,3 +91,15 @@ def test_fast_path_reads_every_section_of_a_rank_load() -> None:
     messages = {f.name for f in pb.RankLoad.DESCRIPTOR.fields if f.type == f.TYPE_MESSAGE}
     assert messages == {*validation._SECTION_NAMES, "gpu"}
     assert set(SECTIONS) == set(validation._SECTION_NAMES)
+
+
+def test_a_float_figure_past_the_bound_is_refused_so_totals_stay_finite() -> None:
+    """Two ranks at 1e308 tokens/s each would sum to inf (and an HTTP body no JSON parser reads)."""
+    load = pb.RankLoad()
+    load.CopyFrom(BASE)
+    load.gen_throughput = 1e308
+    assert validation.load_problem(load) == "gen_throughput is 1e+308, above 1e+15: no scheduler or GPU reports that"
+    load.gen_throughput = 1e15
+    assert validation.load_problem(load) is None
+    load.num_used_tokens = 2**62  # an int64 count is not a float figure: the detailed check takes it
+    assert not validation._looks_valid(load) and validation.load_problem(load) is None
