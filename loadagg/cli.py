@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from loadagg.grpc_core import use_classic_listener
@@ -183,13 +184,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        sys.exit(args.func(args))
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away (`| head -1`) shows up here, not as a traceback at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say to a closed pipe
+        sys.exit(1)
     except ValueError as error:
         print(f"loadagg {args.command}: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # a port that cannot be bound, a file that cannot be read: one line, not a traceback
         print(f"loadagg {args.command}: {error}", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ class AggregatorConfig:
             raise ValueError(f"mode must be 'watching' or 'queueing', got {self.mode!r}")
         if self.round_timeout_ms < 1:
             raise ValueError("round_timeout_ms must be >= 1")
+        if self.hello_timeout_ms < 1:  # (0 closed every agent link at once, blaming the agent)
+            raise ValueError(f"hello_timeout_ms must be >= 1, got {self.hello_timeout_ms}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port < 65536:

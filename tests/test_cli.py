@@ -119,6 +119,32 @@ def test_a_bad_environment_variable_is_a_usage_error_naming_it():
         assert result.returncode in (1, 2) and said in result.stderr and "Traceback" not in result.stderr
 
 
+def test_settings_that_could_never_work_are_usage_errors():
+    for flags, said in ((["--hello-timeout-ms", "0"], "hello_timeout_ms must be >= 1, got 0"),
+                        (["--grace-s", "-1"], "grace_s must be >= 0, got -1")):
+        result = subprocess.run([sys.executable, "-m", "loadagg", "serve", "--port", "0", *flags],
+                                capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_loads_into_a_pipe_its_reader_closed_ends_quietly(start_aggregator, start_agents):
+    """`loadagg loads | head -1`: the reader has gone when the table is written; exit 1, nothing on stderr."""
+    import asyncio
+
+    agg = await start_aggregator(dp_size=2)
+    await start_agents(agg, [[0, 1]])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadagg", "loads", "--target", f"127.0.0.1:{agg.port}", cwd=ROOT,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1 and stderr.decode() == ""
+
+
 async def test_a_second_aggregator_on_a_taken_port_fails_with_one_line(start_aggregator):
     """gRPC sets SO_REUSEPORT by default: a second `serve` on the same port used to start silently, and the
     kernel split agents and routers between two aggregators (half the answers had every rank missing)."""
