@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.validation import load_problem, validate_hello
 
 log = logging.getLogger(__name__)
+REJECTION_WARNING_INTERVAL_S = 10.0
 
 
 class AgentLinkService:
@@ -117,11 +119,11 @@ class AgentLinkService:
         now = unix_ms()
         for load in report.loads:
             if load.dp_rank not in served:
-                problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {list(session.dp_ranks)})"
+                problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
             else:
                 problem = load_problem(load)
             if problem:
-                log.warning("rejected report of rank %d from %s: %s", load.dp_rank, session.instance_id, problem)
+                _log_rejection(session, load.dp_rank, problem)
                 session.send(self._rejection(report.round_id, load.dp_rank, problem))
                 failed.append(load.dp_rank)
                 continue
@@ -129,3 +131,16 @@ class AgentLinkService:
                 load.timestamp_ms = now
             accepted.append(load)
         self.communicator.accept(session, report.round_id, accepted, failed)
+
+
+def _log_rejection(session: AgentSession, rank: int, problem: str) -> None:
+    """A warning at most once per link every REJECTION_WARNING_INTERVAL_S, saying how many it left out: a
+    source stuck on an impossible figure is refused every round (the agent is told each time, by message)."""
+    now = time.monotonic()
+    if now - session.warned_at < REJECTION_WARNING_INTERVAL_S:
+        session.unwarned += 1
+        log.debug("rejected report of rank %d from %s: %s", rank, session.instance_id, problem)
+        return
+    more = f" (and {session.unwarned} more refused since the last warning)" if session.unwarned else ""
+    session.warned_at, session.unwarned = now, 0
+    log.warning("rejected report of rank %d from %s: %s%s", rank, session.instance_id, problem, more)

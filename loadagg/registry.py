@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -35,6 +36,8 @@ class AgentSession:
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = False
     replaced_by: str = ""  # the peer of the newer link of the same instance that took this one's ranks
+    warned_at: float = -math.inf  # when a rejected report of this link was last logged as a warning
+    unwarned: int = 0  # rejected reports since then, logged at DEBUG only
     serves: frozenset[int] = field(init=False)  # dp_ranks as a set, built once: reports are checked against it
     _collect: pb.AggregatorMessage | None = None
     _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))

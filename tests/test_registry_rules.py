@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import grpc
 import pytest
 
 from conftest import wait_for
+from loadagg import agent_link
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent
@@ -224,6 +226,30 @@ async def test_impossible_reports_are_rejected_and_never_stored(start_aggregator
         assert agg.agents.reports_rejected == 2
     finally:
         await agent.close()
+
+
+async def test_a_source_stuck_on_an_impossible_figure_is_warned_about_once_per_interval(start_aggregator, caplog):
+    """Each refusal goes to the agent (a `rejected` message), but the aggregator's log gets one warning per
+    link per interval, counting what it left out: 200 identical bad pushes used to write 200 warnings."""
+    caplog.set_level(logging.DEBUG, logger="loadagg.agent_link")
+    agg = await start_aggregator(dp_size=1)
+    agent = RawAgent(agg.port, "stuck", [0], dp_size=1)
+    try:
+        await agent.connect()
+        for _ in range(200):
+            await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=-1)])
+        for _ in range(200):
+            assert (await agent.read()).WhichOneof("kind") == "rejected"
+        session = agg.registry.owner(0)
+        session.warned_at -= agent_link.REJECTION_WARNING_INTERVAL_S  # the interval has passed
+        await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=-1)])
+        await agent.read()
+    finally:
+        await agent.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "loadagg.agent_link" and r.levelno == logging.WARNING
+                and "rejected report" in r.getMessage()]
+    assert len(warnings) == 2 and "(and 199 more refused since the last warning)" in warnings[1]
+    assert agg.agents.reports_rejected == 201
 
 
 async def test_a_link_that_never_says_hello_is_closed(start_aggregator):
