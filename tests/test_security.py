@@ -306,6 +306,41 @@ async def test_agent_links_are_capped(start_aggregator):
     await wait_for(lambda: agg.guard.agent_links == 0, what="every link closed")
 
 
+@pytest.mark.parametrize(("refusal", "code"), [("link cap", "RESOURCE_EXHAUSTED"), ("wrong token", "UNAUTHENTICATED")])
+async def test_a_refused_agent_sees_the_refusal_not_an_internal_error(start_aggregator, processes, refusal, code):
+    """A real agent process retrying against an aggregator that refuses it (links full, or a wrong token): every
+    refusal it logs carries the refusal's status. Ending the call while the agent's hello was still on its way
+    reached it as INTERNAL "Internal error from Core" about one time in twenty; the guard now takes the hello
+    before it refuses."""
+    if refusal == "link cap":
+        agg = await start_aggregator(dp_size=2, limits=LimitsConfig(max_agent_links=1))
+        holder, token = RawAgent(agg.port, "holder", [0], 2), []
+    else:
+        agg = await start_aggregator(dp_size=2, security=SecurityConfig(agent_token=AGENT_TOKEN))
+        holder, token = None, ["--token", "not-the-agent-token"]
+    try:
+        if holder is not None:
+            await holder.connect()
+        agent = processes.agent(agg.port, [1], 2, "--instance-id", "refused", "--backoff-initial-ms", "10",
+                                "--backoff-max-ms", "60", *token)
+        seen: list[str] = []
+
+        def read_log() -> None:
+            for line in agent.stdout:  # bounded: the agent is killed once 60 refusals are in
+                for said in ("lost: ", "refused this agent: "):
+                    if said in line:
+                        seen.append(line.split(said, 1)[1].split(":", 1)[0])
+                if len(seen) == 60:
+                    return
+
+        await asyncio.wait_for(asyncio.to_thread(read_log), 60)
+        agent.kill()
+    finally:
+        if holder is not None:
+            await holder.close()
+    assert seen == [code] * 60, sorted(set(seen))
+
+
 async def test_security_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="go together"):
         SecurityConfig(tls_cert="x.crt")
