@@ -100,10 +100,18 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if result.serving else 1
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except where the help says the default itself or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text or action.default in (None, "") else super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loadagg", description="gRPC load aggregation for data-parallel LLM schedulers.")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
                         default=env_choice("LOG_LEVEL", "INFO", LOG_LEVELS), help="[LOADAGG_LOG_LEVEL]")

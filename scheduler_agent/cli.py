@@ -31,11 +31,19 @@ def _gpu_mode(text: str | None) -> str:
     return mode
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)", except where the help says the default itself or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text or action.default in (None, "") else super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scheduler-agent",
         description="Stream this scheduler's dp-rank loads to a loadagg aggregator.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--aggregator", default=env("AGGREGATOR", "127.0.0.1:50051"),
                    help="aggregator HOST:PORT [LOADAGG_AGGREGATOR]")

@@ -119,6 +119,22 @@ def test_a_bad_environment_variable_is_a_usage_error_naming_it():
         assert result.returncode in (1, 2) and said in result.stderr and "Traceback" not in result.stderr
 
 
+def test_help_shows_each_default_once_and_never_none():
+    """argparse appended "(default: None)" to help that already said what the default is ("join the round in
+    flight (default)", "one per rank")."""
+    import re
+
+    from loadagg.cli import parser as loadagg_parser
+    from scheduler_agent.cli import parser as agent_parser
+
+    commands = loadagg_parser()._subparsers._group_actions[0].choices
+    for text in [agent_parser().format_help(), *(command.format_help() for command in commands.values())]:
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: )" not in flat
+        for option in re.split(r" (?=--[a-z])", flat):
+            assert option.count("default") <= 1, option
+
+
 def test_settings_that_could_never_work_are_usage_errors():
     for flags, said in ((["--hello-timeout-ms", "0"], "hello_timeout_ms must be >= 1, got 0"),
                         (["--grace-s", "-1"], "grace_s must be >= 0, got -1")):
