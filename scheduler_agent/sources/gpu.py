@@ -75,7 +75,8 @@ class NvmlTelemetry:
             except pynvml.NVMLError as error:
                 self.available, self.reason = False, str(error) or type(error).__name__
                 level = logging.WARNING if self.required else logging.INFO
-                log.log(level, "no GPU telemetry: NVML is not available (%s); the gpu section stays unset", self.reason)
+                log.log(level, "no GPU telemetry: NVML is not available (%s); no NVML figures are added to the "
+                        "gpu section", self.reason)
         return self.available
 
     def resolve(self, device: str) -> int | None:
