@@ -25,9 +25,14 @@ def bar(ratio: float, width: int = 10) -> str:
 def to_table(response: pb.GetLoadsResponse) -> str:
     """One line per rank, then missing ranks and the summary."""
     header = f"{'rank':>4} {'run':>5} {'wait':>5} {'tokens used':>14} {'usage':>17} {'tok/s':>8} {'hit':>5} {'gpu mem':>13}  state"
+    if response.source == pb.ANSWER_SOURCE_SNAPSHOTS:
+        origin = f"pushed snapshots (no round)  dp_size {response.dp_size}"
+    else:
+        cached = " (cached)" if response.source == pb.ANSWER_SOURCE_CACHE else ""
+        origin = (f"round {response.round_id}{cached}  dp_size {response.dp_size}  "
+                  f"{response.round_duration_ms} ms  shared by {response.round_callers} caller(s)")
     lines = [
-        f"round {response.round_id}  dp_size {response.dp_size}  "
-        f"{response.round_duration_ms} ms  shared by {response.round_callers} caller(s)",
+        origin,
         header,
         "-" * len(header),
     ]

@@ -215,6 +215,17 @@ def test_the_table_says_when_an_answer_was_cut_at_the_callers_deadline():
     assert "missing ranks: 1 (answered at this call's deadline" in to_table(response)
 
 
+def test_the_table_says_where_the_answer_came_from():
+    from loadagg.render import to_table
+
+    response = pb.GetLoadsResponse(round_id=7, dp_size=2, round_duration_ms=21, round_callers=3)
+    assert to_table(response).startswith("round 7  dp_size 2  21 ms  shared by 3 caller(s)\n")
+    response.source = pb.ANSWER_SOURCE_CACHE
+    assert to_table(response).startswith("round 7 (cached)  dp_size 2")
+    response.source = pb.ANSWER_SOURCE_SNAPSHOTS
+    assert to_table(response).startswith("pushed snapshots (no round)  dp_size 2\n")
+
+
 def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch):
     from loadagg.config import LOG_LEVELS, env_choice
     from scheduler_agent.config import env_choice as agent_env_choice
