@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from loadagg.errors import InvalidRequest, quoted
 from loadagg.v1 import loadagg_pb2 as pb
@@ -24,7 +24,7 @@ MAX_INCLUDE_ITEMS = 64
 MAX_INCLUDE_CHARS = 1024
 
 
-def parse_include(include: Iterable[str]) -> frozenset[str]:
+def parse_include(include: Sequence[str]) -> frozenset[str]:
     """The optional sections a caller wants; empty or "all" means every one.
 
     Accepts comma-separated items too ("core,memory"), since that is how people type them.

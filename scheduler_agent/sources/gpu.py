@@ -198,7 +198,8 @@ class NvmlThread:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="nvml", daemon=True)
             self._thread.start()
-        job = _Job(work, asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(work, loop, loop.create_future())
         self._jobs.put(job)
         try:
             return await asyncio.wait_for(job.future, budget_s)
