@@ -51,7 +51,7 @@ class CachedAnswers:
 
     def last_round(self, max_staleness_ms: int) -> RoundResult | None:
         last = self.communicator.last_result
-        if last is None or last.age_ms() > max_staleness_ms:
+        if last is None or last.figures_age_ms() > max_staleness_ms:  # from its start: figures are that old
             return None
         if self._cached is None or self._cached[0] is not last:
             self._cached = (last, dataclasses.replace(last, source=pb.ANSWER_SOURCE_CACHE, cache={}))
@@ -84,6 +84,7 @@ class CachedAnswers:
             dp_size=self.registry.dp_size,
             timestamp_ms=unix_ms(),
             finished=now,
+            started=now,
             duration_ms=0,
             fresh=MappingProxyType(fresh),
             stale=MappingProxyType({}),

@@ -29,6 +29,7 @@ class RoundResult:
     dp_size: int
     timestamp_ms: int
     finished: float  # monotonic
+    started: float  # monotonic: its ranks' figures were read from here on (a slow rank holds a round open)
     duration_ms: int
     fresh: Mapping[int, pb.RankLoad]
     stale: Mapping[int, Snapshot]
@@ -40,6 +41,10 @@ class RoundResult:
 
     def age_ms(self, now: float | None = None) -> int:
         return max(0, int(((time.monotonic() if now is None else now) - self.finished) * 1000))
+
+    def figures_age_ms(self, now: float | None = None) -> int:
+        """How old its oldest figure may be: the time since the round started (CACHED's bound)."""
+        return max(0, int(((time.monotonic() if now is None else now) - self.started) * 1000))
 
 
 class Round:
@@ -97,6 +102,7 @@ class Round:
             dp_size=self.dp_size,
             timestamp_ms=unix_ms(),
             finished=now,
+            started=self.started,
             duration_ms=int((now - self.started) * 1000),
             fresh=MappingProxyType(dict(self.answers)),
             stale=MappingProxyType(stale),

@@ -120,6 +120,34 @@ async def test_cached_prefers_pushed_snapshots_over_a_round_that_missed_a_rank(s
         await late.close()
 
 
+async def test_cached_counts_a_rounds_age_from_its_start_not_its_end(start_aggregator, channel_to):
+    """A rank that never answers holds a round open to its 1 s deadline: the other rank's figure is then ~1 s
+    old though the round just ended. A CACHED read with a 500 ms bound gets a new round, not that one."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=1000)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    quick = RawAgent(agg.port, "quick", [0], 2)
+    silent = RawAgent(agg.port, "silent", [1], 2)  # linked, never answers
+    try:
+        await quick.connect()
+        await silent.connect()
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        await quick.report((await quick.next_collect()).round_id, [_load(0)])
+        first = await call
+        assert first.round_duration_ms >= 900 and list(first.missing_ranks) == [1]
+        cached = asyncio.ensure_future(stub.GetLoads(
+            pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=500), timeout=10))
+        collect = await quick.next_collect()  # a new round: the last one's figures are past the bound
+        await quick.report(collect.round_id, [_load(0)])
+        answer = await cached
+        assert answer.source == pb.ANSWER_SOURCE_ROUND and answer.round_id == collect.round_id > first.round_id
+        relaxed = await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=5000),
+                                      timeout=10)
+        assert relaxed.source == pb.ANSWER_SOURCE_CACHE and relaxed.round_id == answer.round_id
+    finally:
+        await quick.close()
+        await silent.close()
+
+
 async def test_cached_keeps_a_round_that_found_a_rank_gone_over_its_earlier_push(start_aggregator, channel_to):
     """Rank 1 pushed, then its agent left; the round after that says rank 1 is missing. A CACHED read gets that
     round, not rank 1's older pushed snapshot served as if the rank were still there."""
