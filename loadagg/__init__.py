@@ -26,6 +26,7 @@ _EXPORTS = {
     "InvalidRequest": "loadagg.errors",
     "RankConflict": "loadagg.errors",
     "Unauthenticated": "loadagg.errors",
+    "WatchEnded": "loadagg.errors",
 }
 
 __all__ = sorted(_EXPORTS)

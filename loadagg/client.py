@@ -8,7 +8,8 @@
 * Retries: a call that fails UNAVAILABLE (aggregator restarting, connection refused) is retried with
   exponential backoff and jitter, at most `RetryPolicy.attempts` times in all; any other status is
   raised at once (grpc.RpcError). A watch stream that breaks, or that the aggregator ends (graceful
-  shutdown), is resubscribed under the same policy, counted from its last good message.
+  shutdown), is resubscribed under the same policy, counted from its last good message; an answer the new
+  stream repeats is skipped, and a watch that runs out of attempts raises (WatchEnded after a clean end).
 * Watches hand out the newest answer (loadagg.latest): a consumer that stalls gets the current answer
   next, not the backlog the transport buffered meanwhile.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
+from loadagg.errors import WatchEnded
 from loadagg.latest import newest, newest_blocking
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -198,6 +200,33 @@ class _Base:
         return self._should_retry(error, failures, None)
 
 
+class _Resubscriptions:
+    """What a watch keeps across the streams it resubscribes: the last answer handed out (a new stream starts
+    with the current round, which the consumer may have had already) and the failures since it."""
+
+    def __init__(self, client: _Base) -> None:
+        self.client = client
+        self.failures = 0
+        self.last: tuple[int, int] | None = None
+
+    def is_new(self, response: pb.GetLoadsResponse) -> bool:
+        self.failures = 0
+        answer = (response.round_id, response.timestamp_ms)
+        if answer == self.last:
+            return False
+        self.last = answer
+        return True
+
+    def delay_after(self, error: grpc.RpcError | None) -> float:
+        """Seconds before resubscribing after a stream ended (cleanly, or with `error`); raises when the
+        retry policy allows no more: `error`, or WatchEnded for a clean end (never a silent return)."""
+        self.failures += 1
+        delay = self.client._resubscribe_delay(error, self.failures)
+        if delay is None:
+            raise error if error is not None else WatchEnded(self.failures)
+        return delay
+
+
 class AsyncLoadClient(_Base):
     """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
 
@@ -230,25 +259,19 @@ class AsyncLoadClient(_Base):
         """Pushed answers at `interval_ms` (0: the server's default), resubscribing after UNAVAILABLE; the
         newest one each time the consumer asks (latest wins), however long it took over the last."""
         request = watch_request(dp_rank, include, interval_ms, allow_stale)
-        failures = 0
+        watch = _Resubscriptions(self)
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
             error: grpc.RpcError | None = None
             try:
                 async for response in newest(call):
-                    failures = 0
-                    yield Loads(response)
+                    if watch.is_new(response):
+                        yield Loads(response)
             except grpc.aio.AioRpcError as exc:
                 error = exc
             finally:
                 call.cancel()
-            failures += 1
-            delay = self._resubscribe_delay(error, failures)
-            if delay is None:
-                if error is not None:
-                    raise error
-                return
-            await asyncio.sleep(delay)
+            await asyncio.sleep(watch.delay_after(error))
 
     async def close(self) -> None:
         await self._channel.close()
@@ -288,25 +311,19 @@ class LoadClient(_Base):
     def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
                     allow_stale: bool = False) -> Iterator[Loads]:
         request = watch_request(dp_rank, include, interval_ms, allow_stale)
-        failures = 0
+        watch = _Resubscriptions(self)
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
             error: grpc.RpcError | None = None
             try:
                 for response in newest_blocking(call):
-                    failures = 0
-                    yield Loads(response)
+                    if watch.is_new(response):
+                        yield Loads(response)
             except grpc.RpcError as exc:
                 error = exc
             finally:
                 call.cancel()
-            failures += 1
-            delay = self._resubscribe_delay(error, failures)
-            if delay is None:
-                if error is not None:
-                    raise error
-                return
-            time.sleep(delay)
+            time.sleep(watch.delay_after(error))
 
     def close(self) -> None:
         self._channel.close()

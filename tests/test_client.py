@@ -103,6 +103,68 @@ async def test_async_watch_resubscribes_across_an_aggregator_restart(processes):
     print(f"watch across restart: round ids {seen}, {client.retries} resubscriptions")
 
 
+async def test_a_resubscribed_watch_never_hands_out_the_same_round_twice(start_aggregator, start_agents,
+                                                                           channel_to):
+    """A watch stream that ends while other watchers keep its interval's ticker going: the new stream starts
+    with the ticker's current answer, which the consumer already had; the client skips it (async and blocking)."""
+    from loadagg.v1 import loadagg_pb2 as pb
+    from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+
+    agg = await start_aggregator(dp_size=1)
+    await start_agents(agg, [[0]])
+    keeper = pb_grpc.LoadAggregatorStub(channel_to(agg.port)).WatchLoads(pb.WatchLoadsRequest(interval_ms=1500))
+    await keeper.read()
+    retry = RetryPolicy(attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)
+
+    keeper_sub = agg.watch.subscriptions()[0]
+
+    def end_the_client_stream() -> None:
+        for sub in agg.watch.subscriptions():
+            if sub is not keeper_sub:
+                sub.close()  # the server ends that stream (status OK), as a lost link would end it
+
+    async with AsyncLoadClient(f"127.0.0.1:{agg.port}", retry=retry) as client:
+        feed = client.watch_loads(interval_ms=1500)
+        first = await anext(feed)
+        end_the_client_stream()
+        second = await asyncio.wait_for(anext(feed), 10)
+        await feed.aclose()
+    assert client.retries == 1 and second.round_id > first.round_id
+
+    def blocking() -> tuple[int, int, int]:
+        with LoadClient(f"127.0.0.1:{agg.port}", retry=retry) as client:
+            feed = client.watch_loads(interval_ms=1500)
+            first = next(feed)
+            agg_loop.call_soon_threadsafe(end_the_client_stream)
+            second = next(feed)
+            feed.close()
+            return client.retries, first.round_id, second.round_id
+
+    agg_loop = asyncio.get_running_loop()
+    retries, first_id, second_id = await asyncio.wait_for(asyncio.to_thread(blocking), 20)
+    assert retries == 1 and second_id > first_id
+    keeper.cancel()
+
+
+async def test_a_watch_out_of_attempts_after_a_clean_end_raises(start_aggregator, start_agents):
+    """NO_RETRY: the aggregator ending the stream cleanly (its graceful shutdown) is raised as WatchEnded,
+    never a silent end of the consumer's loop."""
+    from loadagg.errors import WatchEnded
+
+    agg = await start_aggregator(dp_size=1)
+    await start_agents(agg, [[0]])
+    async with AsyncLoadClient(f"127.0.0.1:{agg.port}", retry=NO_RETRY) as client:
+        feed = client.watch_loads(interval_ms=50)
+        await anext(feed)
+        for sub in agg.watch.subscriptions():
+            sub.close()
+        with pytest.raises(WatchEnded) as ended:
+            async with asyncio.timeout(10):
+                async for _ in feed:
+                    pass
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "no more attempts" in ended.value.details()
+
+
 async def test_async_get_loads_typed_answer(start_aggregator, start_agents):
     agg = await start_aggregator(dp_size=3)
     await start_agents(agg, [[0], [2]])
