@@ -14,7 +14,8 @@ use_classic_listener()  # gRPC reads its experiments when first imported: just b
 import grpc  # noqa: E402
 
 from loadagg.channels import add_client_flags
-from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice, env_int
+from loadagg.config import (DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice,
+                            env_int, non_negative_int)
 from loadagg.limits import add_server_flags as add_limit_flags
 from loadagg.security import add_server_flags as add_security_flags
 
@@ -150,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-stale", action="store_true", help="show last known loads of ranks that missed the round")
     q.add_argument("--freshness", choices=("join", "new_round", "cached"), default=None,
                    help="join the round in flight (default), demand a new round, or accept a cached answer")
-    q.add_argument("--max-staleness-ms", type=int, default=None, help="with cached: oldest answer accepted")
+    q.add_argument("--max-staleness-ms", type=non_negative_int, default=None, help="with cached: oldest answer accepted")
     q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds")
     add_client_flags(q)

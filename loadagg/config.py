@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,14 @@ def env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"LOADAGG_{name} must be an integer, got {value!r}") from None
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for flags that fill an unsigned proto field (or count something): an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 DEFAULT_WATCH_INTERVAL_MS = 1000  # what a WatchLoads asking for interval 0 gets, unless --watch-interval-ms

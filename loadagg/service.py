@@ -60,6 +60,9 @@ class LoadAggregatorService:
         if freshness not in _FRESHNESS:
             raise InvalidRequest(f"freshness {freshness} is not one of "
                                  + ", ".join(f"{pb.Freshness.Name(v)} ({v})" for v in sorted(_FRESHNESS)))
+        if request.max_staleness_ms and freshness != pb.FRESHNESS_CACHED:  # (it would be ignored: say so)
+            raise InvalidRequest(f"max_staleness_ms ({request.max_staleness_ms}) applies to FRESHNESS_CACHED only; "
+                                 "set freshness to FRESHNESS_CACHED, or leave max_staleness_ms out")
         if freshness == pb.FRESHNESS_CACHED:
             dp_rank = request.dp_rank if request.HasField("dp_rank") else None
             cached = self.cached.recent(request.max_staleness_ms, dp_rank)

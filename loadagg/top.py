@@ -20,7 +20,7 @@ from rich.text import Text
 
 from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
 from loadagg.client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
-from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int
+from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int, non_negative_int
 from loadagg.render import mean_usage
 
 GIB = 1 << 30
@@ -165,12 +165,12 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     t = sub.add_parser("top", help="live view of every rank, refreshed by WatchLoads", parents=[common],
                        formatter_class=fmt)
     t.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
-    t.add_argument("--interval-ms", type=int, default=env_int("TOP_INTERVAL_MS", 1000),
+    t.add_argument("--interval-ms", type=non_negative_int, default=env_int("TOP_INTERVAL_MS", 1000),
                    help="refresh interval [LOADAGG_TOP_INTERVAL_MS]")
     t.add_argument("--dp-rank", type=int, default=None, help="only this rank")
-    t.add_argument("--frames", type=int, default=0, help="print this many frames, then exit (0: until Ctrl-C)")
+    t.add_argument("--frames", type=non_negative_int, default=0, help="print this many frames, then exit (0: until Ctrl-C)")
     t.add_argument("--once", action="store_true", help="print one frame and exit (= --frames 1)")
-    t.add_argument("--stale-ms", type=int, default=0, help="highlight ranks whose figures are older (0: 3 intervals)")
+    t.add_argument("--stale-ms", type=non_negative_int, default=0, help="highlight ranks whose figures are older (0: 3 intervals)")
     t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
     add_client_flags(t)
     t.set_defaults(func=_top)

@@ -136,9 +136,11 @@ def test_help_shows_each_default_once_and_never_none():
 
 
 def test_settings_that_could_never_work_are_usage_errors():
-    for flags, said in ((["--hello-timeout-ms", "0"], "hello_timeout_ms must be >= 1, got 0"),
-                        (["--grace-s", "-1"], "grace_s must be >= 0, got -1")):
-        result = subprocess.run([sys.executable, "-m", "loadagg", "serve", "--port", "0", *flags],
+    for args, said in ((["serve", "--port", "0", "--hello-timeout-ms", "0"], "hello_timeout_ms must be >= 1, got 0"),
+                       (["serve", "--port", "0", "--grace-s", "-1"], "grace_s must be >= 0, got -1"),
+                       (["loads", "--max-staleness-ms", "-1"], "argument --max-staleness-ms: must be >= 0, got -1"),
+                       (["top", "--interval-ms", "-5"], "argument --interval-ms: must be >= 0, got -5")):
+        result = subprocess.run([sys.executable, "-m", "loadagg", *args],
                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
         assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
 

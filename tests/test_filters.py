@@ -86,6 +86,9 @@ async def test_filters_do_not_leak_between_callers_of_one_round(stub):
         # bounded before it is parsed: megabytes of commas (or of "core") held the event loop for everyone
         (pb.GetLoadsRequest(include=["," * 2_000_000]), "include is too long (2000000 characters"),
         (pb.GetLoadsRequest(include=["core"] * 100_000), "include is too long (100000 items"),
+        # a bound without FRESHNESS_CACHED would be ignored: the caller meant a cached answer and would not get one
+        (pb.GetLoadsRequest(max_staleness_ms=200), "max_staleness_ms (200) applies to FRESHNESS_CACHED only"),
+        (pb.GetLoadsRequest(max_staleness_ms=5, freshness=pb.FRESHNESS_NEW_ROUND), "set freshness to FRESHNESS_CACHED"),
     ],
 )
 async def test_bad_requests_get_invalid_argument(stub, request_, message):

@@ -95,6 +95,7 @@ def test_random_valid_get_loads_requests(cluster, dp_rank, include, freshness, m
     names = {part.strip().lower() for item in include for part in item.split(",") if part.strip()}
     bad = (dp_rank is not None and not 0 <= dp_rank < DP_SIZE) or not names <= ALL_SECTIONS | {"all", "core"}
     bad = bad or freshness not in pb.Freshness.values()  # a future client's freshness is refused, not guessed
+    bad = bad or (max_staleness_ms > 0 and freshness != pb.FRESHNESS_CACHED)  # a bound that would be ignored
     try:
         raw = channel.unary_unary(GET_LOADS)(request.SerializeToString(), timeout=10)
     except grpc.RpcError as error:
