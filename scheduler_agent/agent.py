@@ -151,9 +151,11 @@ class SchedulerAgent:
             await asyncio.sleep(self.backoff_s(failures))
 
     def _adopt(self, engine: EngineRanks) -> None:
-        """Serve the engine's ranks (those of them --dp-rank names, when given), shifted by rank_offset; the
-        engine's dp_size unless configured (with an offset the engine's own size is not the cluster's: 0 then
-        accepts the aggregator's)."""
+        """Serve the engine's ranks (those of them --dp-rank names, when given), shifted by rank_offset.
+
+        The hello claims a dp_size only when one is configured: what an engine shows is no cluster size
+        (vLLM's page names only its own engines' ranks, sglang counts the entries it returned, several
+        engines may fill one cluster), and announcing it had the aggregator refuse the whole agent."""
         wanted = self.config.dp_ranks
         ranks = tuple(r for r in engine.dp_ranks if not wanted or r in wanted)
         absent = [r for r in wanted if r not in engine.dp_ranks]
@@ -165,7 +167,7 @@ class SchedulerAgent:
         self.engine = engine
         self.source_ranks = ranks
         self.dp_ranks = tuple(r + offset for r in ranks)
-        self.dp_size = self.config.dp_size or (0 if offset else engine.dp_size)
+        self.dp_size = self.config.dp_size  # 0: accept the aggregator's
         log.info("engine runs dp ranks %s of dp_size %d; serving %s%s", list(engine.dp_ranks), engine.dp_size,
                  list(self.dp_ranks), f" (engine rank + {offset})" if offset else "")
 
@@ -261,10 +263,13 @@ class SchedulerAgent:
             self.connects += 1
             self.source.set_round_timeout(message.welcome.round_timeout_ms)
             self.connected.set()
-            log.info(
-                "linked to aggregator %s (dp_size=%d) serving ranks %s",
-                message.welcome.aggregator_id, message.welcome.dp_size, list(self.dp_ranks),
-            )
+            welcome = message.welcome
+            log.info("linked to aggregator %s (dp_size=%d) serving ranks %s", welcome.aggregator_id,
+                     welcome.dp_size, list(self.dp_ranks))
+            if self.engine is not None and not self.config.rank_offset and self.engine.dp_size != welcome.dp_size:
+                log.warning("the engine shows dp_size %d, the aggregator serves %d: ranks this engine does not run "
+                            "must come from other agents (several engines? see --rank-offset)",
+                            self.engine.dp_size, welcome.dp_size)
         elif kind == "rejected":
             r = message.rejected
             self.rejections += 1

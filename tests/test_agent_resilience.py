@@ -88,7 +88,31 @@ async def test_a_refused_agent_asks_its_engine_again_before_redialing(start_aggr
         agg = await start_aggregator(dp_size=2, port=port)
         await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=20, what="linked again with 2 ranks")
         assert agent.last_refusal is not None and agent.last_refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "dp_size=4" in agent.last_refusal.details() and agent.dp_ranks == (0, 1)
+        assert "dp ranks [2, 3] are outside [0, 2)" in agent.last_refusal.details() and agent.dp_ranks == (0, 1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await engine.stop()
+
+
+async def test_an_engine_that_shrinks_keeps_its_agent_serving_the_ranks_it_still_runs(start_aggregator, caplog):
+    """An aggregator of dp_size 4; the engine goes from DP 4 to DP 2. The agent follows it and keeps serving
+    ranks 0 and 1: the engine's apparent size is no cluster size, so the hello no longer claims it (it did,
+    and the aggregator refused the whole agent, ranks 0 and 1 included, for as long as it ran)."""
+    engine = SglangHttpEngine(dp_size=4)
+    await engine.start()
+    agg = await start_aggregator(dp_size=4)
+    config = AgentConfig(aggregator=f"127.0.0.1:{agg.port}", dp_ranks=(), ranks_from_engine=True, source="sglang",
+                         engine_url=engine.url, gpu="off", instance_id="shrinking", backoff_max_ms=300,
+                         rediscover_interval_s=0.2)
+    agent = SchedulerAgent(config, build_source(config))
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2, 3}, timeout=20, what="linked with 4 ranks")
+        engine.dp_size = 2
+        await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=20, what="linked again with 2 ranks")
+        assert agent.last_refusal is None and agent.dp_size == 0
+        assert "the engine shows dp_size 2, the aggregator serves 4" in caplog.text
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

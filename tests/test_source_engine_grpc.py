@@ -62,7 +62,7 @@ async def test_sglang_grpc_engine_one_call_per_round_faults_and_recovery(start_a
     try:
         async with running(agent):
             await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2}, what="engine ranks registered")
-            assert agent.dp_size == 3
+            assert agent.engine.dp_size == 3 and agent.dp_size == 0  # the hello takes the aggregator's size
             calls = engine.calls
             response = await get_loads(channel)
             assert [l.num_running_reqs for l in response.loads] == [5, 6, 7]

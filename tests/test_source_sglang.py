@@ -51,7 +51,7 @@ async def test_multi_rank_server_feeds_every_rank_with_one_request_per_round(sta
     try:
         async with running(agent):
             await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2, 3}, what="engine ranks registered")
-            assert agent.dp_ranks == (0, 1, 2, 3) and agent.dp_size == 4  # both taken from the engine
+            assert agent.dp_ranks == (0, 1, 2, 3) and agent.engine.dp_size == 4 and agent.dp_size == 0  # ranks from the engine
             before = engine.hits["/v1/loads"]
             response = await get_loads(channel_to(agg.port))
             assert [l.dp_rank for l in response.loads] == [0, 1, 2, 3] and not response.missing_ranks

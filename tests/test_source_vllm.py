@@ -91,7 +91,7 @@ async def test_vllm_engine_through_the_aggregator_with_faults(start_aggregator, 
     try:
         async with running(agent):
             await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="engine ranks registered")
-            assert agent.dp_size == 2
+            assert agent.engine.dp_size == 2 and agent.dp_size == 0  # the hello takes the aggregator's size
             response = await get_loads(channel)
             assert [(l.dp_rank, l.num_running_reqs) for l in response.loads] == [(0, 7), (1, 3)]
             for mode in ("error", "garbage", "hang"):
