@@ -138,14 +138,17 @@ class _Communicator:
     # -- agent side ---------------------------------------------------------------------------
 
     def accept(self, session: AgentSession, round_id: int, loads: list[pb.RankLoad], failed: Iterable[int]) -> bool:
-        """Take a validated report. False when it answers a round not in flight (dropped, never mixed in)."""
+        """Take a validated report. False when it answers a round not in flight: dropped from every round (never
+        mixed in), its figures only refresh the ranks' last-known snapshots, as a push would (they are the
+        agent's newest; an agent that skipped them in its pushes would otherwise never send them)."""
         if round_id == 0:  # unsolicited push: only refreshes last-known snapshots
             self.registry.store(loads)
             self.stats.reports_accepted += 1
             return True
         rnd = self._rounds.get(round_id)
-        if rnd is None:
+        if rnd is None:  # its round is over: never part of an answer, but the agent's latest figures
             self.stats.reports_dropped += 1
+            self.registry.store(loads)  # refresh last-known snapshots, as a push does
             return False
         self.stats.reports_accepted += 1
         accepted = [load for load in loads if rnd.answer(load)]

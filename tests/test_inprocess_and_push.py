@@ -11,6 +11,7 @@ import pytest
 import scheduler_agent
 from agent_tasks import agent_config, get_loads, running
 from conftest import wait_for
+from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent import AgentConfig, CallbackSource, RankLoad, SchedulerAgent
 from scheduler_agent.push import PushTracker, next_push_at
 
@@ -135,6 +136,28 @@ async def test_pushes_arrive_only_on_change(start_aggregator):
         await wait_for(lambda: agg.registry.snapshot(1).load.num_running_reqs == 6, what="change pushed")
         assert agent.pushes_sent == sent + 1
         assert agg.agents.reports_rejected == 0
+
+
+async def test_a_change_first_sent_in_a_late_round_answer_still_reaches_the_aggregator(start_aggregator, channel_to):
+    """The engine turns slow as its load changes (5 -> 50 running): the round's answer carries 50 but comes
+    after the round's deadline. The agent counts 50 as sent and does not push it again, so that late answer
+    must refresh the rank's snapshot (it was dropped, and the aggregator held 5, marked stale, for good)."""
+    agg = await start_aggregator(dp_size=1, round_timeout_ms=300)
+    engine = {"running": 5, "delay": 0.0}
+
+    async def figures(ranks):
+        await asyncio.sleep(engine["delay"])
+        return [RankLoad(dp_rank=r, num_running_reqs=engine["running"]) for r in ranks]
+
+    agent = SchedulerAgent(agent_config(agg.port, dp_ranks=(0,), dp_size=1, push_interval_ms=1000),
+                           CallbackSource(figures))
+    async with running(agent):
+        await wait_for(lambda: agg.registry.snapshot(0) is not None, what="the first push")
+        engine.update(running=50, delay=0.6)
+        answer = await get_loads(channel_to(agg.port), freshness=pb.FRESHNESS_NEW_ROUND)
+        assert list(answer.missing_ranks) == [0]  # the engine answered after the round's deadline
+        await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 50, timeout=5,
+                       what="the late answer's figures stored")
 
 
 async def test_aggregator_snapshots_stay_recent_without_any_round(start_aggregator, processes):
