@@ -14,7 +14,6 @@ than the read in flight. Reads that do not overlap are separate reads; there is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import logging
@@ -177,8 +176,13 @@ class AggregatorFanout:
         task = self._tasks.pop(address, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # we are being stopped ourselves (SIGTERM) while dropping it: stop
+            except Exception:  # the link's own failure: it is gone either way
+                log.debug("link to %s ended with an error", address, exc_info=True)
 
     async def _drop_all(self) -> None:
         for address in list(self.links):

@@ -200,3 +200,26 @@ async def test_shared_source_joins_overlapping_reads_and_survives_a_cancelled_re
         with pytest.raises(SourceError, match="engine down"):
             await reader
     assert inner.reads == 3
+
+
+async def test_a_fanout_stopped_while_it_drops_a_link_stops(monkeypatch):
+    """SIGTERM cancels the fanout; if that comes while it waits for a vanished replica's link to wind down,
+    the cancellation must end the fanout, not be taken for the link's own (it went on resolving)."""
+    from scheduler_agent import agent as agent_module
+
+    async def slow_to_end(self):
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0.5)  # a link that takes a while to close
+
+    monkeypatch.setattr(agent_module.SchedulerAgent, "run", slow_to_end)
+    answers = [["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:2"]]
+    fanout = AggregatorFanout(AgentConfig(aggregator="replicas.invalid:1", dp_ranks=(0,)), SimulatedSource(seed=1),
+                              FanoutConfig(True, 0.2), resolver=lambda: answers.pop(0) if len(answers) > 1 else answers[0])
+    task = asyncio.create_task(fanout.run())
+    await wait_for(lambda: fanout.resolutions >= 2, what="the second resolution, dropping 127.0.0.1:1")
+    await asyncio.sleep(0.1)  # inside _drop, waiting for that link's task (0.5 s)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=3)
+    assert done and task.cancelled()

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import math
 
+import pytest
+
 from agent_tasks import engine_agent, get_loads, running
 from conftest import wait_for
 from engines import SglangGrpcEngine, VllmGrpcEngine, serve_grpc
@@ -118,4 +120,25 @@ async def test_vllm_grpc_engine_garbage_on_one_rank_fails_only_that_rank(start_a
                 engine.set_mode("ok")
                 assert not (await get_loads(channel_to(agg.port))).missing_ranks, mode
     finally:
+        await server.stop(0)
+
+
+async def test_a_rank_listed_twice_by_the_engine_fails_alone():
+    """Two SchedulerLoads claim rank 0 (a gateway in front of several servers): which is it? Neither: rank 0
+    fails with the reason, rank 1 is read (the last entry used to win silently)."""
+    from scheduler_agent.sources.base import PartialRead
+
+    engine = SglangGrpcEngine(dp_size=2)
+    twice = engine.response()
+    twice.loads.append(twice.loads[0])  # rank 0 again, from "another server"
+    twice.loads[-1].num_running_reqs = 40
+    engine.response = lambda garbage=False: twice
+    server, port = await serve_grpc(engine)
+    source = EngineGrpcSource(f"127.0.0.1:{port}", "sglang")
+    try:
+        with pytest.raises(PartialRead) as partial:
+            await source.read([0, 1])
+        assert list(partial.value.loads) == [1] and "dp rank 0 appears more than once" in str(partial.value)
+    finally:
+        await source.close()
         await server.stop(0)

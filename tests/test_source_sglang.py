@@ -267,3 +267,83 @@ async def test_prefill_and_overloaded_utilization_keep_their_ranks(start_aggrega
             assert agent.rejections == 0
     finally:
         await engine.stop()
+
+
+async def test_an_impossible_or_ambiguous_rank_fails_alone_and_a_404_is_not_forever(monkeypatch):
+    """3e9 running requests (no int32 holds them) or a rank listed twice (a gateway in front of several
+    servers, each saying dp_rank 0): that rank fails, with the reason, and the others are read (an
+    out-of-range figure used to fail every rank with a traceback). A 404 on /v1/loads during a restart switches
+    to /get_load, and /v1/loads is tried again later rather than never."""
+    import scheduler_agent.sources.sglang_http as sglang_http
+
+    source = SglangHttpSource("http://127.0.0.1:1")
+    bodies = []
+
+    async def get_json(path):
+        return bodies[-1](path)
+
+    monkeypatch.setattr(source.http, "get_json", get_json)
+    too_many = sglang_entry(1, running=5)
+    too_many["num_running_reqs"] = 3e9
+    bodies.append(lambda path: {"loads": [sglang_entry(0), too_many]})
+    with pytest.raises(PartialRead) as partial:
+        await source.read([0, 1])
+    assert list(partial.value.loads) == [0] and "rank 1 num_running_reqs = 3000000000 does not fit" in str(partial.value)
+    bodies.append(lambda path: {"loads": [sglang_entry(0, running=40), sglang_entry(0, running=2), sglang_entry(1)]})
+    with pytest.raises(PartialRead) as partial:
+        await source.read([0, 1])
+    assert list(partial.value.loads) == [1] and "dp rank 0 appears more than once" in str(partial.value)
+
+    from scheduler_agent.sources.http_client import NotFound
+
+    def restarting(path):
+        if path.startswith("/v1/loads"):
+            raise NotFound(f"GET {path}: HTTP 404")
+        return [{"dp_rank": 0, "num_reqs": 3, "num_waiting_reqs": 1}]
+
+    bodies.append(restarting)
+    await source.read([0])
+    assert source.legacy
+    legacy_body = [{"dp_rank": 0, "num_reqs": 3, "num_waiting_reqs": 1}]
+    bodies.append(lambda path: {"loads": [sglang_entry(0, running=9)]} if path.startswith("/v1/loads") else legacy_body)
+    assert (await source.read([0]))[0].num_running_reqs == 2 and source.legacy  # within the recheck interval
+    monkeypatch.setattr(sglang_http, "V1_RECHECK_S", 0.0)
+    assert (await source.read([0]))[0].num_running_reqs == 9 and not source.legacy
+
+
+async def test_a_body_past_the_cap_is_a_source_error_not_hundreds_of_mib(monkeypatch):
+    """An answer far past any engine's (a wrong URL, a misbehaving proxy) is refused, whether its size is
+    announced or streamed, instead of being read whole into the agent beside the scheduler."""
+    from aiohttp import web
+
+    import scheduler_agent.sources.http_client as http_client
+
+    monkeypatch.setattr(http_client, "MAX_BODY_BYTES", 1024)
+
+    async def announced(request):
+        return web.json_response({"loads": [sglang_entry(0)], "padding": "x" * 4096})
+
+    async def streamed(request):
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(8):
+            await response.write(b"x" * 512)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.add_routes([web.get("/announced", announced), web.get("/streamed", streamed)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    http = http_client.EngineHttp(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    try:
+        with pytest.raises(SourceError, match="-byte body, past the"):
+            await http.get_text("/announced")
+        with pytest.raises(SourceError, match="the body passed"):
+            await http.get_text("/streamed")
+    finally:
+        await http.close()
+        await runner.cleanup()

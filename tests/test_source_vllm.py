@@ -105,3 +105,42 @@ async def test_vllm_engine_through_the_aggregator_with_faults(start_aggregator, 
             assert len([r for r in caplog.records if r.name == "scheduler_agent.source"]) == 3, caplog.text
     finally:
         await engine.stop()
+
+
+async def test_a_figure_that_cannot_be_true_fails_its_rank_never_clamped_or_zeroed(monkeypatch):
+    """NaN or 2.5 KV usage, NaN or 3e9 running requests: that rank fails (missing, with the reason), the other is
+    read; a NaN counter gives no rate at all (it gave 0 tokens/s and a cache hit rate of 1.0); a series with a
+    malformed engine label is skipped without failing any rank."""
+    from scheduler_agent.sources.base import PartialRead
+
+    engine = VllmHttpEngine()
+    page = engine.page()
+    usage0 = 'vllm:kv_cache_usage_perc{engine="0",model_name="Qwen/Qwen3-8B"} 0.25'
+    running0 = 'vllm:num_requests_running{engine="0",model_name="Qwen/Qwen3-8B"} 7.0'
+    source = VllmMetricsSource("http://127.0.0.1:1", window_s=0.0)
+
+    async def serve(text):
+        async def get_text(path):
+            return text
+        monkeypatch.setattr(source.http, "get_text", get_text)
+        return await source.read([0, 1])
+
+    for broken, said in ((page.replace(usage0, usage0.replace("0.25", "NaN")), "kv cache usage is nan"),
+                         (page.replace(usage0, usage0.replace("0.25", "2.5")), "kv cache usage is 2.5"),
+                         (page.replace(running0, running0.replace("7.0", "NaN")), "running is nan"),
+                         (page.replace(running0, running0.replace("7.0", "3e9")), "does not fit")):
+        with pytest.raises(PartialRead) as partial:
+            await serve(broken)
+        assert said in str(partial.value) and list(partial.value.loads) == [1], said
+
+    nan_hits = page.replace('vllm:prefix_cache_hits_total{engine="0",model_name="Qwen/Qwen3-8B"} 250.0',
+                            'vllm:prefix_cache_hits_total{engine="0",model_name="Qwen/Qwen3-8B"} NaN')
+    fresh = VllmMetricsSource("http://127.0.0.1:1", window_s=0.0)
+    source = fresh
+    loads = await serve(nan_hits)
+    assert not loads[0].HasField("cache_hit_rate") and loads[0].num_running_reqs == 7
+    loads = await serve(nan_hits.replace("} 1000.0\n", "} 2000.0\n"))  # a window later: still no made-up rate
+    assert not loads[0].HasField("cache_hit_rate") and loads[0].gen_throughput > 0
+
+    odd_label = page + 'vllm:num_requests_running{engine="x1",model_name="Qwen/Qwen3-8B"} 9.0\n'
+    assert sorted(parse_page(odd_label)) == [0, 1]

@@ -31,6 +31,15 @@ def not_applicable(field: str, value: object) -> bool:
     return field == "utilization" and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
 
 
+def set_figure(target, field: str, value, where: str) -> None:
+    """`target.field = value`, or SourceError naming the figure when the proto field cannot hold it (3e9
+    requests in an int32): one rank's impossible figure must fail that rank, not the whole read."""
+    try:
+        setattr(target, field, value)
+    except (ValueError, TypeError) as error:
+        raise SourceError(f"{where} = {value!r} does not fit a {field} ({error})") from None
+
+
 def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
     """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank.
 
@@ -44,6 +53,8 @@ def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
                 loads[rank] = convert(entries[rank])
             except SourceError as error:
                 problems.append(str(error))
+            except (ValueError, TypeError, OverflowError) as error:  # a figure no RankLoad field can hold
+                problems.append(f"rank {rank}: {type(error).__name__}: {error}")
     if problems:
         raise PartialRead("; ".join(problems), loads)
     return loads

@@ -25,6 +25,24 @@ ROUND_SHARE = 0.6
 MIN_TIMEOUT_S = 0.02
 
 
+# A /v1/loads body or a /metrics page is KiB, MiB for a big DP node; past this it is not an engine's answer
+# (and reading it whole would cost the agent hundreds of MiB beside the scheduler).
+MAX_BODY_BYTES = 32 << 20
+
+
+async def _capped_body(response: aiohttp.ClientResponse, path: str) -> bytes:
+    if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
+        raise SourceError(f"GET {path}: a {response.content_length}-byte body, past the "
+                          f"{MAX_BODY_BYTES >> 20} MiB an engine's answer fits in")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise SourceError(f"GET {path}: the body passed {MAX_BODY_BYTES >> 20} MiB, more than an engine's answer")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class NotFound(SourceError):
     """HTTP 404: the engine does not serve this path (an older version)."""
 
@@ -66,7 +84,7 @@ class EngineHttp:
                         "give the agent the same key with --engine-api-key or LOADAGG_ENGINE_API_KEY"))
                 if response.status != 200:
                     raise SourceError(f"GET {path}: HTTP {response.status}")
-                return await response.text()
+                return (await _capped_body(response, path)).decode(response.get_encoding())
         except (TimeoutError, asyncio.TimeoutError):
             raise SourceError(f"GET {path}: no answer within the engine timeout") from None
         except aiohttp.ClientConnectionError as error:

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError, not_applicable, read_ranks
+from scheduler_agent.sources.base import (EngineRanks, LoadSource, PartialRead, SourceError, not_applicable, read_ranks,
+                                          set_figure)
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
 
 V1_LOADS = "/v1/loads?include=all"
 V1_LOADS_CORE = "/v1/loads?include=core"
 LEGACY = "/get_load"
+V1_RECHECK_S = 30.0  # in legacy mode, how often /v1/loads is tried again
 
 _INT, _FLOAT, _STR = "int", "float", "str"
 # JSON key -> (RankLoad field, kind). The proto names follow sglang's, so they are the same keys.
@@ -116,7 +118,7 @@ def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: boo
     for key, kind in _CORE.items():
         raw = entry.get(key)
         if raw is not None and not not_applicable(key, raw):
-            setattr(load, key, _value(f"{where}: rank {rank} {key}", raw, kind))
+            set_figure(load, key, _value(f"{where}: rank {rank} {key}", raw, kind), f"{where}: rank {rank} {key}")
     for key, (section, fields) in _SECTIONS.items():
         raw = entry.get(key)
         if raw is None:
@@ -128,7 +130,8 @@ def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: boo
         for json_key, (field, kind) in fields.items():
             value = raw.get(json_key)
             if value is not None:
-                setattr(target, field, _value(f"{where}: rank {rank} {key}.{json_key}", value, kind))
+                named = f"{where}: rank {rank} {key}.{json_key}"
+                set_figure(target, field, _value(named, value, kind), named)
     return load
 
 
@@ -138,14 +141,13 @@ def load_from_legacy(entry: dict, now_ms: int, single: bool) -> pb.RankLoad:
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms)
     total = entry.get("num_reqs")
     waiting = entry.get("num_waiting_reqs")
-    if total is not None:
-        load.num_total_reqs = _value(f"{LEGACY}: rank {rank} num_reqs", total, _INT)
-    if waiting is not None:
-        load.num_waiting_reqs = _value(f"{LEGACY}: rank {rank} num_waiting_reqs", waiting, _INT)
+    for raw, field, key in ((total, "num_total_reqs", "num_reqs"), (waiting, "num_waiting_reqs", "num_waiting_reqs"),
+                            (entry.get("num_tokens"), "num_total_tokens", "num_tokens")):
+        if raw is not None:
+            where = f"{LEGACY}: rank {rank} {key}"
+            set_figure(load, field, _value(where, raw, _INT), where)
     if total is not None and waiting is not None and load.num_total_reqs >= load.num_waiting_reqs:
         load.num_running_reqs = load.num_total_reqs - load.num_waiting_reqs
-    if (tokens := entry.get("num_tokens")) is not None:
-        load.num_total_tokens = _value(f"{LEGACY}: rank {rank} num_tokens", tokens, _INT)
     return load
 
 
@@ -164,6 +166,7 @@ class SglangHttpSource(LoadSource):
     def __init__(self, base_url: str, timeout_s: float | None = None, api_key: str = "") -> None:
         self.http = EngineHttp(base_url, timeout_s, api_key)
         self.legacy = False  # switched on by a 404 on /v1/loads, off again by a 404 on /get_load
+        self._legacy_since = 0.0
         self.reads = 0
 
     def set_round_timeout(self, round_timeout_ms: int) -> None:
@@ -171,6 +174,8 @@ class SglangHttpSource(LoadSource):
 
     async def _body(self, v1_path: str) -> tuple[Any, bool]:
         """The parsed body and whether it came from the legacy endpoint."""
+        if self.legacy and time.monotonic() - self._legacy_since >= V1_RECHECK_S:
+            self.legacy = False  # a 404 during a restart, or an upgraded server: try /v1/loads again
         for _ in range(2):
             try:
                 if self.legacy:
@@ -178,6 +183,7 @@ class SglangHttpSource(LoadSource):
                 return await self.http.get_json(v1_path), False
             except NotFound:
                 self.legacy = not self.legacy
+                self._legacy_since = time.monotonic()
         raise SourceError("neither GET /v1/loads nor GET /get_load exists on this server: is it sglang?")
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
@@ -189,11 +195,19 @@ class SglangHttpSource(LoadSource):
         single = len(entries) == 1
         by_rank: dict[int, Any] = {}
         unranked: list[str] = []  # an entry without a usable dp_rank fails no other rank
+        repeated: set[int] = set()
         for entry in entries:
             try:
-                by_rank[_rank_of(entry, path, single)] = entry
+                rank = _rank_of(entry, path, single)
             except SourceError as error:
                 unranked.append(str(error))
+                continue
+            if rank in by_rank:
+                repeated.add(rank)
+            by_rank[rank] = entry
+        for rank in sorted(repeated):  # (a gateway in front of several servers, each saying dp_rank 0)
+            del by_rank[rank]
+            unranked.append(f"GET {path}: dp rank {rank} appears more than once: which entry is it?")
         if legacy:
             convert = lambda e: load_from_legacy(e, now_ms, single)  # noqa: E731
         else:

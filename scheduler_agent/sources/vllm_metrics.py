@@ -18,6 +18,8 @@ Everything else (memory breakdown, spec, lora, disagg, queues) is not on the pag
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,8 +28,10 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError
+from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, read_ranks, set_figure
 from scheduler_agent.sources.http_client import EngineHttp
+
+log = logging.getLogger(__name__)
 
 METRICS = "/metrics"
 WINDOW_S = 1.0
@@ -71,6 +75,19 @@ def relevant_lines(text: str) -> str:
     return "\n".join(kept) + "\n"
 
 
+def _finite(value: float | None) -> float | None:
+    """A counter sample, or None when there is none or it is not a finite number."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _figure(rank: int, name: str, value: float, ratio: bool = False) -> float:
+    """A gauge as it is, or SourceError (failing this rank) when it cannot be true."""
+    if not math.isfinite(value) or value < 0 or (ratio and value > 1.0):
+        kind = "a ratio in [0, 1]" if ratio else "a finite figure >= 0"
+        raise SourceError(f"GET {METRICS}: rank {rank} {name} is {value}, not {kind}")
+    return value
+
+
 def _engine_rank(labels: dict[str, str]) -> int:
     engine = labels.get("engine")
     if engine is None:
@@ -91,13 +108,17 @@ def parse_page(text: str) -> dict[int, dict[str, float]]:
         for family in text_string_to_metric_families(relevant_lines(text)):
             for sample in family.samples:
                 name = _GAUGES.get(sample.name) or _COUNTERS.get(sample.name)
-                if name is not None:
+                if name is None and sample.name != "vllm:cache_config_info":
+                    continue
+                try:
                     rank = _engine_rank(sample.labels)
+                except SourceError as error:  # one malformed series fails no rank (its own is unknown)
+                    log.debug("%s; series skipped", error)
+                    continue
+                if name is not None:
                     figures[rank][name] = figures[rank].get(name, 0.0) + sample.value
-                elif sample.name == "vllm:cache_config_info":
-                    _capacity(figures[_engine_rank(sample.labels)], sample.labels)
-    except SourceError:
-        raise
+                else:
+                    _capacity(figures[rank], sample.labels)
     except Exception as error:  # the parser raises ValueError (and friends) on a malformed page
         raise SourceError(f"GET {METRICS}: not Prometheus text ({type(error).__name__})") from None
     if not any("running" in f for f in figures.values()):
@@ -148,9 +169,10 @@ class VllmMetricsSource(LoadSource):
         self.http.set_round_timeout(round_timeout_ms)
 
     def _rates(self, rank: int, f: dict[str, float], now: float) -> _Window:
-        """Advance `rank`'s window with this page's counters (a counter that went down restarts it)."""
+        """Advance `rank`'s window with this page's counters (a counter that went down restarts it; one that
+        is not a finite figure is treated as absent, so it yields no rate rather than 0 or 1)."""
         w = self._windows.get(rank)
-        generated, hits, queries = f.get("generated"), f.get("hits"), f.get("queries")
+        generated, hits, queries = (_finite(f.get(name)) for name in ("generated", "hits", "queries"))
         restarted = w is not None and any(
             new is not None and old is not None and new < old
             for new, old in ((generated, w.generated), (hits, w.hits), (queries, w.queries))
@@ -169,35 +191,38 @@ class VllmMetricsSource(LoadSource):
         return w
 
     def _load(self, rank: int, f: dict[str, float], now: float, now_ms: int) -> pb.RankLoad:
+        """One rank's RankLoad; SourceError (that rank only) for a gauge that cannot be true: NaN, negative,
+        a usage ratio above 1, a count past its field. Never clamped into a plausible figure."""
         load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms)
-        if "running" in f:
-            load.num_running_reqs = int(f["running"])
-        if "waiting" in f:
-            load.num_waiting_reqs = int(f["waiting"])
+        for name, field in (("running", "num_running_reqs"), ("waiting", "num_waiting_reqs")):
+            if name in f:
+                set_figure(load, field, int(_figure(rank, name, f[name])), f"{METRICS}: rank {rank} {name}")
         usage = f.get("kv_usage", f.get("kv_usage_v0"))
         if usage is not None:
-            load.token_usage = min(1.0, max(0.0, usage))
+            load.token_usage = _figure(rank, "kv cache usage", usage, ratio=True)
         capacity = f.get("capacity")
         if capacity:
-            load.max_total_num_tokens = int(capacity)
+            set_figure(load, "max_total_num_tokens", int(capacity), f"{METRICS}: rank {rank} capacity")
             if usage is not None:
                 load.num_used_tokens = round(load.token_usage * capacity)
         w = self._rates(rank, f, now)
         if w.throughput is not None:
             load.gen_throughput = max(0.0, w.throughput)
+        hits, queries = _finite(f.get("hits")), _finite(f.get("queries"))
         if w.hit_rate is not None:
             load.cache_hit_rate = max(0.0, w.hit_rate)
-        elif f.get("queries"):
-            load.cache_hit_rate = min(1.0, f.get("hits", 0.0) / f["queries"])
+        elif queries and hits is not None and hits >= 0:
+            load.cache_hit_rate = min(1.0, hits / queries)
         elif "hit_rate_v0" in f:
-            load.cache_hit_rate = min(1.0, max(0.0, f["hit_rate_v0"]))
+            load.cache_hit_rate = _figure(rank, "prefix cache hit rate", f["hit_rate_v0"], ratio=True)
         return load
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         self.reads += 1
         figures = parse_page(await self.http.get_text(METRICS))
         now, now_ms = time.monotonic(), time.time_ns() // 1_000_000
-        return {rank: self._load(rank, figures[rank], now, now_ms) for rank in ranks if rank in figures}
+        return read_ranks(ranks, {rank: (rank, f) for rank, f in figures.items()},
+                          lambda item: self._load(*item, now, now_ms))
 
     async def discover(self) -> EngineRanks:
         figures = parse_page(await self.http.get_text(METRICS))
