@@ -99,6 +99,7 @@ def build_response(
         round_duration_ms=result.duration_ms,
         round_callers=result.callers,
         partial=result.partial,
+        aggregator_id=result.aggregator_id,
     )
 
 

@@ -99,6 +99,11 @@ class Loads:
         return self.response.timestamp_ms
 
     @property
+    def aggregator_id(self) -> str:
+        """The aggregator process that answered: round ids compare only within one."""
+        return self.response.aggregator_id
+
+    @property
     def dp_size(self) -> int:
         return self.response.dp_size
 

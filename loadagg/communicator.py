@@ -45,9 +45,10 @@ class CommunicatorStats:
 class _Communicator:
     mode = "base"
 
-    def __init__(self, registry: AgentRegistry, round_timeout: float) -> None:
+    def __init__(self, registry: AgentRegistry, round_timeout: float, aggregator_id: str = "") -> None:
         self.registry = registry
         self.round_timeout = round_timeout
+        self.aggregator_id = aggregator_id  # stamped on every answer: round ids count per process
         self.stats = CommunicatorStats()
         self.last_result: RoundResult | None = None
         self._rounds: dict[int, Round] = {}
@@ -68,7 +69,7 @@ class _Communicator:
 
     def _start_round(self) -> Round:
         live = self.registry.live_ranks()
-        rnd = Round(self._next_id, self.registry.dp_size, live, self.round_timeout)
+        rnd = Round(self._next_id, self.registry.dp_size, live, self.round_timeout, self.aggregator_id)
         self._next_id += 1
         self._rounds[rnd.id] = rnd
         self.stats.rounds_started += 1
@@ -211,8 +212,8 @@ class QueueingCommunicator(_Communicator):
 
     mode = "queueing"
 
-    def __init__(self, registry: AgentRegistry, round_timeout: float) -> None:
-        super().__init__(registry, round_timeout)
+    def __init__(self, registry: AgentRegistry, round_timeout: float, aggregator_id: str = "") -> None:
+        super().__init__(registry, round_timeout, aggregator_id)
         self._turn = asyncio.Lock()
 
     async def collect(self, *, started_after: float | None = None, wait_timeout: float | None = None) -> RoundResult:

@@ -91,6 +91,7 @@ class CachedAnswers:
             missing=tuple(r for r in range(self.registry.dp_size) if r not in fresh),
             callers=0,
             source=pb.ANSWER_SOURCE_SNAPSHOTS,
+            aggregator_id=self.communicator.aggregator_id,
         )
         self._snapshots = (version, result)
         return result

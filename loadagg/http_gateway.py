@@ -124,6 +124,7 @@ class HttpGateway:
                 "Content-Type": "application/json" if fmt == "json" else CONTENT_TYPE,
                 "X-Loadagg-Round-Id": str(result.round_id),
                 "X-Loadagg-Source": pb.AnswerSource.Name(result.source),
+                "X-Loadagg-Aggregator-Id": result.aggregator_id,
                 "X-Loadagg-Missing-Ranks": ",".join(
                     str(r) for r in result.missing if dp_rank is None or r == dp_rank
                 ),

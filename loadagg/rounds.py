@@ -37,6 +37,7 @@ class RoundResult:
     callers: int
     source: int = pb.ANSWER_SOURCE_ROUND
     partial: bool = False
+    aggregator_id: str = ""  # the process that collected it (round ids count per process)
     cache: dict = field(default_factory=dict, repr=False)
 
     def age_ms(self, now: float | None = None) -> int:
@@ -50,9 +51,11 @@ class RoundResult:
 class Round:
     """A round in flight. Ends (once) when every expected rank answered, or at its deadline."""
 
-    def __init__(self, round_id: int, dp_size: int, expected: frozenset[int], timeout: float) -> None:
+    def __init__(self, round_id: int, dp_size: int, expected: frozenset[int], timeout: float,
+                 aggregator_id: str = "") -> None:
         loop = asyncio.get_running_loop()
         self.id = round_id
+        self.aggregator_id = aggregator_id
         self.dp_size = dp_size
         self.waiting_for = set(expected)  # expected ranks not answered yet: `complete` is O(1)
         self.started = time.monotonic()
@@ -109,4 +112,5 @@ class Round:
             missing=missing,
             callers=self.callers,
             partial=partial,
+            aggregator_id=self.aggregator_id,
         )

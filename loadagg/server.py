@@ -56,7 +56,10 @@ class Aggregator:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.registry = AgentRegistry(config.dp_size)
-        self.communicator: Communicator = MODES[config.mode](self.registry, config.round_timeout_ms / 1000)
+        # Told to agents (Welcome) and stamped on every answer; a new one at every start, unless configured.
+        self.aggregator_id = config.aggregator_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.communicator: Communicator = MODES[config.mode](self.registry, config.round_timeout_ms / 1000,
+                                                              self.aggregator_id)
         self.watch = WatchHub(
             self.communicator,
             default_interval_ms=config.default_watch_interval_ms,
@@ -71,7 +74,7 @@ class Aggregator:
         self.agents = AgentLinkService(
             self.registry,
             self.communicator,
-            aggregator_id=config.aggregator_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}",
+            aggregator_id=self.aggregator_id,
             round_timeout_ms=config.round_timeout_ms,
             hello_timeout_s=config.hello_timeout_ms / 1000,
         )

@@ -283,3 +283,31 @@ async def test_new_round_with_a_deadline_too_short_for_a_newer_round_is_refused(
     assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "FRESHNESS_NEW_ROUND" in refused.value.details() and "started before this call" in refused.value.details()
     assert len((await leader).loads) == 2  # the round itself went on for its own callers
+
+
+async def test_every_answer_names_the_aggregator_process_that_answered(start_aggregator, start_agents, pushing_agents,
+                                                                 channel_to):
+    """Round ids count per process: each answer (a round, a cached one, pushed snapshots, a watch) says which
+    process gave it, and another process (a restart, another replica) has another id."""
+    import socket
+
+    first, second = await start_aggregator(dp_size=1), await start_aggregator(dp_size=1)
+    await pushing_agents(first, [[0]], push_interval_ms=20)
+    await wait_for(lambda: first.registry.snapshot(0) is not None, what="a push")
+    await start_agents(second, [[0]])
+    stub = pb_grpc.LoadAggregatorStub(channel_to(first.port))
+    answers = [await stub.GetLoads(pb.GetLoadsRequest(), timeout=5),
+               await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000),
+                                   timeout=5)]
+    first.communicator.last_result = None  # no round to reuse: the pushed snapshots answer
+    answers.append(await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000),
+                                       timeout=5))
+    watch = stub.WatchLoads(pb.WatchLoadsRequest(interval_ms=50))
+    answers.append(await watch.read())
+    watch.cancel()
+    assert [a.source for a in answers[:3]] == [pb.ANSWER_SOURCE_ROUND, pb.ANSWER_SOURCE_CACHE,
+                                              pb.ANSWER_SOURCE_SNAPSHOTS]
+    assert {a.aggregator_id for a in answers} == {first.aggregator_id}
+    assert first.aggregator_id.startswith(socket.gethostname() + "-")
+    other = await pb_grpc.LoadAggregatorStub(channel_to(second.port)).GetLoads(pb.GetLoadsRequest(), timeout=5)
+    assert other.aggregator_id == second.aggregator_id != first.aggregator_id

@@ -51,6 +51,7 @@ async def test_json_matches_sglangs_shape_field_by_field(start_aggregator, start
     assert doc["dp_rank_count"] == len(doc["loads"]) == 2  # as sglang counts: the ranks returned
     assert set(doc["aggregate"]) == AGGREGATE_KEYS
     assert headers["X-Loadagg-Missing-Ranks"] == "2" and headers["X-Loadagg-Source"] == "ANSWER_SOURCE_ROUND"
+    assert headers["X-Loadagg-Aggregator-Id"] == agg.aggregator_id
 
     # Every figure equals what the round collected, under sglang's names.
     result = agg.communicator.last_result

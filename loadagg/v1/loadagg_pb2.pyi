@@ -208,7 +208,7 @@ class GetLoadsRequest(_message.Message):
     def __init__(self, dp_rank: _Optional[int] = ..., include: _Optional[_Iterable[str]] = ..., freshness: _Optional[_Union[Freshness, str]] = ..., max_staleness_ms: _Optional[int] = ..., allow_stale: _Optional[bool] = ...) -> None: ...
 
 class GetLoadsResponse(_message.Message):
-    __slots__ = ("round_id", "timestamp_ms", "dp_size", "loads", "missing_ranks", "summary", "source", "round_duration_ms", "round_callers", "partial")
+    __slots__ = ("round_id", "timestamp_ms", "dp_size", "loads", "missing_ranks", "summary", "source", "round_duration_ms", "round_callers", "partial", "aggregator_id")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     DP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,7 @@ class GetLoadsResponse(_message.Message):
     ROUND_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     ROUND_CALLERS_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_ID_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     timestamp_ms: int
     dp_size: int
@@ -229,7 +230,8 @@ class GetLoadsResponse(_message.Message):
     round_duration_ms: int
     round_callers: int
     partial: bool
-    def __init__(self, round_id: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., dp_size: _Optional[int] = ..., loads: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[LoadSummary, _Mapping]] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., round_duration_ms: _Optional[int] = ..., round_callers: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
+    aggregator_id: str
+    def __init__(self, round_id: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., dp_size: _Optional[int] = ..., loads: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[LoadSummary, _Mapping]] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., round_duration_ms: _Optional[int] = ..., round_callers: _Optional[int] = ..., partial: _Optional[bool] = ..., aggregator_id: _Optional[str] = ...) -> None: ...
 
 class WatchLoadsRequest(_message.Message):
     __slots__ = ("dp_rank", "include", "interval_ms", "allow_stale")
