@@ -88,14 +88,18 @@ async def test_cached_reuses_the_last_round_only_within_max_staleness(start_aggr
     assert agg.communicator.stats.rounds_started == 2
 
 
+async def _two_raw_agents(start_aggregator, channel_to, first: str, second: str, round_timeout_ms: int):
+    """An aggregator of dp_size 2, a stub to it, and hand-driven agents for rank 0 and rank 1 (not linked yet)."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=round_timeout_ms)
+    return (agg, pb_grpc.LoadAggregatorStub(channel_to(agg.port)), RawAgent(agg.port, first, [0], 2),
+            RawAgent(agg.port, second, [1], 2))
+
+
 async def test_cached_prefers_pushed_snapshots_over_a_round_that_missed_a_rank(start_aggregator, channel_to):
     """The last round ran before rank 1's agent linked. Once that agent has pushed, a CACHED read gets the
     pushed snapshots of both ranks rather than the round's 'rank 1 missing'; before it pushed, the cached
     round is still the answer (a rank that stays down must not turn cached reads into rounds)."""
-    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
-    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
-    early = RawAgent(agg.port, "early", [0], 2)
-    late = RawAgent(agg.port, "late", [1], 2)
+    agg, stub, early, late = await _two_raw_agents(start_aggregator, channel_to, "early", "late", 2000)
     try:
         await early.connect()
         call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
@@ -123,13 +127,10 @@ async def test_cached_prefers_pushed_snapshots_over_a_round_that_missed_a_rank(s
 async def test_cached_counts_a_rounds_age_from_its_start_not_its_end(start_aggregator, channel_to):
     """A rank that never answers holds a round open to its 1 s deadline: the other rank's figure is then ~1 s
     old though the round just ended. A CACHED read with a 500 ms bound gets a new round, not that one."""
-    agg = await start_aggregator(dp_size=2, round_timeout_ms=1000)
-    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
-    quick = RawAgent(agg.port, "quick", [0], 2)
-    silent = RawAgent(agg.port, "silent", [1], 2)  # linked, never answers
+    agg, stub, quick, silent = await _two_raw_agents(start_aggregator, channel_to, "quick", "silent", 1000)
     try:
         await quick.connect()
-        await silent.connect()
+        await silent.connect()  # linked, never answers
         call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
         await quick.report((await quick.next_collect()).round_id, [_load(0)])
         first = await call
@@ -151,10 +152,7 @@ async def test_cached_counts_a_rounds_age_from_its_start_not_its_end(start_aggre
 async def test_cached_keeps_a_round_that_found_a_rank_gone_over_its_earlier_push(start_aggregator, channel_to):
     """Rank 1 pushed, then its agent left; the round after that says rank 1 is missing. A CACHED read gets that
     round, not rank 1's older pushed snapshot served as if the rank were still there."""
-    agg = await start_aggregator(dp_size=2, round_timeout_ms=2000)
-    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
-    alive = RawAgent(agg.port, "alive", [0], 2)
-    gone = RawAgent(agg.port, "gone", [1], 2)
+    agg, stub, alive, gone = await _two_raw_agents(start_aggregator, channel_to, "alive", "gone", 2000)
     try:
         await alive.connect()
         await gone.connect()
