@@ -40,17 +40,26 @@ def set_figure(target, field: str, value, where: str) -> None:
         raise SourceError(f"{where} = {value!r} does not fit a {field} ({error})") from None
 
 
-def read_ranks(ranks, entries, convert) -> dict[int, pb.RankLoad]:
-    """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank.
+def read_ranks(ranks, entries, convert, where: str) -> dict[int, pb.RankLoad]:
+    """Convert the engine entries of the ranks asked for; a garbage entry fails only its own rank, and so does
+    a rank listed twice (a gateway in front of several servers, each saying dp_rank 0: which entry is it?).
 
-    `entries` maps dp rank -> raw entry; `convert(entry)` returns a RankLoad or raises SourceError.
+    `entries` yields (dp rank, raw entry); `convert(rank, entry)` returns a RankLoad or raises SourceError.
     """
+    by_rank: dict[int, object] = {}
+    repeated: set[int] = set()
+    for rank, entry in entries:
+        if rank in by_rank:
+            repeated.add(rank)
+        by_rank[rank] = entry
     loads: dict[int, pb.RankLoad] = {}
     problems: list[str] = []
     for rank in ranks:
-        if rank in entries:
+        if rank in repeated:
+            problems.append(f"{where}: dp rank {rank} appears more than once: which entry is it?")
+        elif rank in by_rank:
             try:
-                loads[rank] = convert(entries[rank])
+                loads[rank] = convert(rank, by_rank[rank])
             except SourceError as error:
                 problems.append(str(error))
             except (ValueError, TypeError, OverflowError) as error:  # a figure no RankLoad field can hold

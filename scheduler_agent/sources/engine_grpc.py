@@ -19,14 +19,13 @@ Those protos give the core scalars no presence (0 is both "zero" and "not known"
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError, not_applicable, read_ranks
+from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, not_applicable, read_ranks
 from scheduler_agent.sources.http_client import DEFAULT_TIMEOUT_S, MIN_TIMEOUT_S, ROUND_SHARE
 
 _FLAVORS = {
@@ -142,21 +141,8 @@ class EngineGrpcSource(LoadSource):
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         response = await self._get_loads(["all"])
         now_ms = time.time_ns() // 1_000_000
-        entries = {src.dp_rank: src for src in response.loads}
-        repeated = sorted(r for r, n in Counter(src.dp_rank for src in response.loads).items() if n > 1)
-        for rank in repeated:  # which entry is it? neither: that rank fails
-            del entries[rank]
-        try:
-            loads = read_ranks(ranks, entries, lambda src: load_from_scheduler_load(src, self.flavor, now_ms))
-        except PartialRead as partial:
-            loads, problems = partial.loads, [str(partial)]
-        else:
-            problems = []
-        problems += [f"GetLoads: dp rank {rank} appears more than once: which entry is it?"
-                     for rank in repeated if rank in ranks]
-        if problems:
-            raise PartialRead("; ".join(problems), loads)
-        return loads
+        return read_ranks(ranks, ((src.dp_rank, src) for src in response.loads),
+                          lambda _rank, src: load_from_scheduler_load(src, self.flavor, now_ms), "GetLoads")
 
     async def discover(self) -> EngineRanks:
         response = await self._get_loads(["core"])

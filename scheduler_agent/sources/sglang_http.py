@@ -118,7 +118,8 @@ def load_from_v1(entry: dict, now_ms: int, where: str = "/v1/loads", single: boo
     for key, kind in _CORE.items():
         raw = entry.get(key)
         if raw is not None and not not_applicable(key, raw):
-            set_figure(load, key, _value(f"{where}: rank {rank} {key}", raw, kind), f"{where}: rank {rank} {key}")
+            named = f"{where}: rank {rank} {key}"
+            set_figure(load, key, _value(named, raw, kind), named)
     for key, (section, fields) in _SECTIONS.items():
         raw = entry.get(key)
         if raw is None:
@@ -193,27 +194,19 @@ class SglangHttpSource(LoadSource):
         path = LEGACY if legacy else "/v1/loads"
         entries = _entries(body, path)
         single = len(entries) == 1
-        by_rank: dict[int, Any] = {}
+        ranked: list[tuple[int, Any]] = []
         unranked: list[str] = []  # an entry without a usable dp_rank fails no other rank
-        repeated: set[int] = set()
         for entry in entries:
             try:
-                rank = _rank_of(entry, path, single)
+                ranked.append((_rank_of(entry, path, single), entry))
             except SourceError as error:
                 unranked.append(str(error))
-                continue
-            if rank in by_rank:
-                repeated.add(rank)
-            by_rank[rank] = entry
-        for rank in sorted(repeated):  # (a gateway in front of several servers, each saying dp_rank 0)
-            del by_rank[rank]
-            unranked.append(f"GET {path}: dp rank {rank} appears more than once: which entry is it?")
         if legacy:
-            convert = lambda e: load_from_legacy(e, now_ms, single)  # noqa: E731
+            convert = lambda _rank, e: load_from_legacy(e, now_ms, single)  # noqa: E731
         else:
-            convert = lambda e: load_from_v1(e, now_ms, single=single)  # noqa: E731
+            convert = lambda _rank, e: load_from_v1(e, now_ms, single=single)  # noqa: E731
         try:
-            loads = read_ranks(ranks, by_rank, convert)
+            loads = read_ranks(ranks, ranked, convert, f"GET {path}")
         except PartialRead as partial:
             unranked.append(str(partial))
             loads = partial.loads

@@ -221,8 +221,7 @@ class VllmMetricsSource(LoadSource):
         self.reads += 1
         figures = parse_page(await self.http.get_text(METRICS))
         now, now_ms = time.monotonic(), time.time_ns() // 1_000_000
-        return read_ranks(ranks, {rank: (rank, f) for rank, f in figures.items()},
-                          lambda item: self._load(*item, now, now_ms))
+        return read_ranks(ranks, figures.items(), lambda rank, f: self._load(rank, f, now, now_ms), f"GET {METRICS}")
 
     async def discover(self) -> EngineRanks:
         figures = parse_page(await self.http.get_text(METRICS))
