@@ -19,7 +19,7 @@ import os
 import grpc
 
 from bench.child import control_loop, emit, own_usage, run
-from loadagg.limits import LimitsConfig
+from loadagg.server.limits import LimitsConfig
 from loadagg.v1 import loadagg_pb2 as pb
 
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name

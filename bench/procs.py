@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loadagg.grpc_core import use_classic_listener
+from loadagg.cli.grpc_core import use_classic_listener
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 
-from loadagg.grpc_core import CLASSIC_LISTENER
+from loadagg.cli.grpc_core import CLASSIC_LISTENER
 
 
 @dataclass

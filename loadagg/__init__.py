@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so `import loadagg.v1` — the contract agents share — stays light):
 Aggregator, AggregatorConfig, AsyncLoadClient, LoadClient, Loads, RetryPolicy, WatchHub, WatchingCommunicator, QueueingCommunicator,
-AgentRegistry, and the exceptions of loadagg.errors.
+AgentRegistry, and the exceptions of loadagg.server.errors.
 """
 
 from __future__ import annotations
@@ -10,23 +10,23 @@ from __future__ import annotations
 from importlib import import_module
 
 _EXPORTS = {
-    "Aggregator": "loadagg.server",
-    "serve": "loadagg.server",
-    "AggregatorConfig": "loadagg.config",
-    "AsyncLoadClient": "loadagg.client",
-    "LoadClient": "loadagg.client",
-    "Loads": "loadagg.client",
-    "RetryPolicy": "loadagg.client",
-    "WatchHub": "loadagg.watch",
-    "WatchingCommunicator": "loadagg.communicator",
-    "QueueingCommunicator": "loadagg.communicator",
-    "AgentRegistry": "loadagg.registry",
-    "RoundResult": "loadagg.rounds",
-    "LoadAggError": "loadagg.errors",
-    "InvalidRequest": "loadagg.errors",
-    "RankConflict": "loadagg.errors",
-    "Unauthenticated": "loadagg.errors",
-    "WatchEnded": "loadagg.errors",
+    "Aggregator": "loadagg.server.aggregator",
+    "serve": "loadagg.server.aggregator",
+    "AggregatorConfig": "loadagg.server.config",
+    "AsyncLoadClient": "loadagg.client.load_client",
+    "LoadClient": "loadagg.client.load_client",
+    "Loads": "loadagg.client.load_client",
+    "RetryPolicy": "loadagg.client.load_client",
+    "WatchHub": "loadagg.server.watch",
+    "WatchingCommunicator": "loadagg.server.communicator",
+    "QueueingCommunicator": "loadagg.server.communicator",
+    "AgentRegistry": "loadagg.server.registry",
+    "RoundResult": "loadagg.server.rounds",
+    "LoadAggError": "loadagg.server.errors",
+    "InvalidRequest": "loadagg.server.errors",
+    "RankConflict": "loadagg.server.errors",
+    "Unauthenticated": "loadagg.server.errors",
+    "WatchEnded": "loadagg.server.errors",
 }
 
 __all__ = sorted(_EXPORTS)

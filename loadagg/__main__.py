@@ -1,3 +1,3 @@
-from loadagg.cli import main
+from loadagg.cli.commands import main
 
 main()

@@ -124,7 +124,7 @@ def test_help_shows_each_default_once_and_never_none():
     flight (default)", "one per rank")."""
     import re
 
-    from loadagg.cli import parser as loadagg_parser
+    from loadagg.cli.commands import parser as loadagg_parser
     from scheduler_agent.cli import parser as agent_parser
 
     commands = loadagg_parser()._subparsers._group_actions[0].choices

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from conftest import wait_for
-from loadagg.client import AsyncLoadClient
+from loadagg.client.load_client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.fanout import (AggregatorFanout, FanoutConfig, SharedSource, pick_addresses, resolve_all,

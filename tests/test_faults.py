@@ -145,7 +145,7 @@ async def test_agent_stopped_then_continued(start_aggregator, processes, channel
 async def test_hung_agent_is_dropped_by_keepalive_then_relinks(start_aggregator, processes, channel_to):
     """A hung agent whose connection stays open is disconnected once keepalive pings go unanswered: its
     ranks are then missing at once instead of costing every round its full deadline."""
-    from loadagg.limits import LimitsConfig
+    from loadagg.server.limits import LimitsConfig
 
     agg = await start_aggregator(dp_size=2, round_timeout_ms=800,
                                  limits=LimitsConfig(keepalive_s=0.5, keepalive_timeout_s=1.0))

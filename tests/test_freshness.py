@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from conftest import wait_for
-from loadagg.client import AsyncLoadClient
+from loadagg.client.load_client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent

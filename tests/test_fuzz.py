@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from conftest import Processes, free_port
 from figures import record
-from loadagg.sections import ALL_SECTIONS
+from loadagg.server.sections import ALL_SECTIONS
 from loadagg.v1 import loadagg_pb2 as pb
-from loadagg.validation import load_problem
+from loadagg.server.validation import load_problem
 
 DP_SIZE = 4  # ranks 0-2 held by real agent processes; rank 3 left free for fuzzed agents
 GET_LOADS = "/loadagg.v1.LoadAggregator/GetLoads"

@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-from loadagg.grpc_core import CLASSIC_LISTENER, use_classic_listener
+from loadagg.cli.grpc_core import CLASSIC_LISTENER, use_classic_listener
 
 _PROBE = "import loadagg.cli, os; print(os.environ.get('GRPC_EXPERIMENTS'))"
 

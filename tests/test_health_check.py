@@ -10,7 +10,7 @@ import sys
 import time
 
 from conftest import ROOT, free_port
-from loadagg.health_check import check_health
+from loadagg.cli.health_check import check_health
 
 
 def _health(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -95,7 +95,7 @@ def test_health_check_inside_a_mutual_tls_aggregators_container(processes, tmp_p
 
 
 def test_the_default_target_is_where_serve_binds(monkeypatch):
-    from loadagg.health_check import default_target
+    from loadagg.cli.health_check import default_target
 
     for name in ("LOADAGG_TARGET", "LOADAGG_HOST", "LOADAGG_PORT"):
         monkeypatch.delenv(name, raising=False)

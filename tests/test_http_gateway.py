@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_for
 from raw_agent import RawAgent
-from loadagg.sglang_shape import CORE_FIELDS
+from loadagg.server.sglang_shape import CORE_FIELDS
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 

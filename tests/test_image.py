@@ -80,7 +80,7 @@ def test_builder_stage_wheel_carries_both_entry_points(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for module in ("loadagg/v1/loadagg_pb2.py", "loadagg/health_check.py", "scheduler_agent/fanout.py"):
+    for module in ("loadagg/v1/loadagg_pb2.py", "loadagg/cli/health_check.py", "scheduler_agent/fanout.py"):
         assert module in names
     assert not any(n.startswith("tests/") for n in names)
     assert "loadagg = loadagg.cli:main" in entry_points and "scheduler-agent = scheduler_agent.cli:main" in entry_points

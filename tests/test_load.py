@@ -13,7 +13,7 @@ import grpc
 
 from conftest import wait_for
 from figures import record
-from loadagg.rounds import Round, RoundResult
+from loadagg.server.rounds import Round, RoundResult
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from deploy_files import ROOT
-from loadagg import cli as loadagg_cli
+from loadagg.cli import commands as loadagg_cli
 from scheduler_agent import cli as agent_cli
 
 DOC = (ROOT / "docs" / "operations.md").read_text()

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from conftest import wait_for
-from loadagg import agent_link
+from loadagg.server import agent_link
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent
@@ -231,7 +231,7 @@ async def test_impossible_reports_are_rejected_and_never_stored(start_aggregator
 async def test_a_source_stuck_on_an_impossible_figure_is_warned_about_once_per_interval(start_aggregator, caplog):
     """Each refusal goes to the agent (a `rejected` message), but the aggregator's log gets one warning per
     link per interval, counting what it left out: 200 identical bad pushes used to write 200 warnings."""
-    caplog.set_level(logging.DEBUG, logger="loadagg.agent_link")
+    caplog.set_level(logging.DEBUG, logger="loadagg.server.agent_link")
     agg = await start_aggregator(dp_size=1)
     agent = RawAgent(agg.port, "stuck", [0], dp_size=1)
     try:
@@ -246,7 +246,7 @@ async def test_a_source_stuck_on_an_impossible_figure_is_warned_about_once_per_i
         await agent.read()
     finally:
         await agent.close()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "loadagg.agent_link" and r.levelno == logging.WARNING
+    warnings = [r.getMessage() for r in caplog.records if r.name == "loadagg.server.agent_link" and r.levelno == logging.WARNING
                 and "rejected report" in r.getMessage()]
     assert len(warnings) == 2 and "(and 199 more refused since the last warning)" in warnings[1]
     assert agg.agents.reports_rejected == 201

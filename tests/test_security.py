@@ -15,11 +15,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from certs import make_pki
 from conftest import ROOT, free_port, wait_for
-from loadagg.channels import ChannelSecurity, aio_channel
-from loadagg.client import AsyncLoadClient, LoadClient
-from loadagg.health_check import check_health
-from loadagg.limits import LimitsConfig
-from loadagg.security import SecurityConfig
+from loadagg.client.channels import ChannelSecurity, aio_channel
+from loadagg.client.load_client import AsyncLoadClient, LoadClient
+from loadagg.cli.health_check import check_health
+from loadagg.server.limits import LimitsConfig
+from loadagg.server.security import SecurityConfig
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from raw_agent import RawAgent

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from loadagg.answers import summarize
-from loadagg.errors import InvalidRequest
-from loadagg.sections import ALL_SECTIONS, parse_include, trim
+from loadagg.server.answers import summarize
+from loadagg.server.errors import InvalidRequest
+from loadagg.server.sections import ALL_SECTIONS, parse_include, trim
 from loadagg.v1 import loadagg_pb2 as pb
-from loadagg.validation import load_problem, validate_hello
+from loadagg.server.validation import load_problem, validate_hello
 from scheduler_agent.sources.simulator import SimulatedSource
 
 
@@ -86,7 +86,7 @@ def test_summary_means_only_count_ranks_that_report():
 
 
 async def test_session_backlog_stays_bounded_when_the_agent_stops_reading():
-    from loadagg.registry import MAX_PENDING_NOTICES, AgentSession
+    from loadagg.server.registry import MAX_PENDING_NOTICES, AgentSession
 
     session = AgentSession("a", (0,))
     for round_id in range(1, 1001):
@@ -105,8 +105,8 @@ async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
     """A cancelled caller and an impatient one (partial answer) leave the round running for the patient one."""
     import asyncio
 
-    from loadagg.communicator import WatchingCommunicator
-    from loadagg.registry import AgentRegistry, AgentSession
+    from loadagg.server.communicator import WatchingCommunicator
+    from loadagg.server.registry import AgentRegistry, AgentSession
 
     registry = AgentRegistry(dp_size=2)
     session = AgentSession("a", (0, 1))
@@ -132,7 +132,7 @@ async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
 def test_tune_gc_freezes_start_up_objects():
     import gc
 
-    from loadagg.server import tune_gc
+    from loadagg.server.aggregator import tune_gc
 
     before = gc.get_threshold()
     try:
@@ -146,7 +146,7 @@ def test_tune_gc_freezes_start_up_objects():
 def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from loadagg.metrics import _CallLatency
+    from loadagg.server.metrics import _CallLatency
 
     latency = _CallLatency()
     registry = CollectorRegistry()
@@ -171,7 +171,7 @@ def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
 def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
     import argparse
 
-    from loadagg.channels import add_client_flags
+    from loadagg.client.channels import add_client_flags
     from scheduler_agent.channel import add_link_flags
 
     monkeypatch.setenv("LOADAGG_TLS", value)
@@ -182,8 +182,8 @@ def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
 
 
 def test_a_mean_over_ranks_without_the_figure_stays_unset():
-    from loadagg.answers import summarize
-    from loadagg.render import mean_usage
+    from loadagg.server.answers import summarize
+    from loadagg.cli.render import mean_usage
 
     summary = summarize([pb.RankLoad(dp_rank=0, num_running_reqs=3), pb.RankLoad(dp_rank=1, num_running_reqs=4)])
     assert summary.total_running_reqs == 7 and summary.num_ranks == 2
@@ -192,7 +192,7 @@ def test_a_mean_over_ranks_without_the_figure_stays_unset():
 
 
 def test_settings_that_could_never_work_are_refused_up_front():
-    from loadagg.security import SecurityConfig
+    from loadagg.server.security import SecurityConfig
     from scheduler_agent.channel import LinkSecurity
     from scheduler_agent.config import AgentConfig
 
@@ -206,7 +206,7 @@ def test_settings_that_could_never_work_are_refused_up_front():
 
 
 def test_the_table_says_when_an_answer_was_cut_at_the_callers_deadline():
-    from loadagg.render import to_table
+    from loadagg.cli.render import to_table
 
     response = pb.GetLoadsResponse(round_id=7, dp_size=2, loads=[pb.RankLoad(dp_rank=0, num_running_reqs=1)],
                                    missing_ranks=[1])
@@ -216,7 +216,7 @@ def test_the_table_says_when_an_answer_was_cut_at_the_callers_deadline():
 
 
 def test_the_table_says_where_the_answer_came_from():
-    from loadagg.render import to_table
+    from loadagg.cli.render import to_table
 
     response = pb.GetLoadsResponse(round_id=7, dp_size=2, round_duration_ms=21, round_callers=3)
     assert to_table(response).startswith("round 7  dp_size 2  21 ms  shared by 3 caller(s)\n")
@@ -227,7 +227,7 @@ def test_the_table_says_where_the_answer_came_from():
 
 
 def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch):
-    from loadagg.config import LOG_LEVELS, env_choice
+    from loadagg.server.config import LOG_LEVELS, env_choice
     from scheduler_agent.config import env_choice as agent_env_choice
 
     monkeypatch.setenv("LOADAGG_SOURCE", " SGLang ")
@@ -242,7 +242,7 @@ def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch)
 
 
 def test_retry_backoff_stays_capped_however_long_an_outage_lasts():
-    from loadagg.client import KEEP_TRYING
+    from loadagg.client.load_client import KEEP_TRYING
 
     # a live `loadagg top` counts a failure every ~2 s: 1025 of them is ~35 minutes of outage
     for failures in (1, 10, 1025, 10_000, 2**31 - 1):
@@ -250,7 +250,7 @@ def test_retry_backoff_stays_capped_however_long_an_outage_lasts():
 
 
 def test_top_marks_stale_after_three_intervals_and_interval_0_is_the_servers_default():
-    from loadagg.top import TopConfig
+    from loadagg.cli.top import TopConfig
 
     assert TopConfig("t", interval_ms=200).stale_after_ms == 600
     assert TopConfig("t", interval_ms=0).stale_after_ms == 3000  # not 3 ms: every rank would read STALE

@@ -1,4 +1,4 @@
-"""The validation fast path (loadagg.validation._looks_valid) never accepts what the field-by-field check refuses.
+"""The validation fast path (loadagg.server.validation._looks_valid) never accepts what the field-by-field check refuses.
 
 The fast path exists for speed (the bench's fan-in profile); this pins that it changes no verdict.
 """
@@ -10,7 +10,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadagg import validation
+from loadagg.server import validation
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.simulator import SimulatedSource
 

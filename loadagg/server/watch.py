@@ -18,10 +18,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from loadagg.answers import response_bytes
-from loadagg.communicator import Communicator
-from loadagg.errors import InvalidRequest
-from loadagg.rounds import RoundResult
+from loadagg.server.answers import response_bytes
+from loadagg.server.communicator import Communicator
+from loadagg.server.errors import InvalidRequest
+from loadagg.server.rounds import RoundResult
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ class LimitsConfig:
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    from loadagg.config import env, env_int  # config.py imports this module
+    from loadagg.server.config import env, env_int  # config.py imports this module
 
     g = p.add_argument_group("limits")
     g.add_argument("--max-message-bytes", type=int, default=env_int("MAX_MESSAGE_BYTES", 4 * MIB),

@@ -10,14 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
-from loadagg.answers import check_rank, response_bytes
-from loadagg.communicator import Communicator
-from loadagg.errors import DeadlineTooShort, InvalidRequest, LoadAggError, abort_with
-from loadagg.freshness import CachedAnswers
-from loadagg.rounds import RoundResult
-from loadagg.sections import parse_include
+from loadagg.server.answers import check_rank, response_bytes
+from loadagg.server.communicator import Communicator
+from loadagg.server.errors import DeadlineTooShort, InvalidRequest, LoadAggError, abort_with
+from loadagg.server.freshness import CachedAnswers
+from loadagg.server.rounds import RoundResult
+from loadagg.server.sections import parse_include
 from loadagg.v1 import loadagg_pb2 as pb
-from loadagg.watch import WatchHub
+from loadagg.server.watch import WatchHub
 
 log = logging.getLogger(__name__)
 _FRESHNESS = frozenset(pb.Freshness.values())

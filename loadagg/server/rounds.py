@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from loadagg.registry import AgentRegistry, Snapshot
+from loadagg.server.registry import AgentRegistry, Snapshot
 from loadagg.v1 import loadagg_pb2 as pb
 
 

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from loadagg.communicator import Communicator
-from loadagg.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with, listed, quoted
-from loadagg.registry import AgentRegistry, AgentSession
-from loadagg.rounds import unix_ms
+from loadagg.server.communicator import Communicator
+from loadagg.server.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with, listed, quoted
+from loadagg.server.registry import AgentRegistry, AgentSession
+from loadagg.server.rounds import unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
-from loadagg.validation import load_problem, validate_hello
+from loadagg.server.validation import load_problem, validate_hello
 
 log = logging.getLogger(__name__)
 REJECTION_WARNING_INTERVAL_S = 10.0

@@ -8,16 +8,16 @@ import logging
 import os
 import sys
 
-from loadagg.grpc_core import use_classic_listener
+from loadagg.cli.grpc_core import use_classic_listener
 
 use_classic_listener()  # gRPC reads its experiments when first imported: just below, for the `loadagg` command
 import grpc  # noqa: E402
 
-from loadagg.channels import add_client_flags
-from loadagg.config import (DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice,
+from loadagg.client.channels import add_client_flags
+from loadagg.server.config import (DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice,
                             env_int, non_negative_int)
-from loadagg.limits import add_server_flags as add_limit_flags
-from loadagg.security import add_server_flags as add_security_flags
+from loadagg.server.limits import add_server_flags as add_limit_flags
+from loadagg.server.security import add_server_flags as add_security_flags
 
 
 def run(coro):
@@ -30,9 +30,9 @@ def run(coro):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from loadagg.limits import limits_from_args
-    from loadagg.security import security_from_args
-    from loadagg.server import serve
+    from loadagg.server.limits import limits_from_args
+    from loadagg.server.security import security_from_args
+    from loadagg.server.aggregator import serve
 
     config = AggregatorConfig(
         host=args.host,
@@ -55,9 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loads(args: argparse.Namespace) -> int:
-    from loadagg.channels import channel_security_from_args
-    from loadagg.client import LoadClient
-    from loadagg.render import to_json, to_table
+    from loadagg.client.channels import channel_security_from_args
+    from loadagg.client.load_client import LoadClient
+    from loadagg.cli.render import to_json, to_table
 
     include = [s for s in (args.include or "").split(",") if s]
     with LoadClient(args.target, timeout=args.timeout, security=channel_security_from_args(args)) as client:
@@ -74,7 +74,7 @@ def _loads(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loadagg.demo import DemoConfig, run_demo
+    from loadagg.cli.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         dp_size=args.dp_size,
@@ -93,8 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from loadagg.channels import channel_security_from_args
-    from loadagg.health_check import check_health
+    from loadagg.client.channels import channel_security_from_args
+    from loadagg.cli.health_check import check_health
 
     result = check_health(args.target, args.service, timeout=args.timeout, security=channel_security_from_args(args))
     print(f"loadagg health: {result.message}", file=sys.stdout if result.serving else sys.stderr)
@@ -167,11 +167,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=("watching", "queueing"), default="watching")
     d.set_defaults(func=_demo)
 
-    from loadagg.top import add_parser as add_top
+    from loadagg.cli.top import add_parser as add_top
 
     add_top(sub, common, fmt)
 
-    from loadagg.health_check import default_target
+    from loadagg.cli.health_check import default_target
 
     h = sub.add_parser("health", help="grpc.health.v1 Check: exit 0 when SERVING, 1 otherwise (container probes)",
                        parents=[common], formatter_class=fmt)

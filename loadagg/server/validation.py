@@ -11,7 +11,7 @@ from operator import attrgetter
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from loadagg.errors import InvalidRequest, listed
+from loadagg.server.errors import InvalidRequest, listed
 from loadagg.v1 import loadagg_pb2 as pb
 
 # Not `utilization`: sglang's is max(running / max_running_requests_under_SLO, token_usage / 0.9), above 1

@@ -14,18 +14,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loadagg import sglang_compat
-from loadagg.agent_link import AgentLinkService
-from loadagg.auth import TokenPolicy
-from loadagg.communicator import MODES, Communicator
-from loadagg.config import AggregatorConfig
-from loadagg.guard import GuardCollector, GuardInterceptor
-from loadagg.http_gateway import HttpGateway
-from loadagg.metrics import AggregatorMetrics, timed_handler
-from loadagg.registry import AgentRegistry
-from loadagg.service import LoadAggregatorService
+from loadagg.server import sglang_compat
+from loadagg.server.agent_link import AgentLinkService
+from loadagg.server.auth import TokenPolicy
+from loadagg.server.communicator import MODES, Communicator
+from loadagg.server.config import AggregatorConfig
+from loadagg.server.guard import GuardCollector, GuardInterceptor
+from loadagg.server.http_gateway import HttpGateway
+from loadagg.server.metrics import AggregatorMetrics, timed_handler
+from loadagg.server.registry import AgentRegistry
+from loadagg.server.service import LoadAggregatorService
 from loadagg.v1 import loadagg_pb2 as pb
-from loadagg.watch import WatchHub
+from loadagg.server.watch import WatchHub
 
 log = logging.getLogger(__name__)
 

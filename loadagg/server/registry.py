@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from loadagg.errors import RankConflict
+from loadagg.server.errors import RankConflict
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)

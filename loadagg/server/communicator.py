@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from loadagg.errors import DeadlineTooShort
-from loadagg.registry import AgentRegistry, AgentSession
-from loadagg.rounds import Round, RoundResult
+from loadagg.server.errors import DeadlineTooShort
+from loadagg.server.registry import AgentRegistry, AgentSession
+from loadagg.server.rounds import Round, RoundResult
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)

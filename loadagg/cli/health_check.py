@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadagg.channels import ChannelSecurity, sync_channel
-from loadagg.config import env
+from loadagg.client.channels import ChannelSecurity, sync_channel
+from loadagg.server.config import env
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

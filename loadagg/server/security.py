@@ -63,7 +63,7 @@ class SecurityConfig:
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    from loadagg.config import env  # config.py imports this module
+    from loadagg.server.config import env  # config.py imports this module
 
     g = p.add_argument_group("security (tokens are read from the environment when the flag is absent)")
     g.add_argument("--agent-token", default=None,
@@ -77,7 +77,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def security_from_args(args: argparse.Namespace) -> SecurityConfig:
-    from loadagg.config import env
+    from loadagg.server.config import env
 
     return SecurityConfig(
         agent_token=args.agent_token if args.agent_token is not None else env("AGENT_TOKEN", ""),

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from operator import attrgetter
 
-from loadagg.errors import InvalidRequest
-from loadagg.rounds import RoundResult
-from loadagg.sections import ALL_SECTIONS, trim
+from loadagg.server.errors import InvalidRequest
+from loadagg.server.rounds import RoundResult
+from loadagg.server.sections import ALL_SECTIONS, trim
 from loadagg.v1 import loadagg_pb2 as pb
 
 

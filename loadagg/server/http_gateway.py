@@ -16,13 +16,13 @@ import time
 
 from aiohttp import web
 
-from loadagg.answers import build_response
-from loadagg.auth import TokenPolicy, http_middleware
-from loadagg.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status, listed, quoted
-from loadagg.metrics import CONTENT_TYPE, AggregatorMetrics
-from loadagg.sections import parse_include
-from loadagg.service import LoadAggregatorService
-from loadagg.sglang_shape import prometheus_text, response_dict
+from loadagg.server.answers import build_response
+from loadagg.server.auth import TokenPolicy, http_middleware
+from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status, listed, quoted
+from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
+from loadagg.server.sections import parse_include
+from loadagg.server.service import LoadAggregatorService
+from loadagg.server.sglang_shape import prometheus_text, response_dict
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)

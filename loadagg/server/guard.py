@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from loadagg.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
+from loadagg.server.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import dataclasses
 import time
 from types import MappingProxyType
 
-from loadagg.communicator import Communicator
-from loadagg.registry import AgentRegistry
-from loadagg.rounds import RoundResult, unix_ms
+from loadagg.server.communicator import Communicator
+from loadagg.server.registry import AgentRegistry
+from loadagg.server.rounds import RoundResult, unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
 
 

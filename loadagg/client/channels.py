@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loadagg.auth import AUTHORIZATION
-from loadagg.security import read_pem
+from loadagg.server.auth import AUTHORIZATION
+from loadagg.server.security import read_pem
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +143,7 @@ def sync_channel(target: str, security: ChannelSecurity | None = None, options=(
 
 
 def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
-    from loadagg.config import env, env_bool
+    from loadagg.server.config import env, env_bool
 
     g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
     if token:
@@ -162,7 +162,7 @@ def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
 
 
 def channel_security_from_args(args: argparse.Namespace) -> ChannelSecurity:
-    from loadagg.config import env
+    from loadagg.server.config import env
 
     return ChannelSecurity(
         token=getattr(args, "token", None) if getattr(args, "token", None) is not None else env("ROUTER_TOKEN", ""),

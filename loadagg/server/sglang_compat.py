@@ -15,11 +15,11 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import vllm_engine_pb2 as vl
 
-from loadagg.answers import build_response
-from loadagg.errors import LoadAggError, NotServed, abort_with
-from loadagg.rounds import RoundResult
-from loadagg.service import LoadAggregatorService, wait_budget
-from loadagg.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp, total_reqs
+from loadagg.server.answers import build_response
+from loadagg.server.errors import LoadAggError, NotServed, abort_with
+from loadagg.server.rounds import RoundResult
+from loadagg.server.service import LoadAggregatorService, wait_budget
+from loadagg.server.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp, total_reqs
 from loadagg.v1 import loadagg_pb2 as pb
 
 SGLANG_SERVICE = sg.DESCRIPTOR.services_by_name["SglangScheduler"].full_name

@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from loadagg.limits import LimitsConfig
-from loadagg.security import SecurityConfig
+from loadagg.server.limits import LimitsConfig
+from loadagg.server.security import SecurityConfig
 
 
 def env(name: str, default: str | None = None) -> str | None:

@@ -18,10 +18,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from loadagg.communicator import Communicator
-from loadagg.registry import AgentRegistry
-from loadagg.rounds import RoundResult
-from loadagg.watch import WatchHub
+from loadagg.server.communicator import Communicator
+from loadagg.server.registry import AgentRegistry
+from loadagg.server.rounds import RoundResult
+from loadagg.server.watch import WatchHub
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

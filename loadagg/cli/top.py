@@ -18,10 +18,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from loadagg.channels import ChannelSecurity, add_client_flags, channel_security_from_args
-from loadagg.client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
-from loadagg.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int, non_negative_int
-from loadagg.render import mean_usage
+from loadagg.client.channels import ChannelSecurity, add_client_flags, channel_security_from_args
+from loadagg.client.load_client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
+from loadagg.server.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int, non_negative_int
+from loadagg.cli.render import mean_usage
 
 GIB = 1 << 30
 
@@ -145,7 +145,7 @@ async def run_top(config: TopConfig, console: Console) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from loadagg.cli import run
+    from loadagg.cli.commands import run
 
     frames = 1 if args.once else args.frames
     config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from loadagg.errors import InvalidRequest, quoted
+from loadagg.server.errors import InvalidRequest, quoted
 from loadagg.v1 import loadagg_pb2 as pb
 
 # Section name -> RankLoad field holding it. "core" is the scalar fields, always returned (as sglang does).

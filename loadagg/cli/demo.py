@@ -11,10 +11,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from loadagg.client import AsyncLoadClient
-from loadagg.config import AggregatorConfig
-from loadagg.render import to_table
-from loadagg.server import Aggregator
+from loadagg.client.load_client import AsyncLoadClient
+from loadagg.server.config import AggregatorConfig
+from loadagg.cli.render import to_table
+from loadagg.server.aggregator import Aggregator
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@
   raised at once (grpc.RpcError). A watch stream that breaks, or that the aggregator ends (graceful
   shutdown), is resubscribed under the same policy, counted from its last good message; an answer the new
   stream repeats is skipped, and a watch that runs out of attempts raises (WatchEnded after a clean end).
-* Watches hand out the newest answer (loadagg.latest): a consumer that stalls gets the current answer
+* Watches hand out the newest answer (loadagg.client.latest): a consumer that stalls gets the current answer
   next, not the backlog the transport buffered meanwhile.
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loadagg.channels import ChannelSecurity, aio_channel, sync_channel
-from loadagg.errors import WatchEnded
-from loadagg.latest import newest, newest_blocking
+from loadagg.client.channels import ChannelSecurity, aio_channel, sync_channel
+from loadagg.server.errors import WatchEnded
+from loadagg.client.latest import newest, newest_blocking
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
