@@ -13,7 +13,7 @@ import resource
 import sys
 from collections.abc import Awaitable, Callable
 
-from loadagg.cli.commands import run  # asyncio.run on uvloop: every bench server and client runs on uvloop
+from loadagg.common import run  # asyncio.run on uvloop: every bench server and client runs on uvloop
 
 Handler = Callable[[], Awaitable[dict] | dict]
 

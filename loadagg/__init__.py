@@ -1,8 +1,8 @@
 """loadagg: gRPC load aggregation for data-parallel LLM schedulers.
 
-Public API (imported lazily, so `import loadagg.v1` — the contract agents share — stays light):
-Aggregator, AggregatorConfig, AsyncLoadClient, LoadClient, Loads, RetryPolicy, WatchHub, WatchingCommunicator, QueueingCommunicator,
-AgentRegistry, and the exceptions of loadagg.server.errors.
+Subpackages by audience: `loadagg.client` (routers), `loadagg.server` (the aggregator), `loadagg.cli` (commands),
+`loadagg.v1` (the contract), `loadagg.common` (what all of them and the agent share). The names below are
+imported lazily, so that `import loadagg.v1` (what agents and routers share) loads nothing of the server.
 """
 
 from __future__ import annotations
@@ -17,16 +17,12 @@ _EXPORTS = {
     "LoadClient": "loadagg.client.load_client",
     "Loads": "loadagg.client.load_client",
     "RetryPolicy": "loadagg.client.load_client",
-    "WatchHub": "loadagg.server.watch",
-    "WatchingCommunicator": "loadagg.server.communicator",
-    "QueueingCommunicator": "loadagg.server.communicator",
-    "AgentRegistry": "loadagg.server.registry",
-    "RoundResult": "loadagg.server.rounds",
+    "ChannelSecurity": "loadagg.client.channels",
+    "WatchEnded": "loadagg.client.load_client",
     "LoadAggError": "loadagg.server.errors",
     "InvalidRequest": "loadagg.server.errors",
     "RankConflict": "loadagg.server.errors",
     "Unauthenticated": "loadagg.server.errors",
-    "WatchEnded": "loadagg.server.errors",
 }
 
 __all__ = sorted(_EXPORTS)

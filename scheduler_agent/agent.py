@@ -12,10 +12,10 @@ import contextlib
 import logging
 import random
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
+from loadagg.common import package_version
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.config import AgentConfig
@@ -32,13 +32,6 @@ _REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS, g
 _MAX_ANSWERS_IN_FLIGHT = 4
 # What a write on a link that is ending raises; the tasks writing on it end quietly.
 _LINK_ENDED = (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
-
-
-def _version() -> str:
-    try:
-        return version("loadagg")
-    except PackageNotFoundError:
-        return "dev"
 
 
 class SchedulerAgent:
@@ -77,7 +70,7 @@ class SchedulerAgent:
                 dp_ranks=list(self.dp_ranks),
                 dp_size=self.dp_size,
                 model=self.config.model,
-                version=_version(),
+                version=package_version(),
                 source=self.source.name,
             )
         )

@@ -9,9 +9,12 @@ import logging
 import signal
 import sys
 
+from loadagg.common import (LOG_LEVELS, HelpFormatter, env, env_bool, env_choice, env_float, env_int, env_log_level,
+                            env_optional_int, run)
+from loadagg.common import field_default as default
 from scheduler_agent.agent import SchedulerAgent
-from scheduler_agent.channel import add_link_flags, env_flag, link_security_from_args
-from scheduler_agent.config import LOG_LEVELS, AgentConfig, default_instance_id, env, env_choice
+from scheduler_agent.channel import LinkSecurity
+from scheduler_agent.config import AgentConfig, default_instance_id
 from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
 
@@ -25,18 +28,10 @@ _GPU_WORDS = {"auto": "auto", "on": "on", "1": "on", "true": "on", "yes": "on",
 
 
 def _gpu_mode(text: str | None) -> str:
-    mode = _GPU_WORDS.get((text or "auto").strip().lower())
+    mode = _GPU_WORDS.get((text or default(AgentConfig, "gpu")).strip().lower())
     if mode is None:
         raise ValueError(f"LOADAGG_GPU={text!r}: use auto, on or off")
     return mode
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)", except where the help says the default itself or there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        return text if "default" in text or action.default in (None, "") else super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,66 +40,92 @@ def parser() -> argparse.ArgumentParser:
         description="Stream this scheduler's dp-rank loads to a loadagg aggregator.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--aggregator", default=env("AGGREGATOR", "127.0.0.1:50051"),
+    c = AgentConfig
+    p.add_argument("--aggregator", default=env("AGGREGATOR", default(c, "aggregator")),
                    help="aggregator HOST:PORT [LOADAGG_AGGREGATOR]")
     p.add_argument("--dp-rank", dest="dp_ranks", type=int, action="append",
                    help="a dp rank this agent serves; repeat for several [LOADAGG_DP_RANKS=0,1] (default: 0; "
                         "with --source sglang/vllm: every rank the engine runs)")
-    p.add_argument("--dp-size", type=int, default=env("DP_SIZE", "0"),
+    p.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", default(c, "dp_size")),
                    help="cluster dp size; 0 takes the engine's (sglang/vllm) or the aggregator's [LOADAGG_DP_SIZE]")
-    p.add_argument("--rank-offset", type=int, default=env("RANK_OFFSET", "0"),
+    p.add_argument("--rank-offset", type=int, default=env_int("RANK_OFFSET", default(c, "rank_offset")),
                    help="serve the source's dp rank r as cluster rank r + N: one aggregator over several engines "
                         "that each number their ranks from 0 (--dp-rank and --gpu-devices keep the engine's "
                         "numbering) [LOADAGG_RANK_OFFSET]")
     p.add_argument("--instance-id", default=env("INSTANCE_ID") or default_instance_id(),
                    help="stable id of this agent [LOADAGG_INSTANCE_ID]")
-    p.add_argument("--source", choices=SOURCE_NAMES, default=env_choice("SOURCE", "simulator", SOURCE_NAMES),
+    p.add_argument("--source", choices=SOURCE_NAMES, default=env_choice("SOURCE", default(c, "source"), SOURCE_NAMES),
                    help="where loads come from [LOADAGG_SOURCE]")
-    p.add_argument("--engine-url", default=env("ENGINE_URL", ""),
+    p.add_argument("--engine-url", default=env("ENGINE_URL", default(c, "engine_url")),
                    help="the engine beside this agent: http://HOST:PORT, or grpc://HOST:PORT for an engine in "
                         "gRPC mode (default: sglang http://127.0.0.1:30000, vllm http://127.0.0.1:8000) "
                         "[LOADAGG_ENGINE_URL]")
-    p.add_argument("--engine-timeout-ms", type=int, default=env("ENGINE_TIMEOUT_MS", "0"),
+    p.add_argument("--engine-timeout-ms", type=int, default=env_int("ENGINE_TIMEOUT_MS", default(c, "engine_timeout_ms")),
                    help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
                         "[LOADAGG_ENGINE_TIMEOUT_MS]")
     p.add_argument("--engine-api-key", default=None,  # read from the environment later, so --help never prints it
                    help="the key an HTTP engine was started with (sglang/vLLM --api-key), sent as a Bearer "
                         "token [LOADAGG_ENGINE_API_KEY]")
-    p.add_argument("--rediscover-interval-s", type=float, default=env("REDISCOVER_INTERVAL_S", "30"),
+    p.add_argument("--rediscover-interval-s", type=float, default=env_float("REDISCOVER_INTERVAL_S", default(c, "rediscover_interval_s")),
                    help="sglang/vllm: ask the engine for its dp ranks again this often and re-link when they "
                         "changed (an engine restarted with another DP); 0: only at start [LOADAGG_REDISCOVER_INTERVAL_S]")
     p.add_argument("--gpu", dest="gpu", action="store_const", const="on", default=_gpu_mode(env("GPU")),
                    help="add NVML GPU telemetry (default auto: when NVML is there, not for the simulator) "
                         "[LOADAGG_GPU=auto|on|off]")
     p.add_argument("--no-gpu", dest="gpu", action="store_const", const="off", help="no GPU telemetry")
-    p.add_argument("--gpu-devices", default=env("GPU_DEVICES", ""),
+    p.add_argument("--gpu-devices", default=env("GPU_DEVICES", default(c, "gpu_devices")),
                    help="GPUs per dp rank, 'RANK=DEV[,DEV];...' (NVML indices or UUIDs); default: the visible "
                         "devices (CUDA_VISIBLE_DEVICES) split evenly over the ranks [LOADAGG_GPU_DEVICES]")
-    p.add_argument("--push-interval-ms", type=int, default=env("PUSH_INTERVAL_MS", "0"),
+    p.add_argument("--push-interval-ms", type=int, default=env_int("PUSH_INTERVAL_MS", default(c, "push_interval_ms")),
                    help="also push changed loads unasked at this interval; 0: only answer rounds "
                         "[LOADAGG_PUSH_INTERVAL_MS]")
-    p.add_argument("--push-refresh-ms", type=int, default=env("PUSH_REFRESH_MS", "0"),
+    p.add_argument("--push-refresh-ms", type=int, default=env_int("PUSH_REFRESH_MS", default(c, "push_refresh_ms")),
                    help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
                         "[LOADAGG_PUSH_REFRESH_MS]")
-    p.add_argument("--model", default=env("MODEL", ""), help="model name reported in hello [LOADAGG_MODEL]")
-    p.add_argument("--seed", type=int, default=env("SEED"),
+    p.add_argument("--model", default=env("MODEL", default(c, "model")), help="model name reported in hello [LOADAGG_MODEL]")
+    p.add_argument("--seed", type=int, default=env_optional_int("SEED"),
                    help="simulator seed [LOADAGG_SEED]")
-    p.add_argument("--collect-latency-ms", type=float, default=env("COLLECT_LATENCY_MS", "0"),
+    p.add_argument("--collect-latency-ms", type=float, default=env_float("COLLECT_LATENCY_MS", default(c, "collect_latency_ms")),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
     p.add_argument("--resolve-all", action="store_true",
-                   default=env_flag("RESOLVE_ALL"),
+                   default=env_bool("RESOLVE_ALL", default(FanoutConfig, "resolve_all")),
                    help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
-    p.add_argument("--resolve-interval-s", type=float, default=env("RESOLVE_INTERVAL_S", "10"),
+    p.add_argument("--resolve-interval-s", type=float, default=env_float("RESOLVE_INTERVAL_S", default(FanoutConfig, "resolve_interval_s")),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                   default=env_choice("LOG_LEVEL", "INFO", LOG_LEVELS), help="[LOADAGG_LOG_LEVEL]")
-    p.add_argument("--backoff-initial-ms", type=int, default=env("BACKOFF_INITIAL_MS", "100"),
+                   default=env_log_level(), help="[LOADAGG_LOG_LEVEL]")
+    p.add_argument("--backoff-initial-ms", type=int, default=env_int("BACKOFF_INITIAL_MS", default(c, "backoff_initial_ms")),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
-    p.add_argument("--backoff-max-ms", type=int, default=env("BACKOFF_MAX_MS", "5000"),
+    p.add_argument("--backoff-max-ms", type=int, default=env_int("BACKOFF_MAX_MS", default(c, "backoff_max_ms")),
                    help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
     add_link_flags(p)
     return p
+
+
+def add_link_flags(p: argparse.ArgumentParser) -> None:
+    c = LinkSecurity
+    g = p.add_argument_group("secure link to the aggregator")
+    g.add_argument("--token", default=None,  # read from the environment later, so --help never prints it
+                   help="shared agent token (the aggregator's --agent-token) [LOADAGG_AGENT_TOKEN]")
+    g.add_argument("--tls", action="store_true", default=env_bool("TLS", default(c, "tls")),
+                   help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
+    g.add_argument("--tls-ca", default=env("TLS_CA", default(c, "tls_ca")), help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
+    g.add_argument("--tls-cert", default=env("TLS_CERT", default(c, "tls_cert")),
+                   help="this agent's certificate (PEM), for mutual TLS [LOADAGG_TLS_CERT]")
+    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
+    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", default(c, "tls_server_name")),
+                   help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
+    g.add_argument("--keepalive-s", type=float, default=env_float("KEEPALIVE_S", default(c, "keepalive_s")),
+                   help="keepalive ping interval; 0 turns pings off [LOADAGG_KEEPALIVE_S]")
+
+
+def link_security_from_args(args: argparse.Namespace) -> LinkSecurity:
+    return LinkSecurity(
+        token=args.token if args.token is not None else env("AGENT_TOKEN", ""), tls=args.tls, tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name, keepalive_s=args.keepalive_s,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -162,16 +183,6 @@ async def run_agent(config: AgentConfig, fanout: FanoutConfig | None = None) -> 
         await task
     except asyncio.CancelledError:
         logging.getLogger(__name__).info("agent %s stopped", config.instance_id)
-
-
-def run(coro) -> None:
-    """asyncio.run on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,30 +1,17 @@
-"""AgentConfig: every setting of a scheduler agent, built once from CLI flags and LOADAGG_* env vars."""
+"""AgentConfig: every setting of a scheduler agent and its one default (cli.py builds it from flags and LOADAGG_*
+variables)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from scheduler_agent.channel import LinkSecurity, env
+from loadagg.common import DEFAULT_TARGET
+from scheduler_agent.channel import LinkSecurity
 
-__all__ = ["LOG_LEVELS", "AgentConfig", "default_instance_id", "env", "env_choice"]
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
-    """LOADAGG_<NAME> as one of `choices` (any case), else `default`. argparse checks `choices` only on the
-    command line, never on a default: a bad variable must fail here, naming itself."""
-    value = env(name)
-    if value in (None, ""):
-        return default
-    for choice in choices:
-        if value.strip().lower() == choice.lower():
-            return choice
-    raise ValueError(f"LOADAGG_{name} must be one of {', '.join(choices)}, got {value!r}")
+__all__ = ["AgentConfig", "default_instance_id"]
 
 
 def default_instance_id() -> str:
@@ -37,7 +24,7 @@ def default_instance_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    aggregator: str = "127.0.0.1:50051"
+    aggregator: str = DEFAULT_TARGET
     dp_ranks: tuple[int, ...] = (0,)
     dp_size: int = 0  # 0: accept the aggregator's dp_size
     # The source's dp rank r is the aggregator's rank r + rank_offset: several engines, each numbering its own

@@ -149,7 +149,7 @@ async def test_a_resubscribed_watch_never_hands_out_the_same_round_twice(start_a
 async def test_a_watch_out_of_attempts_after_a_clean_end_raises(start_aggregator, start_agents):
     """NO_RETRY: the aggregator ending the stream cleanly (its graceful shutdown) is raised as WatchEnded,
     never a silent end of the consumer's loop."""
-    from loadagg.server.errors import WatchEnded
+    from loadagg.client import WatchEnded
 
     agg = await start_aggregator(dp_size=1)
     await start_agents(agg, [[0]])

@@ -171,8 +171,8 @@ def test_call_latency_histogram_is_cumulative_with_inclusive_bounds():
 def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
     import argparse
 
-    from loadagg.client.channels import add_client_flags
-    from scheduler_agent.channel import add_link_flags
+    from loadagg.cli.flags import add_client_flags
+    from scheduler_agent.cli import add_link_flags
 
     monkeypatch.setenv("LOADAGG_TLS", value)
     for add in (add_client_flags, add_link_flags):
@@ -227,11 +227,10 @@ def test_the_table_says_where_the_answer_came_from():
 
 
 def test_env_choice_takes_any_case_and_names_the_variable_otherwise(monkeypatch):
-    from loadagg.server.config import LOG_LEVELS, env_choice
-    from scheduler_agent.config import env_choice as agent_env_choice
+    from loadagg.common import LOG_LEVELS, env_choice
 
     monkeypatch.setenv("LOADAGG_SOURCE", " SGLang ")
-    assert agent_env_choice("SOURCE", "simulator", ("simulator", "sglang", "vllm")) == "sglang"
+    assert env_choice("SOURCE", "simulator", ("simulator", "sglang", "vllm")) == "sglang"
     monkeypatch.setenv("LOADAGG_LOG_LEVEL", "warning")
     assert env_choice("LOG_LEVEL", "INFO", LOG_LEVELS) == "WARNING"
     monkeypatch.setenv("LOADAGG_LOG_LEVEL", "")

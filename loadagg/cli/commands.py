@@ -13,49 +13,22 @@ from loadagg.cli.grpc_core import use_classic_listener
 use_classic_listener()  # gRPC reads its experiments when first imported: just below, for the `loadagg` command
 import grpc  # noqa: E402
 
-from loadagg.client.channels import add_client_flags
-from loadagg.server.config import (DEFAULT_WATCH_INTERVAL_MS, LOG_LEVELS, AggregatorConfig, env, env_bool, env_choice,
-                            env_int, non_negative_int)
-from loadagg.server.limits import add_server_flags as add_limit_flags
-from loadagg.server.security import add_server_flags as add_security_flags
-
-
-def run(coro):
-    """asyncio.run on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+from loadagg.cli.flags import (add_client_flags, add_serve_flags, add_target_flag,  # noqa: E402
+                               aggregator_config_from_args, channel_security_from_args, non_negative_int)
+from loadagg.cli.demo import DemoConfig  # noqa: E402
+from loadagg.common import LOG_LEVELS, HelpFormatter, env_int, env_log_level, run  # noqa: E402
+from loadagg.common import field_default as default  # noqa: E402
+from loadagg.server.config import MODE_NAMES  # noqa: E402
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from loadagg.server.limits import limits_from_args
-    from loadagg.server.security import security_from_args
     from loadagg.server.aggregator import serve
 
-    config = AggregatorConfig(
-        host=args.host,
-        port=args.port,
-        dp_size=args.dp_size,
-        mode=args.mode,
-        round_timeout_ms=args.round_timeout_ms,
-        grace_s=args.grace_s,
-        http_port=None if args.http_port < 0 else args.http_port,
-        sglang_compat=args.sglang_compat,
-        vllm_compat=args.vllm_compat,
-        default_watch_interval_ms=args.watch_interval_ms,
-        min_watch_interval_ms=args.min_watch_interval_ms,
-        hello_timeout_ms=args.hello_timeout_ms,
-        security=security_from_args(args),
-        limits=limits_from_args(args),
-    )
-    run(serve(config))
+    run(serve(aggregator_config_from_args(args)))
     return 0
 
 
 def _loads(args: argparse.Namespace) -> int:
-    from loadagg.client.channels import channel_security_from_args
     from loadagg.client.load_client import LoadClient
     from loadagg.cli.render import to_json, to_table
 
@@ -74,7 +47,7 @@ def _loads(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from loadagg.cli.demo import DemoConfig, run_demo
+    from loadagg.cli.demo import run_demo
 
     config = DemoConfig(
         dp_size=args.dp_size,
@@ -93,20 +66,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from loadagg.client.channels import channel_security_from_args
     from loadagg.cli.health_check import check_health
 
     result = check_health(args.target, args.service, timeout=args.timeout, security=channel_security_from_args(args))
     print(f"loadagg health: {result.message}", file=sys.stdout if result.serving else sys.stderr)
     return 0 if result.serving else 1
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's "(default: X)", except where the help says the default itself or there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        return text if "default" in text or action.default in (None, "") else super()._get_help_string(action)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -115,37 +79,14 @@ def parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                        default=env_choice("LOG_LEVEL", "INFO", LOG_LEVELS), help="[LOADAGG_LOG_LEVEL]")
+                        default=env_log_level(), help="[LOADAGG_LOG_LEVEL]")
 
     s = sub.add_parser("serve", help="run the aggregator", parents=[common], formatter_class=fmt)
-    s.add_argument("--host", default=env("HOST", "0.0.0.0"), help="bind address [LOADAGG_HOST]")
-    s.add_argument("--port", type=int, default=env_int("PORT", 50051), help="gRPC port [LOADAGG_PORT]")
-    s.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 1), help="expected dp ranks [LOADAGG_DP_SIZE]")
-    s.add_argument("--mode", choices=("watching", "queueing"), default=env("MODE", "watching"),
-                   help="how concurrent GetLoads share rounds [LOADAGG_MODE]")
-    s.add_argument("--round-timeout-ms", type=int, default=env_int("ROUND_TIMEOUT_MS", 500),
-                   help="a round ends at this deadline even if ranks are missing [LOADAGG_ROUND_TIMEOUT_MS]")
-    s.add_argument("--grace-s", type=float, default=env("GRACE_S", "5"),
-                   help="SIGTERM: time for in-flight calls [LOADAGG_GRACE_S]")
-    s.add_argument("--http-port", type=int, default=env_int("HTTP_PORT", -1),
-                   help="serve sglang-compatible GET /v1/loads and /metrics on this port; -1: no HTTP, "
-                        "0: any free port [LOADAGG_HTTP_PORT]")
-    s.add_argument("--sglang-compat", action=argparse.BooleanOptionalAction, default=env_bool("SGLANG_COMPAT", True),
-                   help="also answer sglang.grpc.scheduler.SglangScheduler/GetLoads [LOADAGG_SGLANG_COMPAT]")
-    s.add_argument("--vllm-compat", action=argparse.BooleanOptionalAction, default=env_bool("VLLM_COMPAT", True),
-                   help="also answer vllm.grpc.engine.VllmEngine/GetLoads [LOADAGG_VLLM_COMPAT]")
-    s.add_argument("--watch-interval-ms", type=int, default=env_int("WATCH_INTERVAL_MS", DEFAULT_WATCH_INTERVAL_MS),
-                   help="WatchLoads interval when a watcher asks for 0 [LOADAGG_WATCH_INTERVAL_MS]")
-    s.add_argument("--min-watch-interval-ms", type=int, default=env_int("MIN_WATCH_INTERVAL_MS", 10),
-                   help="shortest WatchLoads interval accepted [LOADAGG_MIN_WATCH_INTERVAL_MS]")
-    s.add_argument("--hello-timeout-ms", type=int, default=env_int("HELLO_TIMEOUT_MS", 10_000),
-                   help="an agent link that says no hello this soon is closed [LOADAGG_HELLO_TIMEOUT_MS]")
-    add_security_flags(s)
-    add_limit_flags(s)
+    add_serve_flags(s)
     s.set_defaults(func=_serve)
 
     q = sub.add_parser("loads", help="call GetLoads and print the answer", parents=[common], formatter_class=fmt)
-    q.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
+    add_target_flag(q)
     q.add_argument("--dp-rank", type=int, default=None, help="only this rank")
     q.add_argument("--include", default="", help="sections, comma-separated: core,memory,gpu,spec,lora,disagg,queues,all")
     q.add_argument("--allow-stale", action="store_true", help="show last known loads of ranks that missed the round")
@@ -158,13 +99,15 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_loads)
 
     d = sub.add_parser("demo", help="local cluster: aggregator + simulated agents, live loads", parents=[common], formatter_class=fmt)
-    d.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", 4), help="[LOADAGG_DP_SIZE]")
+    c = DemoConfig
+    d.add_argument("--dp-size", type=int, default=env_int("DP_SIZE", default(c, "dp_size")), help="[LOADAGG_DP_SIZE]")
     d.add_argument("--agents", type=int, default=0, help="agent processes (default: one per rank)")
-    d.add_argument("--port", type=int, default=env_int("PORT", 0), help="0 picks a free port [LOADAGG_PORT]")
-    d.add_argument("--collect-latency-ms", type=float, default=20.0, help="simulated scheduler answer time")
-    d.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    d.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: Ctrl-C)")
-    d.add_argument("--mode", choices=("watching", "queueing"), default="watching")
+    d.add_argument("--port", type=int, default=env_int("PORT", default(c, "port")), help="0 picks a free port [LOADAGG_PORT]")
+    d.add_argument("--collect-latency-ms", type=float, default=default(c, "collect_latency_ms"),
+                   help="simulated scheduler answer time")
+    d.add_argument("--interval", type=float, default=default(c, "interval_s"), help="seconds between refreshes")
+    d.add_argument("--duration", type=float, default=default(c, "duration_s"), help="stop after this many seconds (0: Ctrl-C)")
+    d.add_argument("--mode", choices=MODE_NAMES, default=default(c, "mode"))
     d.set_defaults(func=_demo)
 
     from loadagg.cli.top import add_parser as add_top

@@ -11,10 +11,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+from loadagg.common import field_default
+
 from loadagg.client.load_client import AsyncLoadClient
 from loadagg.server.config import AggregatorConfig
 from loadagg.cli.render import to_table
-from loadagg.server.aggregator import Aggregator
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class DemoConfig:
     collect_latency_ms: float = 20.0
     interval_s: float = 1.0
     duration_s: float = 0.0  # 0: until Ctrl-C
-    mode: str = "watching"
+    mode: str = field_default(AggregatorConfig, "mode")
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= self.dp_size:
@@ -53,6 +54,8 @@ def spawn_agents(config: DemoConfig, port: int) -> list[subprocess.Popen]:
 
 async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
     """Run the local cluster; returns how many refreshes were shown."""
+    from loadagg.server.aggregator import Aggregator  # the `server` extra; DemoConfig stays importable without it
+
     aggregator = Aggregator(AggregatorConfig(host="127.0.0.1", port=config.port, dp_size=config.dp_size, mode=config.mode))
     port = await aggregator.start()
     procs = spawn_agents(config, port)

@@ -12,20 +12,20 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadagg.client.channels import ChannelSecurity, sync_channel
-from loadagg.server.config import env
+from loadagg.common import DEFAULT_PORT, env
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def default_target() -> str:
     """LOADAGG_TARGET when set, else the aggregator of this host as `serve` binds it (LOADAGG_HOST when that
-    is one address rather than all of them, else 127.0.0.1; LOADAGG_PORT, 50051): right inside its container."""
+    is one address rather than all of them, else 127.0.0.1; LOADAGG_PORT, else the default port): right inside its container."""
     host = env("HOST") or ""
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = "127.0.0.1"
     elif ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
-    return env("TARGET") or f"{host}:{env('PORT') or 50051}"
+    return env("TARGET") or f"{host}:{env('PORT') or DEFAULT_PORT}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from loadagg.client.channels import ChannelSecurity, add_client_flags, channel_security_from_args
-from loadagg.client.load_client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
-from loadagg.server.config import DEFAULT_WATCH_INTERVAL_MS, env, env_int, non_negative_int
+from loadagg.cli.flags import add_client_flags, add_target_flag, channel_security_from_args, non_negative_int
 from loadagg.cli.render import mean_usage
+from loadagg.client.channels import ChannelSecurity
+from loadagg.client.load_client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
+from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env_int, field_default, run
 
 GIB = 1 << 30
 
@@ -145,8 +146,6 @@ async def run_top(config: TopConfig, console: Console) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from loadagg.cli.commands import run
-
     frames = 1 if args.once else args.frames
     config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,
                        security=channel_security_from_args(args))
@@ -164,13 +163,14 @@ def _top(args: argparse.Namespace) -> int:
 def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     t = sub.add_parser("top", help="live view of every rank, refreshed by WatchLoads", parents=[common],
                        formatter_class=fmt)
-    t.add_argument("--target", default=env("TARGET", "127.0.0.1:50051"), help="aggregator HOST:PORT [LOADAGG_TARGET]")
-    t.add_argument("--interval-ms", type=non_negative_int, default=env_int("TOP_INTERVAL_MS", 1000),
+    add_target_flag(t)
+    t.add_argument("--interval-ms", type=non_negative_int,
+                   default=env_int("TOP_INTERVAL_MS", field_default(TopConfig, "interval_ms")),
                    help="refresh interval [LOADAGG_TOP_INTERVAL_MS]")
     t.add_argument("--dp-rank", type=int, default=None, help="only this rank")
-    t.add_argument("--frames", type=non_negative_int, default=0, help="print this many frames, then exit (0: until Ctrl-C)")
+    t.add_argument("--frames", type=non_negative_int, default=field_default(TopConfig, "frames"), help="print this many frames, then exit (0: until Ctrl-C)")
     t.add_argument("--once", action="store_true", help="print one frame and exit (= --frames 1)")
-    t.add_argument("--stale-ms", type=non_negative_int, default=0, help="highlight ranks whose figures are older (0: 3 intervals)")
+    t.add_argument("--stale-ms", type=non_negative_int, default=field_default(TopConfig, "stale_ms"), help="highlight ranks whose figures are older (0: 3 intervals)")
     t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
     add_client_flags(t)
     t.set_defaults(func=_top)

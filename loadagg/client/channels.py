@@ -1,16 +1,14 @@
-"""How routers (client.py, `loadagg loads`) open a channel to the aggregator: TLS / mutual TLS and the
+"""How routers (LoadClient, `loadagg loads`) open a channel to the aggregator: TLS / mutual TLS and the
 router token, sent as `authorization: Bearer <token>` on every call by a client interceptor (so it
 works on plaintext and TLS channels alike, and on every RPC the stubs gain later)."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import grpc
 
-from loadagg.server.auth import AUTHORIZATION
-from loadagg.server.security import read_pem
+from loadagg.common import AUTHORIZATION, read_pem
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,32 +138,3 @@ def sync_channel(target: str, security: ChannelSecurity | None = None, options=(
     else:
         channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _SyncToken(security.token)) if security.token else channel
-
-
-def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
-    from loadagg.server.config import env, env_bool
-
-    g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
-    if token:
-        g.add_argument("--token", default=None,
-                       help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
-    g.add_argument("--tls", action="store_true", default=env_bool("TLS", False),
-                   help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
-    g.add_argument("--tls-ca", default=env("TLS_CA", ""), help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
-    # CLIENT_: in the aggregator's own container LOADAGG_TLS_CERT/KEY are the server's (what `serve` reads),
-    # and `loadagg health` (the image's HEALTHCHECK) runs there too.
-    g.add_argument("--tls-cert", default=env("CLIENT_TLS_CERT", ""),
-                   help="client certificate, mutual TLS [LOADAGG_CLIENT_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("CLIENT_TLS_KEY", ""), help="key of --tls-cert [LOADAGG_CLIENT_TLS_KEY]")
-    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", ""),
-                   help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
-
-
-def channel_security_from_args(args: argparse.Namespace) -> ChannelSecurity:
-    from loadagg.server.config import env
-
-    return ChannelSecurity(
-        token=getattr(args, "token", None) if getattr(args, "token", None) is not None else env("ROUTER_TOKEN", ""),
-        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name,
-    )

@@ -25,10 +25,24 @@ from dataclasses import dataclass, field
 import grpc
 
 from loadagg.client.channels import ChannelSecurity, aio_channel, sync_channel
-from loadagg.server.errors import WatchEnded
 from loadagg.client.latest import newest, newest_blocking
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+
+
+class WatchEnded(grpc.RpcError):
+    """Client side: the aggregator ended a watch cleanly (its graceful shutdown) and the retry policy allows no
+    more resubscriptions. Raised, so that a consumer never mistakes a lost watch for the end of its own loop."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(self.details())
+        self.attempts = attempts
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the aggregator ended this watch (shutting down) and the retry policy allows no more attempts"
 
 FRESHNESS = {
     "join": pb.FRESHNESS_JOIN,

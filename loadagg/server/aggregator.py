@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loadagg.server import sglang_compat
+from loadagg.common import package_version
+import loadagg.server.sglang_compat as sglang_compat
 from loadagg.server.agent_link import AgentLinkService
 from loadagg.server.auth import TokenPolicy
 from loadagg.server.communicator import MODES, Communicator
@@ -34,15 +35,6 @@ _ANSWER_MARGIN_S = 1.0
 
 LOAD_SERVICE = pb.DESCRIPTOR.services_by_name["LoadAggregator"].full_name
 AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("loadagg")
-    except Exception:  # running from a source tree that was never installed
-        return "0"
 
 
 def _serialize(message) -> bytes:
@@ -67,9 +59,9 @@ class Aggregator:
         )
         self.loads = LoadAggregatorService(self.communicator, config.dp_size, watch=self.watch)
         self.metrics = AggregatorMetrics(self.communicator, self.registry, self.watch)
-        self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{_version()}")
+        self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{package_version()}")
         self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
-        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{_version()}", tokens=self.tokens)
+        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{package_version()}", tokens=self.tokens)
         self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,

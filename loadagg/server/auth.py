@@ -11,7 +11,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-AUTHORIZATION = "authorization"
+from loadagg.common import AUTHORIZATION
+
 AGENT_SERVICE = "loadagg.v1.AgentLink"
 OPEN_SERVICES = frozenset({
     "grpc.health.v1.Health",

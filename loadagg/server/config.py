@@ -1,70 +1,23 @@
-"""AggregatorConfig: every setting of the aggregator, built once from CLI flags and LOADAGG_* env vars."""
+"""AggregatorConfig: every setting of the aggregator and its one default (loadagg.cli.flags builds it from flags and
+LOADAGG_* variables)."""
 
 from __future__ import annotations
 
-import argparse
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from loadagg.common import DEFAULT_PORT, DEFAULT_WATCH_INTERVAL_MS
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.security import SecurityConfig
 
+__all__ = ["DEFAULT_WATCH_INTERVAL_MS", "MODE_NAMES", "AggregatorConfig"]
 
-def env(name: str, default: str | None = None) -> str | None:
-    """LOADAGG_<NAME> from the environment (how containers configure us), else `default`."""
-    return os.environ.get(f"LOADAGG_{name}", default)
-
-
-def env_int(name: str, default: int) -> int:
-    value = env(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"LOADAGG_{name} must be an integer, got {value!r}") from None
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for flags that fill an unsigned proto field (or count something): an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-DEFAULT_WATCH_INTERVAL_MS = 1000  # what a WatchLoads asking for interval 0 gets, unless --watch-interval-ms
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
-    """LOADAGG_<NAME> as one of `choices` (any case), else `default`. argparse checks `choices` only on the
-    command line, never on a default: a bad variable must fail here, naming itself."""
-    value = env(name)
-    if value in (None, ""):
-        return default
-    for choice in choices:
-        if value.strip().lower() == choice.lower():
-            return choice
-    raise ValueError(f"LOADAGG_{name} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def env_bool(name: str, default: bool) -> bool:
-    value = env(name)
-    if value in (None, ""):
-        return default
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"LOADAGG_{name} must be true or false, got {value!r}")
+MODE_NAMES = ("watching", "queueing")
 
 
 @dataclass(frozen=True, slots=True)
 class AggregatorConfig:
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = DEFAULT_PORT
     dp_size: int = 1
     mode: str = "watching"  # or "queueing" (sglang's old behaviour, for comparison)
     round_timeout_ms: int = 500  # a round ends at this deadline even if a rank never answers
@@ -82,7 +35,7 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
-        if self.mode not in ("watching", "queueing"):
+        if self.mode not in MODE_NAMES:
             raise ValueError(f"mode must be 'watching' or 'queueing', got {self.mode!r}")
         if self.round_timeout_ms < 1:
             raise ValueError("round_timeout_ms must be >= 1")

@@ -90,18 +90,3 @@ class NotServed(LoadAggError):
     """An RPC of a peer contract (sglang, vLLM) that the aggregator does not answer."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class WatchEnded(grpc.RpcError):
-    """Client side: the aggregator ended a watch cleanly (its graceful shutdown) and the retry policy allows no
-    more resubscriptions. Raised, so that a consumer never mistakes a lost watch for the end of its own loop."""
-
-    def __init__(self, attempts: int) -> None:
-        super().__init__(self.details())
-        self.attempts = attempts
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "the aggregator ended this watch (shutting down) and the retry policy allows no more attempts"

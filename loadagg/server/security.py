@@ -7,19 +7,11 @@ mutual TLS (`tls_client_ca`) refuses any peer without a certificate signed by th
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 
-
-
-def read_pem(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise ValueError(f"cannot read {flag} {path!r}: {error.strerror}") from None
+from loadagg.common import read_pem
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,29 +52,3 @@ class SecurityConfig:
         tls = "mutual TLS" if self.tls_client_ca else "TLS" if self.tls else "plaintext"
         tokens = [n for n, t in (("agents", self.agent_token), ("routers", self.router_token)) if t]
         return f"{tls}, token auth for {' and '.join(tokens) or 'nobody'}"
-
-
-def add_server_flags(p: argparse.ArgumentParser) -> None:
-    from loadagg.server.config import env  # config.py imports this module
-
-    g = p.add_argument_group("security (tokens are read from the environment when the flag is absent)")
-    g.add_argument("--agent-token", default=None,
-                   help="agents must send 'authorization: Bearer <token>' [LOADAGG_AGENT_TOKEN]")
-    g.add_argument("--router-token", default=None,
-                   help="GetLoads/WatchLoads callers must send 'authorization: Bearer <token>' [LOADAGG_ROUTER_TOKEN]")
-    g.add_argument("--tls-cert", default=env("TLS_CERT", ""), help="server certificate chain (PEM) [LOADAGG_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("TLS_KEY", ""), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
-    g.add_argument("--tls-client-ca", default=env("TLS_CLIENT_CA", ""),
-                   help="require client certificates signed by this CA: mutual TLS [LOADAGG_TLS_CLIENT_CA]")
-
-
-def security_from_args(args: argparse.Namespace) -> SecurityConfig:
-    from loadagg.server.config import env
-
-    return SecurityConfig(
-        agent_token=args.agent_token if args.agent_token is not None else env("AGENT_TOKEN", ""),
-        router_token=args.router_token if args.router_token is not None else env("ROUTER_TOKEN", ""),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-    )
