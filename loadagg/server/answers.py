@@ -6,7 +6,7 @@ built and serialized once per round and then handed to every caller that asks fo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 
 from loadagg.server.errors import InvalidRequest
@@ -103,12 +103,21 @@ def build_response(
     )
 
 
-def response_bytes(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool) -> bytes:
-    """The serialized view, built once per round per distinct view and shared by every caller."""
-    key = (dp_rank, sections, allow_stale)
-    cached = result.cache.get(key)
-    if cached is None:
-        cached = build_response(result, dp_rank, sections, allow_stale).SerializeToString()
+def shared_view(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool,
+                render: Callable[[pb.GetLoadsResponse], bytes] = pb.GetLoadsResponse.SerializeToString,
+                shape: str = "loadagg") -> bytes:
+    """One caller's view of `result` rendered in `shape` (loadagg's proto, sglang's JSON, vLLM's proto ...),
+    built once per round per distinct view and shared by every caller that asks for it. A partial round's
+    views are not kept: a late rank's answer would not reach them."""
+    key = (shape, dp_rank, sections, allow_stale)
+    answer = result.cache.get(key)
+    if answer is None:
+        answer = render(build_response(result, dp_rank, sections, allow_stale))
         if not result.partial:
-            result.cache[key] = cached
-    return cached
+            result.cache[key] = answer
+    return answer
+
+
+def response_bytes(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool) -> bytes:
+    """The serialized GetLoadsResponse of this view, shared by every caller (see shared_view)."""
+    return shared_view(result, dp_rank, sections, allow_stale)

@@ -68,12 +68,15 @@ def http_middleware(policy: TokenPolicy):
     """aiohttp middleware: /v1/loads answers 401 (with the reason) unless the router token is presented."""
     from aiohttp import web
 
+    from loadagg.server.errors import Unauthenticated, http_body, http_status
+
     @web.middleware
     async def check_token(request, handler):
         if request.path != "/metrics":
             problem = policy.http_problem(request.headers.get("Authorization"))
             if problem is not None:
-                return web.json_response({"error": problem, "code": "UNAUTHENTICATED"}, status=401,
+                error = Unauthenticated(problem)
+                return web.json_response(http_body(error), status=http_status(error),
                                          headers={"WWW-Authenticate": 'Bearer realm="loadagg"'})
         return await handler(request)
 

@@ -10,6 +10,7 @@ import grpc
 # most 16 KiB, and past that the caller would get RESOURCE_EXHAUSTED instead of the error meant for it.
 QUOTE_CHARS = 64
 QUOTE_ITEMS = 10
+DRAINING = "the aggregator is shutting down and takes no new calls; retry shortly (or on another replica)"
 
 
 def quoted(value: str) -> str:
@@ -45,7 +46,7 @@ class RankConflict(LoadAggError):
 
 
 class Unauthenticated(LoadAggError):
-    """Missing or wrong shared token."""
+    """Missing or wrong shared token (the guard and the HTTP gateway's token check raise it)."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -67,26 +68,43 @@ class ShuttingDown(LoadAggError):
 
     code = grpc.StatusCode.UNAVAILABLE
 
-
-# The same errors on the HTTP gateway (anything else: 500).
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
+    def __init__(self, message: str = DRAINING) -> None:
+        super().__init__(message)
 
 
-def http_status(error: LoadAggError) -> int:
-    return _HTTP_STATUS.get(error.code, 500)
+class ResourceExhausted(LoadAggError):
+    """A limit of the aggregator is reached (agent links open at once); retry later or raise the limit."""
 
-
-async def abort_with(context: grpc.aio.ServicerContext, error: LoadAggError) -> None:
-    """End an RPC with the status `error` maps to; never returns."""
-    await context.abort(error.code, str(error))
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class NotServed(LoadAggError):
     """An RPC of a peer contract (sglang, vLLM) that the aggregator does not answer."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+# The one gRPC -> HTTP table (the HTTP gateway and its token check); any other status: 500.
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(error: LoadAggError) -> int:
+    return HTTP_STATUS.get(error.code, 500)
+
+
+def http_body(error: LoadAggError) -> dict[str, str]:
+    """The JSON body of an HTTP error: the message a person can act on, and the gRPC status name."""
+    return {"error": str(error), "code": error.code.name}
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: LoadAggError) -> None:
+    """End an RPC with the status `error` maps to; never returns."""
+    await context.abort(error.code, str(error))

@@ -1,8 +1,9 @@
 """GuardInterceptor: what every loadagg RPC passes before it reaches a servicer.
 
-In order: refuse new calls while the server drains (UNAVAILABLE), check the shared token
-(UNAUTHENTICATED, see auth.py), cap the agent links open at once (RESOURCE_EXHAUSTED), and decode
-requests strictly, so that malformed bytes get INVALID_ARGUMENT instead of gRPC's generic UNKNOWN.
+In order: refuse new calls while the server drains (ShuttingDown), check the shared token
+(Unauthenticated, see auth.py), cap the agent links open at once (ResourceExhausted), and decode
+requests strictly, so that malformed bytes get InvalidRequest instead of gRPC's generic UNKNOWN.
+Each refusal is an exception of errors.py, ended by its one helper (abort_with).
 Health and reflection pass untouched (probes must work while draining and without a token).
 
 Handlers behind the guard receive decoded messages as before; request-streaming handlers must
@@ -21,11 +22,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from loadagg.server.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
+from loadagg.server.errors import (InvalidRequest, LoadAggError, ResourceExhausted, ShuttingDown, Unauthenticated,
+                                   abort_with)
 
 log = logging.getLogger(__name__)
 
 _REFUSAL_READ_S = 1.0  # how long a refused agent link may take to send its hello before the refusal
-DRAINING = "the aggregator is shutting down and takes no new calls; retry shortly (or on another replica)"
 
 
 def _shape(handler: grpc.RpcMethodHandler) -> tuple[bool, bool]:
@@ -91,16 +93,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             known = self._guarded[method] = (service, self._wrap(method, service, real))
         service, handler = known
         if self.draining:
-            return self._refusal(handler, grpc.StatusCode.UNAVAILABLE, DRAINING)
+            return self._refusal(handler, ShuttingDown())
         problem = self.tokens.problem(service, details.invocation_metadata)
         if problem is not None:
             log.debug("refused %s: %s", method, problem)
-            return self._refusal(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
+            return self._refusal(handler, Unauthenticated(problem))
         return handler
 
-    def _refusal(self, handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-        """A handler of the same shape that only ends the call with `code` (request bytes never parsed)."""
-        key = (_shape(handler), code, details)
+    def _refusal(self, handler: grpc.RpcMethodHandler, error: LoadAggError) -> grpc.RpcMethodHandler:
+        """A handler of the same shape that only ends the call with `error` (request bytes never parsed)."""
+        key = (_shape(handler), type(error), str(error))
         refusal = self._refusals.get(key)
         if refusal is None:
             refused = self.refused
@@ -108,10 +110,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             streaming_in = handler.request_streaming
 
             async def refuse(_request, context):
-                refused[code.name] += 1
+                refused[error.code.name] += 1
                 if streaming_in:
                     await _take_first_message(context)
-                await context.abort(code, details)
+                await abort_with(context, error)
 
             refusal = self._refusals[key] = _make_handler(_shape(handler), refuse, None)
         return refusal
@@ -161,9 +163,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return parse(raw)
             except Exception as error:  # DecodeError, or whatever a deserializer raises on garbage
-                refused["INVALID_ARGUMENT"] += 1
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"malformed {method} message ({len(raw)} bytes): {error}")
+                refusal = InvalidRequest(f"malformed {method} message ({len(raw)} bytes): {error}")
+                refused[refusal.code.name] += 1
+                await abort_with(context, refusal)
 
         return decode_one
 
@@ -184,13 +186,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         async def admit(context) -> None:
             if capped and self.agent_links >= self.max_agent_links:
-                self.refused["RESOURCE_EXHAUSTED"] += 1
+                refusal = ResourceExhausted(f"{self.agent_links} agent links are open, the most this aggregator "
+                                            f"accepts (--max-agent-links {self.max_agent_links}); retry later or "
+                                            "raise the limit")
+                self.refused[refusal.code.name] += 1
                 await _take_first_message(context)
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.agent_links} agent links are open, the most this aggregator accepts "
-                    f"(--max-agent-links {self.max_agent_links}); retry later or raise the limit",
-                )
+                await abort_with(context, refusal)
             if capped:
                 self.agent_links += 1
 

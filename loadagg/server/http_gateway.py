@@ -16,9 +16,10 @@ import time
 
 from aiohttp import web
 
-from loadagg.server.answers import build_response
+from loadagg.server.answers import check_rank, shared_view
 from loadagg.server.auth import TokenPolicy, http_middleware
-from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_status, listed, quoted
+from loadagg.server.errors import (InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed,
+                                   quoted)
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
@@ -59,8 +60,7 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
     request = pb.GetLoadsRequest()
     dp_rank = _int_param(query, "dp_rank")
     if dp_rank is not None:
-        if not 0 <= dp_rank < dp_size:
-            raise InvalidRequest(f"dp_rank {dp_rank} is out of range: dp_size={dp_size} (ranks 0..{dp_size - 1})")
+        check_rank(dp_rank, dp_size)
         request.dp_rank = dp_rank
     include = [s.strip() for value in query.getall("include", ()) for s in value.split(",") if s.strip()]
     parse_include(include)  # validates
@@ -112,8 +112,7 @@ class HttpGateway:
         status = 200
         try:
             if self.draining:
-                raise ShuttingDown("the aggregator is shutting down and takes no new calls; retry shortly "
-                                   "(or on another replica)")
+                raise ShuttingDown()
             grpc_request = parse_query(request.query, self.service.dp_size)
             with self.service.tracked():
                 result = await self.service.result_for(grpc_request, None, time.monotonic())
@@ -132,23 +131,24 @@ class HttpGateway:
             return web.Response(body=body, headers=headers)
         except LoadAggError as error:
             status = http_status(error)
-            return web.json_response({"error": str(error), "code": error.code.name}, status=status)
+            return web.json_response(http_body(error), status=status)
         except Exception as error:  # a bug: 500 saying what it was, and a traceback in the log
             log.exception("GET /v1/loads failed")
-            status = 500
-            return web.json_response({"error": f"the aggregator failed to answer: {error!r}", "code": "INTERNAL"},
-                                     status=status)
+            bug = LoadAggError(f"the aggregator failed to answer: {error!r}")
+            status = http_status(bug)
+            return web.json_response(http_body(bug), status=status)
         finally:
             self.metrics.observe_call("http", str(status), time.perf_counter() - started)
 
     def _body(self, result, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
         """sglang's body for this view, built once per round per view and shared."""
-        key = ("http", fmt, dp_rank, sections)
-        body = result.cache.get(key)
-        if body is None:
-            view = build_response(result, dp_rank, sections, allow_stale=False)
-            text = json.dumps(response_dict(view, self.version)) if fmt == "json" else prometheus_text(view)
-            body = text.encode()
-            if not result.partial:
-                result.cache[key] = body
-        return body
+        if fmt == "json":
+            return shared_view(result, dp_rank, sections, False, self._json, "http-json")
+        return shared_view(result, dp_rank, sections, False, _prometheus, "http-prometheus")
+
+    def _json(self, view: pb.GetLoadsResponse) -> bytes:
+        return json.dumps(response_dict(view, self.version)).encode()
+
+
+def _prometheus(view: pb.GetLoadsResponse) -> bytes:
+    return prometheus_text(view).encode()

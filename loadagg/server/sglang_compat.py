@@ -15,7 +15,7 @@ import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import vllm_engine_pb2 as vl
 
-from loadagg.server.answers import build_response
+from loadagg.server.answers import shared_view
 from loadagg.server.errors import LoadAggError, NotServed, abort_with
 from loadagg.server.rounds import RoundResult
 from loadagg.server.service import LoadAggregatorService, wait_budget
@@ -94,14 +94,8 @@ class EngineCompat:
         except LoadAggError as error:
             await abort_with(context, error)
             return b""
-        key = (peer, dp_rank, sections)
-        answer = result.cache.get(key)
-        if answer is None:
-            view = build_response(result, dp_rank, sections, allow_stale=False)
-            answer = convert(view, self.version).SerializeToString()
-            if not result.partial:
-                result.cache[key] = answer
-        return answer
+        return shared_view(result, dp_rank, sections, False,
+                           lambda view: convert(view, self.version).SerializeToString(), peer)
 
     async def sglang_get_loads(self, request: sg.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
         return await self._answer(request, context, "sglang", sglang_response)
