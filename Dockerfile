@@ -13,7 +13,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY loadagg ./loadagg
 COPY scheduler_agent ./scheduler_agent
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels '.[all]'
 
 # Stage 2: the runtime. Installs the wheels from the builder through a bind mount, so they never land in a layer.
 FROM python:3.11-slim AS runtime
@@ -23,7 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
     LOADAGG_HOST=0.0.0.0 \
     LOADAGG_PORT=50051
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels loadagg \
+    pip install --no-index --find-links=/wheels 'loadagg[all]' \
     && groupadd --system --gid 10001 loadagg \
     && useradd --system --uid 10001 --gid loadagg --no-create-home --shell /usr/sbin/nologin loadagg
 # Numeric, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.

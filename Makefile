@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench protos clean
+.PHONY: demo test lint bench protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -17,8 +17,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
 bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[all,test,bench]'
 	$(PY) -m bench all
 
 protos: $(VENV)/.installed

@@ -13,8 +13,8 @@ import logging
 import os
 
 from bench.child import control_loop, emit, own_usage, run
-from loadagg.server.config import AggregatorConfig
 from loadagg.server.aggregator import Aggregator, tune_gc
+from loadagg.server.config import AggregatorConfig
 
 
 async def main(args: argparse.Namespace) -> None:

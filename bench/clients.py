@@ -144,7 +144,8 @@ async def burst(run_spec: dict) -> dict:
 
 def burst_futures(run_spec: dict) -> dict:
     """`burst` on grpc's synchronous channels: every call issued as a future, answers counted as they land."""
-    channels = [grpc.insecure_channel(run_spec["target"], options=CHANNEL_OPTIONS) for _ in range(run_spec.get("channels", 8))]
+    channels = [grpc.insecure_channel(run_spec["target"], options=CHANNEL_OPTIONS)
+                for _ in range(run_spec.get("channels", 8))]
     try:
         for channel in channels:
             grpc.channel_ready_future(channel).result(timeout=30)

@@ -26,7 +26,8 @@ class Child:
 
     def __init__(self, module: str, *args: str, name: str = "") -> None:
         self.name = name or module
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        python_path = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
         use_classic_listener(env)  # every server child (aggregator, echo, link floor) as `loadagg serve` runs
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -54,7 +55,8 @@ class Child:
             try:
                 line = self._lines.get(timeout=timeout)
             except queue.Empty:
-                raise ChildError(f"{self.name}: no answer within {timeout:.0f} s; stderr: {self.stderr_tail()}") from None
+                raise ChildError(f"{self.name}: no answer within {timeout:.0f} s; "
+                                 f"stderr: {self.stderr_tail()}") from None
             if line is None:
                 raise ChildError(f"{self.name} exited ({self.proc.wait()}); stderr: {self.stderr_tail()}")
             with contextlib.suppress(json.JSONDecodeError):
@@ -136,7 +138,8 @@ def start_cluster(dp_size: int, *, mode: str = "watching", processes: int = 1, a
                   round_timeout_ms: int = 500, profile: str = "", push_interval_ms: int = 0) -> Cluster:
     """An aggregator serving `dp_size` ranks, all of them linked by agents spread over `processes` children."""
     args = ["--dp-size", str(dp_size), "--mode", mode, "--round-timeout-ms", str(round_timeout_ms)]
-    aggregator = Child("bench.agg_proc", *args, *(["--profile", profile] if profile else []), name=f"aggregator[{mode}]")
+    aggregator = Child("bench.agg_proc", *args, *(["--profile", profile] if profile else []),
+                       name=f"aggregator[{mode}]")
     cluster = _link_agents(aggregator, dp_size, processes=processes, agents_per_process=agents_per_process,
                            ranks_per_agent=ranks_per_agent, collect_latency_ms=collect_latency_ms, source=source,
                            push_interval_ms=push_interval_ms)

@@ -63,7 +63,7 @@ def text_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)) for r in cells)
 
 
 def verdict(met: bool | None) -> str:
@@ -71,7 +71,8 @@ def verdict(met: bool | None) -> str:
 
 
 def targets_rows(outcome: Outcome) -> list[dict]:
-    return [{"target": t.name, "measured": t.measured, "goal": t.goal, "verdict": verdict(t.met)} for t in outcome.targets]
+    return [{"target": t.name, "measured": t.measured, "goal": t.goal, "verdict": verdict(t.met)}
+            for t in outcome.targets]
 
 
 def print_outcome(outcome: Outcome) -> None:

@@ -141,6 +141,12 @@ def package_version() -> str:
         return VERSION_FALLBACK
 
 
+def missing_extra(command: str, error: ModuleNotFoundError, extra: str) -> str:
+    """What a command says when a package of its install extra is missing: which extra to install."""
+    return (f"{command}: needs {error.name or 'a package'} (not installed): "
+            f"pip install 'loadagg[{extra}]'")
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run on uvloop when it is installed."""
     try:

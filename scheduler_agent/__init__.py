@@ -27,7 +27,8 @@ from scheduler_agent.sources import (
 )
 
 __all__ = [
-    "AgentConfig", "BackgroundAgent", "CallbackSource", "GpuDevice", "GpuMetrics", "LoadSource", "PublishedSource", "RankLoad",
+    "AgentConfig", "BackgroundAgent", "CallbackSource", "GpuDevice", "GpuMetrics", "LoadSource", "PublishedSource",
+    "RankLoad",
     "SchedulerAgent", "SimulatedSource", "SourceError", "build_source",
 ]
 

@@ -133,7 +133,8 @@ class SchedulerAgent:
                 engine = await self.source.discover()
                 if engine is None:  # a source without an engine: keep the configured ranks
                     if not self.source_ranks:
-                        raise ValueError(f"source {self.source.name!r} cannot say which dp ranks to serve: give dp_ranks")
+                        raise ValueError(f"source {self.source.name!r} cannot say which dp ranks to serve: "
+                                         "give dp_ranks")
                     return
                 self._adopt(engine)
                 return

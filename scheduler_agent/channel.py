@@ -10,8 +10,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loadagg.common import (AUTHORIZATION, DEFAULT_KEEPALIVE_S, DEFAULT_KEEPALIVE_TIMEOUT_S, MIN_PING_INTERVAL_S,
-                            keepalive_options, read_pem)
+from loadagg.common import (
+    AUTHORIZATION,
+    DEFAULT_KEEPALIVE_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    MIN_PING_INTERVAL_S,
+    keepalive_options,
+    read_pem,
+)
 
 
 @dataclass(frozen=True, slots=True)

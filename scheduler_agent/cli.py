@@ -9,8 +9,19 @@ import logging
 import signal
 import sys
 
-from loadagg.common import (LOG_LEVELS, HelpFormatter, env, env_bool, env_choice, env_float, env_int, env_log_level,
-                            env_optional_int, run)
+from loadagg.common import (
+    LOG_LEVELS,
+    HelpFormatter,
+    env,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_log_level,
+    env_optional_int,
+    missing_extra,
+    run,
+)
 from loadagg.common import field_default as default
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import LinkSecurity
@@ -60,15 +71,18 @@ def parser() -> argparse.ArgumentParser:
                    help="the engine beside this agent: http://HOST:PORT, or grpc://HOST:PORT for an engine in "
                         "gRPC mode (default: sglang http://127.0.0.1:30000, vllm http://127.0.0.1:8000) "
                         "[LOADAGG_ENGINE_URL]")
-    p.add_argument("--engine-timeout-ms", type=int, default=env_int("ENGINE_TIMEOUT_MS", default(c, "engine_timeout_ms")),
+    p.add_argument("--engine-timeout-ms", type=int, default=env_int("ENGINE_TIMEOUT_MS", default(c,
+                                                                                                 "engine_timeout_ms")),
                    help="per-request engine timeout; 0: 60%% of the aggregator's round timeout, at most 2 s "
                         "[LOADAGG_ENGINE_TIMEOUT_MS]")
     p.add_argument("--engine-api-key", default=None,  # read from the environment later, so --help never prints it
                    help="the key an HTTP engine was started with (sglang/vLLM --api-key), sent as a Bearer "
                         "token [LOADAGG_ENGINE_API_KEY]")
-    p.add_argument("--rediscover-interval-s", type=float, default=env_float("REDISCOVER_INTERVAL_S", default(c, "rediscover_interval_s")),
+    p.add_argument("--rediscover-interval-s", type=float, default=env_float("REDISCOVER_INTERVAL_S", default(c,
+                                                                                                             "rediscover_interval_s")),
                    help="sglang/vllm: ask the engine for its dp ranks again this often and re-link when they "
-                        "changed (an engine restarted with another DP); 0: only at start [LOADAGG_REDISCOVER_INTERVAL_S]")
+                        "changed (an engine restarted with another DP); 0: only at start "
+                        "[LOADAGG_REDISCOVER_INTERVAL_S]")
     p.add_argument("--gpu", dest="gpu", action="store_const", const="on", default=_gpu_mode(env("GPU")),
                    help="add NVML GPU telemetry (default auto: when NVML is there, not for the simulator) "
                         "[LOADAGG_GPU=auto|on|off]")
@@ -82,20 +96,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push-refresh-ms", type=int, default=env_int("PUSH_REFRESH_MS", default(c, "push_refresh_ms")),
                    help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
                         "[LOADAGG_PUSH_REFRESH_MS]")
-    p.add_argument("--model", default=env("MODEL", default(c, "model")), help="model name reported in hello [LOADAGG_MODEL]")
+    p.add_argument("--model", default=env("MODEL", default(c, "model")),
+                   help="model name reported in hello [LOADAGG_MODEL]")
     p.add_argument("--seed", type=int, default=env_optional_int("SEED"),
                    help="simulator seed [LOADAGG_SEED]")
-    p.add_argument("--collect-latency-ms", type=float, default=env_float("COLLECT_LATENCY_MS", default(c, "collect_latency_ms")),
+    p.add_argument("--collect-latency-ms", type=float, default=env_float("COLLECT_LATENCY_MS", default(c,
+                                                                                                       "collect_latency_ms")),
                    help="simulator: time to answer a collect, as a busy scheduler [LOADAGG_COLLECT_LATENCY_MS]")
     p.add_argument("--resolve-all", action="store_true",
                    default=env_bool("RESOLVE_ALL", default(FanoutConfig, "resolve_all")),
                    help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
-    p.add_argument("--resolve-interval-s", type=float, default=env_float("RESOLVE_INTERVAL_S", default(FanoutConfig, "resolve_interval_s")),
+    p.add_argument("--resolve-interval-s", type=float, default=env_float("RESOLVE_INTERVAL_S", default(FanoutConfig,
+                                                                                                       "resolve_interval_s")),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
                    default=env_log_level(), help="[LOADAGG_LOG_LEVEL]")
-    p.add_argument("--backoff-initial-ms", type=int, default=env_int("BACKOFF_INITIAL_MS", default(c, "backoff_initial_ms")),
+    p.add_argument("--backoff-initial-ms", type=int, default=env_int("BACKOFF_INITIAL_MS", default(c,
+                                                                                                   "backoff_initial_ms")),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
     p.add_argument("--backoff-max-ms", type=int, default=env_int("BACKOFF_MAX_MS", default(c, "backoff_max_ms")),
                    help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
@@ -110,10 +128,12 @@ def add_link_flags(p: argparse.ArgumentParser) -> None:
                    help="shared agent token (the aggregator's --agent-token) [LOADAGG_AGENT_TOKEN]")
     g.add_argument("--tls", action="store_true", default=env_bool("TLS", default(c, "tls")),
                    help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
-    g.add_argument("--tls-ca", default=env("TLS_CA", default(c, "tls_ca")), help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
+    g.add_argument("--tls-ca", default=env("TLS_CA", default(c, "tls_ca")),
+                   help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
     g.add_argument("--tls-cert", default=env("TLS_CERT", default(c, "tls_cert")),
                    help="this agent's certificate (PEM), for mutual TLS [LOADAGG_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
+    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")),
+                   help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
     g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", default(c, "tls_server_name")),
                    help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
     g.add_argument("--keepalive-s", type=float, default=env_float("KEEPALIVE_S", default(c, "keepalive_s")),
@@ -198,7 +218,14 @@ def main(argv: list[str] | None = None) -> None:
             config.security.credentials()  # unreadable certificate files: say so now, not at every reconnect
     except ValueError as error:
         parser().error(str(error))
-    run(run_agent(config, fanout))
+    except ModuleNotFoundError as error:  # an engine source's or NVML's package: the `agent` extra
+        sys.exit(missing_extra("scheduler-agent", error, "agent"))
+    try:
+        run(run_agent(config, fanout))
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] in ("loadagg", "scheduler_agent"):
+            raise
+        sys.exit(missing_extra("scheduler-agent", error, "agent"))
 
 
 if __name__ == "__main__":

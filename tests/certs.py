@@ -36,7 +36,7 @@ class CertificateAuthority:
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name)).issuer_name(_name(name))
@@ -52,7 +52,7 @@ class CertificateAuthority:
 
     def issue(self, stem: str, common_name: str, *, server: bool) -> Pem:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name)).issuer_name(self.cert.subject)

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
-from loadagg.server.config import AggregatorConfig
 from loadagg.server.aggregator import Aggregator
+from loadagg.server.config import AggregatorConfig
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.simulator import SimulatedSource

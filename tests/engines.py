@@ -259,13 +259,15 @@ class SglangGrpcEngine(sglang_scheduler_pb2_grpc.SglangSchedulerServicer, _GrpcM
                 queues=m.QueueMetrics(waiting=2, grammar=0, paused=0, retracted=0),
             )
             if r == 0:
-                load.memory.CopyFrom(m.MemoryMetrics(weight_gb=15.3, kv_cache_gb=40.0, graph_gb=1.5, token_capacity=262144))
+                load.memory.CopyFrom(m.MemoryMetrics(weight_gb=15.3, kv_cache_gb=40.0, graph_gb=1.5,
+                                                     token_capacity=262144))
                 load.disaggregation.CopyFrom(m.DisaggregationMetrics(mode="prefill", prefill_inflight_queue_reqs=2))
             if garbage:
                 load.num_running_reqs = -7
                 load.token_usage = float("nan")
             loads.append(load)
-        return m.GetLoadsResponse(timestamp="2026-11-25T09:00:00Z", version="0.5.6", dp_rank_count=self.dp_size, loads=loads)
+        return m.GetLoadsResponse(timestamp="2026-11-25T09:00:00Z", version="0.5.6", dp_rank_count=self.dp_size,
+                                  loads=loads)
 
     async def GetLoads(self, request, context):
         return await self.answer(request, context, self.response)
@@ -284,7 +286,8 @@ class VllmGrpcEngine(vllm_engine_pb2_grpc.VllmEngineServicer, _GrpcModes):
                  for r in range(self.dp_size)]
         if garbage:
             loads[0].num_waiting_reqs = -1
-        return m.GetLoadsResponse(timestamp="2026-11-25T09:00:00Z", version="0.11.0", dp_rank_count=self.dp_size, loads=loads)
+        return m.GetLoadsResponse(timestamp="2026-11-25T09:00:00Z", version="0.11.0", dp_rank_count=self.dp_size,
+                                  loads=loads)
 
     async def GetLoads(self, request, context):
         return await self.answer(request, context, self.response)

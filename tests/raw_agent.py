@@ -34,7 +34,8 @@ class RawAgent:
                 return message.collect
 
     async def report(self, round_id: int, loads: list[pb.RankLoad], failed: list[int] = ()) -> None:
-        await self.call.write(pb.AgentMessage(report=pb.LoadReport(round_id=round_id, loads=loads, failed_ranks=failed)))
+        await self.call.write(pb.AgentMessage(report=pb.LoadReport(round_id=round_id, loads=loads,
+                                                                   failed_ranks=failed)))
 
     async def close(self) -> None:
         self.call.cancel()

@@ -74,7 +74,8 @@ def test_every_new_flag_reads_its_env_var(monkeypatch):
     monkeypatch.setenv("LOADAGG_PUSH_REFRESH_MS", "5000")
     config = config_from_args(parser().parse_args([]))
     assert (config.source, config.engine_url, config.engine_timeout_ms) == ("vllm", "grpc://127.0.0.1:30001", 150)
-    assert (config.gpu, config.gpu_devices, config.push_interval_ms, config.push_refresh_ms) == ("off", "0=1", 250, 5000)
+    assert (config.gpu, config.gpu_devices, config.push_interval_ms, config.push_refresh_ms) == ("off", "0=1", 250,
+                                                                                                 5000)
     assert config.ranks_from_engine and config.dp_ranks == ()  # every rank the engine runs
     assert config_from_args(parser().parse_args(["--gpu", "--dp-rank", "1"])).gpu == "on"
     assert config_from_args(parser().parse_args(["--dp-rank", "1"])).dp_ranks == (1,)

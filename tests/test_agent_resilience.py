@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-
 from conftest import free_port, wait_for
 from engines import SglangHttpEngine
+
 from loadagg.client.load_client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent import agent as agent_module

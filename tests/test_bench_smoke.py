@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu"]

@@ -11,13 +11,12 @@ import urllib.request
 
 import grpc
 import pytest
-
+from conftest import ROOT, free_port
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as sg_grpc
 from smg_grpc_proto import vllm_engine_pb2 as vl
 from smg_grpc_proto import vllm_engine_pb2_grpc as vl_grpc
 
-from conftest import ROOT, free_port
 from loadagg.client.load_client import NO_RETRY, AsyncLoadClient, LoadClient, Loads, RetryPolicy
 
 PATIENT = RetryPolicy(attempts=60, initial_backoff_s=0.05, max_backoff_s=0.5)

@@ -28,7 +28,7 @@ async def test_1000_concurrent_callers_share_a_handful_of_rounds(start_aggregato
     assert len(responses) == 1000
     assert all(len(r.loads) == 4 and not r.missing_ranks for r in responses)
     rounds = agg.communicator.stats.rounds_started - rounds_before
-    collects = [a.collects_received - b for a, b in zip(agents, before)]
+    collects = [a.collects_received - b for a, b in zip(agents, before, strict=False)]
     round_ids = {r.round_id for r in responses}
     print(f"watching: 1000 callers, {rounds} rounds, collects per agent {collects}, wall {wall:.3f}s")
     # Never two rounds at once, however fast the callers arrived; each agent saw one collect per round.

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import free_port
 from deploy_files import ROOT, compose, parse_dockerfile
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import signal
+import socket
 
 import pytest
-
 from conftest import wait_for
+
 from loadagg.client.load_client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.fanout import (AggregatorFanout, FanoutConfig, SharedSource, pick_addresses, resolve_all,
-                                    split_target)
+from scheduler_agent.fanout import (
+    AggregatorFanout,
+    FanoutConfig,
+    SharedSource,
+    pick_addresses,
+    resolve_all,
+    split_target,
+)
 from scheduler_agent.sources.base import LoadSource, SourceError
 from scheduler_agent.sources.simulator import SimulatedSource
 
@@ -27,7 +33,8 @@ def _target(aggregator) -> str:
 
 @pytest.fixture
 async def run_fanouts():
-    """`fanouts = await run_fanouts(resolver, ranks)`: one AggregatorFanout per rank group, all run until the test ends."""
+    """`fanouts = await run_fanouts(resolver, ranks)`: one AggregatorFanout per rank group, all run until the test
+    ends."""
     tasks: list[asyncio.Task] = []
 
     async def start(resolver, ranks=RANKS, aggregator="replicas.invalid:1", interval_s=3600.0):
@@ -216,7 +223,8 @@ async def test_a_fanout_stopped_while_it_drops_a_link_stops(monkeypatch):
     monkeypatch.setattr(agent_module.SchedulerAgent, "run", slow_to_end)
     answers = [["127.0.0.1:1", "127.0.0.1:2"], ["127.0.0.1:2"]]
     fanout = AggregatorFanout(AgentConfig(aggregator="replicas.invalid:1", dp_ranks=(0,)), SimulatedSource(seed=1),
-                              FanoutConfig(True, 0.2), resolver=lambda: answers.pop(0) if len(answers) > 1 else answers[0])
+                              FanoutConfig(True, 0.2),
+                              resolver=lambda: answers.pop(0) if len(answers) > 1 else answers[0])
     task = asyncio.create_task(fanout.run())
     await wait_for(lambda: fanout.resolutions >= 2, what="the second resolution, dropping 127.0.0.1:1")
     await asyncio.sleep(0.1)  # inside _drop, waiting for that link's task (0.5 s)

@@ -8,9 +8,9 @@ import signal
 
 import grpc
 import pytest
-
 from conftest import free_port, wait_for
 from figures import record
+
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 

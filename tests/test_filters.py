@@ -6,10 +6,10 @@ import asyncio
 
 import grpc
 import pytest
+from raw_agent import RawAgent
 
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 SECTION_FIELDS = ("memory", "gpu", "spec", "lora", "disagg", "queues")
 

@@ -9,12 +9,12 @@ import time
 
 import grpc
 import pytest
-
 from conftest import wait_for
+from raw_agent import RawAgent
+
 from loadagg.client.load_client import AsyncLoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 SLACK_MS = 2  # unix-ms rounding between the aggregator's clocks and ours
 

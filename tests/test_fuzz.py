@@ -10,15 +10,15 @@ from collections import Counter
 
 import grpc
 import pytest
+from conftest import Processes, free_port
+from figures import record
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Processes, free_port
-from figures import record
 from loadagg.server.sections import ALL_SECTIONS
-from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.server.validation import load_problem
+from loadagg.v1 import loadagg_pb2 as pb
 
 DP_SIZE = 4  # ranks 0-2 held by real agent processes; rank 3 left free for fuzzed agents
 GET_LOADS = "/loadagg.v1.LoadAggregator/GetLoads"
@@ -107,7 +107,8 @@ def test_random_valid_get_loads_requests(cluster, dp_rank, include, freshness, m
     fresh = [l.dp_rank for l in response.loads if not l.stale]
     assert sorted(fresh + list(response.missing_ranks)) == wanted
     assert all(l.dp_rank in response.missing_ranks for l in response.loads if l.stale)
-    assert all(load_problem(l) in (None, "stale/age_ms are set by the aggregator, not by agents") for l in response.loads)
+    assert all(load_problem(l) in (None,
+                                   "stale/age_ms are set by the aggregator, not by agents") for l in response.loads)
 
 
 def _converse(channel, frames: list[bytes]) -> tuple[grpc.StatusCode, list[pb.AggregatorMessage]]:

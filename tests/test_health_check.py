@@ -10,6 +10,7 @@ import sys
 import time
 
 from conftest import ROOT, free_port
+
 from loadagg.cli.health_check import check_health
 
 

@@ -7,11 +7,12 @@ import json
 from datetime import datetime
 
 import aiohttp
+import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from raw_agent import RawAgent
+
 from loadagg.server.sglang_shape import CORE_FIELDS
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -95,7 +96,8 @@ async def test_dp_rank_and_include_filters(start_aggregator, start_agents):
     assert not {"speculative", "lora", "disaggregation", "queues"} & set(load)
     _, _, body = await _get(agg.http_port, "?include=core")
     assert all(not set(SECTION_KEYS) & set(load) for load in json.loads(body)["loads"])
-    _, _, body = await _get(agg.http_port, "?include=memory&include=queues")  # repeated, as most HTTP clients send lists
+    _, _, body = await _get(agg.http_port,
+                            "?include=memory&include=queues")  # repeated, as most HTTP clients send lists
     assert all({"memory", "queues"} <= set(load) and "lora" not in load for load in json.loads(body)["loads"])
 
 
@@ -203,7 +205,7 @@ async def test_metrics_of_the_aggregator(start_aggregator, start_agents, channel
     await start_agents(agg, [[0], [1]])
     stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
     await asyncio.gather(*(stub.GetLoads(pb.GetLoadsRequest(), timeout=10) for _ in range(30)))
-    with pytest.raises(Exception):
+    with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetLoads(pb.GetLoadsRequest(dp_rank=9), timeout=10)
     await _get(agg.http_port, "?format=xml")
 

@@ -7,10 +7,10 @@ import logging
 import time
 
 import pytest
-
-import scheduler_agent
 from agent_tasks import agent_config, get_loads, running
 from conftest import wait_for
+
+import scheduler_agent
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent import AgentConfig, CallbackSource, RankLoad, SchedulerAgent
 from scheduler_agent.push import PushTracker, next_push_at

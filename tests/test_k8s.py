@@ -12,7 +12,6 @@ import time
 
 import kubernetes_validate
 import pytest
-
 from conftest import free_port
 from deploy_files import ROOT
 from kustomize_lite import render
@@ -161,7 +160,8 @@ def test_simulated_overlay_runs_natively(processes):
                                  "--service", probe["service"]], capture_output=True, text=True, cwd=ROOT, timeout=30)
         loads = subprocess.run([sys.executable, "-m", "loadagg", "loads", "--target", f"127.0.0.1:{port}", "--json"],
                                capture_output=True, text=True, cwd=ROOT, timeout=30)
-        ranks = [l.get("dp_rank", 0) for l in json.loads(loads.stdout).get("loads", [])] if loads.returncode == 0 else []
+        ranks = [l.get("dp_rank", 0) for l in json.loads(loads.stdout).get("loads",
+                                                                           [])] if loads.returncode == 0 else []
         if health.returncode == 0 and ranks == [0, 1, 2, 3]:
             break
         assert time.monotonic() < deadline, f"{health.stdout}{health.stderr} ranks={ranks} {loads.stderr}"

@@ -170,8 +170,10 @@ _CLEAN = {
     ("loadagg/client/load_client.py", "def f():\n    from loadagg.server.errors import X\n",
      "loadagg.client.load_client imports loadagg.server.errors"),
     ("loadagg/client/load_client.py", "import aiohttp\n", "loadagg.client.load_client imports aiohttp"),
-    ("loadagg/server/errors.py", "from loadagg.cli import commands\n", "loadagg.server.errors imports loadagg.cli.commands"),
-    ("scheduler_agent/__init__.py", "from loadagg.server import errors\n", "scheduler_agent imports loadagg.server.errors"),
+    ("loadagg/server/errors.py", "from loadagg.cli import commands\n",
+     "loadagg.server.errors imports loadagg.cli.commands"),
+    ("scheduler_agent/__init__.py", "from loadagg.server import errors\n",
+     "scheduler_agent imports loadagg.server.errors"),
     ("loadagg/common.py", "import grpc\n", "loadagg.common imports grpc"),
 ])
 def test_the_layering_check_fails_on_a_forbidden_import(tmp_path, name, text, said):

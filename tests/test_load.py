@@ -10,13 +10,13 @@ import resource
 import sys
 
 import grpc
-
 from conftest import wait_for
 from figures import record
+from raw_agent import RawAgent
+
 from loadagg.server.rounds import Round, RoundResult
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 CALLERS = 10_000
 CHANNELS = 8
@@ -69,7 +69,8 @@ async def _wave(stubs, count: int, rng: random.Random, cancel_within: float = 8.
                 raise
             return "cancelled"
 
-    jobs = [patient(stubs[i % len(stubs)]) if i % 2 == 0 else impatient(stubs[i % len(stubs)], rng.uniform(0, cancel_within))
+    jobs = [patient(stubs[i % len(stubs)]) if i % 2 == 0 else impatient(stubs[i % len(stubs)], rng.uniform(0,
+                                                                                                           cancel_within))
             for i in range(count)]
     results = await asyncio.gather(*jobs)
     answers = [r for r in results if isinstance(r, pb.GetLoadsResponse)]

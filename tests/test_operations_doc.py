@@ -6,8 +6,8 @@ import argparse
 import re
 
 import pytest
-
 from deploy_files import ROOT
+
 from loadagg.cli import commands as loadagg_cli
 from scheduler_agent import cli as agent_cli
 

@@ -32,6 +32,7 @@ def test_agent_package_shares_only_the_contract() -> None:
     for path in (ROOT / "scheduler_agent").rglob("*.py"):
         for line in path.read_text().splitlines():
             stripped = line.strip()
-            if stripped.startswith(("import loadagg", "from loadagg")) and not stripped.startswith("from loadagg.v1 import"):
+            if stripped.startswith(("import loadagg",
+                                    "from loadagg")) and not stripped.startswith("from loadagg.v1 import"):
                 offenders.append(f"{path.relative_to(ROOT)}: {stripped}")
     assert not offenders, offenders

@@ -8,12 +8,12 @@ import math
 
 import grpc
 import pytest
-
 from conftest import wait_for
+from raw_agent import RawAgent
+
 from loadagg.server import agent_link
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 
 async def _refusal(agent: RawAgent) -> grpc.aio.AioRpcError:
@@ -59,7 +59,8 @@ async def test_same_instance_reconnecting_replaces_its_old_stream(start_aggregat
         with pytest.raises(grpc.aio.AioRpcError) as ended:  # ABORTED, naming what took over (agents back off)
             await old.read()
         assert ended.value.code() == grpc.StatusCode.ABORTED
-        assert "a newer link of instance 'agent-a'" in ended.value.details() and "--instance-id" in ended.value.details()
+        details = ended.value.details()
+        assert "a newer link of instance 'agent-a'" in details and "--instance-id" in details
         assert agg.registry.owner(0) is not old_session and len(agg.registry.sessions()) == 1
         stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
         call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
@@ -246,7 +247,8 @@ async def test_a_source_stuck_on_an_impossible_figure_is_warned_about_once_per_i
         await agent.read()
     finally:
         await agent.close()
-    warnings = [r.getMessage() for r in caplog.records if r.name == "loadagg.server.agent_link" and r.levelno == logging.WARNING
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "loadagg.server.agent_link" and r.levelno == logging.WARNING
                 and "rejected report" in r.getMessage()]
     assert len(warnings) == 2 and "(and 199 more refused since the last warning)" in warnings[1]
     assert agg.agents.reports_rejected == 201

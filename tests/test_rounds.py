@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from conftest import wait_for
+from raw_agent import RawAgent
+
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 
 async def test_late_reply_for_old_round_is_dropped(start_aggregator, channel_to):
@@ -61,7 +62,8 @@ async def test_reply_only_counts_for_the_ranks_the_agent_serves(start_aggregator
         collect = await a0.next_collect()
         await a1.next_collect()
         # a0 answers for itself and pretends to answer for rank 1 too: rank 1's entry is refused.
-        await a0.report(collect.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=1), pb.RankLoad(dp_rank=1, num_running_reqs=9)])
+        await a0.report(collect.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=1), pb.RankLoad(dp_rank=1,
+                                                                                                   num_running_reqs=9)])
         rejection = await a0.read()
         assert rejection.WhichOneof("kind") == "rejected" and "not served by this agent" in rejection.rejected.reason
         response = await call

@@ -10,19 +10,19 @@ import sys
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from certs import make_pki
 from conftest import ROOT, free_port, wait_for
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from raw_agent import RawAgent
+
+from loadagg.cli.health_check import check_health
 from loadagg.client.channels import ChannelSecurity, aio_channel
 from loadagg.client.load_client import AsyncLoadClient, LoadClient
-from loadagg.cli.health_check import check_health
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.security import SecurityConfig
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import LinkSecurity
 from scheduler_agent.config import AgentConfig
@@ -348,7 +348,8 @@ async def test_security_config_errors_are_clear(tmp_path):
         SecurityConfig(tls_client_ca="ca.crt")
     (tmp_path / "server.key").write_text("key")
     with pytest.raises(ValueError, match="cannot read --tls-cert .*missing.crt"):
-        SecurityConfig(tls_cert=str(tmp_path / "missing.crt"), tls_key=str(tmp_path / "server.key")).server_credentials()
+        SecurityConfig(tls_cert=str(tmp_path / "missing.crt"),
+                       tls_key=str(tmp_path / "server.key")).server_credentials()
     assert "secret" not in repr(SecurityConfig(agent_token="secret", router_token="secret"))
     assert "secret" not in repr(ChannelSecurity(token="secret")) and "secret" not in repr(LinkSecurity(token="secret"))
     aio_channel("127.0.0.1:1", ChannelSecurity(token="t"))  # builds without connecting

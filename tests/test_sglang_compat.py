@@ -6,13 +6,13 @@ import asyncio
 
 import grpc
 import pytest
+from conftest import wait_for
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import sglang_scheduler_pb2_grpc as sg_grpc
 from smg_grpc_proto import vllm_engine_pb2 as vl
 from smg_grpc_proto import vllm_engine_pb2_grpc as vl_grpc
 
-from conftest import wait_for
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import free_port
 from figures import record
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from raw_agent import RawAgent
+
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from raw_agent import RawAgent
 
 IN_FLIGHT = 20
 

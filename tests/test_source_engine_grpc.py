@@ -7,10 +7,10 @@ import logging
 import math
 
 import pytest
-
 from agent_tasks import engine_agent, get_loads, running
 from conftest import wait_for
 from engines import SglangGrpcEngine, VllmGrpcEngine, serve_grpc
+
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources import build_source
 from scheduler_agent.sources.engine_grpc import EngineGrpcSource, load_from_scheduler_load

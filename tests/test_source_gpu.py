@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
-
 from agent_tasks import agent_config, get_loads, running
 from conftest import wait_for
+
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig

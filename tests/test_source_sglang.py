@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 import pytest
-
 from agent_tasks import engine_agent, get_loads, running
 from conftest import free_port, wait_for
 from engines import SglangHttpEngine, sglang_entry
+
 from scheduler_agent.sources.base import PartialRead, SourceError
 from scheduler_agent.sources.sglang_http import SglangHttpSource, load_from_v1
 
@@ -51,7 +51,8 @@ async def test_multi_rank_server_feeds_every_rank_with_one_request_per_round(sta
     try:
         async with running(agent):
             await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2, 3}, what="engine ranks registered")
-            assert agent.dp_ranks == (0, 1, 2, 3) and agent.engine.dp_size == 4 and agent.dp_size == 0  # ranks from the engine
+            assert agent.dp_ranks == (0, 1, 2,
+                                      3) and agent.engine.dp_size == 4 and agent.dp_size == 0  # ranks from the engine
             before = engine.hits["/v1/loads"]
             response = await get_loads(channel_to(agg.port))
             assert [l.dp_rank for l in response.loads] == [0, 1, 2, 3] and not response.missing_ranks
@@ -188,6 +189,7 @@ async def test_agent_waits_for_the_engine_before_hello(start_aggregator):
 
 async def test_engine_ranks_through_a_fanout_to_several_aggregators(start_aggregator, channel_to):
     from agent_tasks import agent_config
+
     from scheduler_agent.fanout import AggregatorFanout, FanoutConfig
 
     engine = SglangHttpEngine(dp_size=2)
@@ -199,7 +201,7 @@ async def test_engine_ranks_through_a_fanout_to_several_aggregators(start_aggreg
     task = asyncio.create_task(fanout.run())
     try:
         for agg in aggs:  # every link asked the engine for its ranks before its hello
-            await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, what="engine ranks on each replica")
+            await wait_for(lambda agg=agg: agg.registry.live_ranks() == {0, 1}, what="engine ranks on each replica")
             response = await get_loads(channel_to(agg.port))
             assert [l.num_running_reqs for l in response.loads] == [5, 6]
     finally:
@@ -288,7 +290,8 @@ async def test_an_impossible_or_ambiguous_rank_fails_alone_and_a_404_is_not_fore
     bodies.append(lambda path: {"loads": [sglang_entry(0), too_many]})
     with pytest.raises(PartialRead) as partial:
         await source.read([0, 1])
-    assert list(partial.value.loads) == [0] and "rank 1 num_running_reqs = 3000000000 does not fit" in str(partial.value)
+    assert list(partial.value.loads) == [0]
+    assert "rank 1 num_running_reqs = 3000000000 does not fit" in str(partial.value)
     bodies.append(lambda path: {"loads": [sglang_entry(0, running=40), sglang_entry(0, running=2), sglang_entry(1)]})
     with pytest.raises(PartialRead) as partial:
         await source.read([0, 1])

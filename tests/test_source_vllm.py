@@ -6,10 +6,10 @@ import asyncio
 import logging
 
 import pytest
-
 from agent_tasks import engine_agent, get_loads, running
 from conftest import wait_for
 from engines import VLLM_PAGE, VllmHttpEngine
+
 from scheduler_agent.sources.base import SourceError
 from scheduler_agent.sources.vllm_metrics import VllmMetricsSource, parse_page
 
@@ -23,7 +23,8 @@ def test_page_parses_per_engine_rank():
     assert figures[0]["capacity"] == figures[1]["capacity"] == 16384 * 16 and figures[0]["generated"] == 1000.0
     assert figures[1]["queries"] == 0.0
 
-    older = "\n".join(line.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc").replace('engine="1"', 'engine="0"')
+    older = "\n".join(line.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc").replace('engine="1"',
+                                                                                                    'engine="0"')
                       for line in VLLM_PAGE.splitlines() if 'engine="1"' not in line) + "\n"
     single = parse_page(older.replace("{running0}", "1.0").replace("{generated0}", "5.0")
                         .replace("{queries0}", "4.0").replace("{hits0}", "1.0"))

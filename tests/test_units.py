@@ -9,8 +9,8 @@ import pytest
 from loadagg.server.answers import summarize
 from loadagg.server.errors import InvalidRequest
 from loadagg.server.sections import ALL_SECTIONS, parse_include, trim
-from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.server.validation import load_problem, validate_hello
+from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.simulator import SimulatedSource
 
 
@@ -182,8 +182,8 @@ def test_loadagg_tls_env_reads_like_every_other_switch(monkeypatch, value, on):
 
 
 def test_a_mean_over_ranks_without_the_figure_stays_unset():
-    from loadagg.server.answers import summarize
     from loadagg.cli.render import mean_usage
+    from loadagg.server.answers import summarize
 
     summary = summarize([pb.RankLoad(dp_rank=0, num_running_reqs=3), pb.RankLoad(dp_rank=1, num_running_reqs=4)])
     assert summary.total_running_reqs == 7 and summary.num_ranks == 2

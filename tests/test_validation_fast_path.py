@@ -1,4 +1,5 @@
-"""The validation fast path (loadagg.server.validation._looks_valid) never accepts what the field-by-field check refuses.
+"""The validation fast path (loadagg.server.validation._looks_valid) never accepts what the field-by-field check
+refuses.
 
 The fast path exists for speed (the bench's fan-in profile); this pins that it changes no verdict.
 """

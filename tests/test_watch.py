@@ -8,8 +8,8 @@ import time
 
 import grpc
 import pytest
-
 from conftest import wait_for
+
 from loadagg.client.load_client import AsyncLoadClient, LoadClient
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc

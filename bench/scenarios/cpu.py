@@ -107,7 +107,8 @@ def measure(ranks: int, ranks_per_agent: int, duration: float, idle_s: float, pr
     refresh = f"push {INTERVAL_S * 1000:.0f} ms + CACHED" if push else f"NEW_ROUND every {INTERVAL_S * 1000:.0f} ms"
     return {
         "ranks": ranks, "agents": ranks // ranks_per_agent, "refresh": refresh, "wall_s": result["wall_s"],
-        "rounds": rounds, "pushes": pushes, "rank_snapshots_per_s": round((rounds * ranks + pushes * ranks_per_agent) / window_s),
+        "rounds": rounds, "pushes": pushes,
+        "rank_snapshots_per_s": round((rounds * ranks + pushes * ranks_per_agent) / window_s),
         "round_p50_ms": result["round_ms_p50"], "call_p99_ms": result["latency"]["p99_ms"],
         "aggregator_cores": round(cores, 3), "idle_cores": round(idle_cores, 3),
         "peak_rss_mb": round(busy["vmhwm_kb"] / 1024, 1), "errors": sum(result["errors"].values()),

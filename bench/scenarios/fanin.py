@@ -53,11 +53,12 @@ def run(tiny: bool = False) -> Outcome:
             "errors": sum(result["errors"].values()),
         }
         outcome.rows.append(row)
-    for (dp_size, ranks_per_agent), row in list(measured.items())[1:]:
+    for (dp_size, _), row in list(measured.items())[1:]:
         layout = f"{dp_size} ranks, {row['agents']} agents"
         outcome.targets += [
             Target(f"round p99, {layout}", f"{row['round_p99_ms']:.0f} ms", "<= 50 ms", row["round_p99_ms"] <= 50),
-            Target(f"aggregator peak RSS, {layout}", f"{row['peak_rss_mb']:.0f} MB", "<= 200 MB", row["peak_rss_mb"] <= 200),
+            Target(f"aggregator peak RSS, {layout}", f"{row['peak_rss_mb']:.0f} MB", "<= 200 MB",
+                   row["peak_rss_mb"] <= 200),
         ]
     outcome.notes = [
         f"{passes} passes of {calls} NEW_ROUND calls one after another per layout; the row is the pass with the "
@@ -66,7 +67,8 @@ def run(tiny: bool = False) -> Outcome:
         "aggregator_cpu / agents_cpu: CPU (user + system, from each process's own accounting) per round over all "
         "passes; the agents are real SchedulerAgents on the same 2 cores, so their share is taken from the "
         "aggregator's round (in a deployment each runs on its own GPU node).",
-        "peak RSS is VmHWM of the aggregator process (its own /proc status) after the run; rss_linked is once all agents linked.",
+        "peak RSS is VmHWM of the aggregator process (its own /proc status) after the run; rss_linked is once all "
+        "agents linked.",
     ]
     return outcome
 

@@ -1,9 +1,10 @@
 """Scenario 4, routers' way today: 16 routers each polling 64 sglang-style `/v1/loads` HTTP endpoints in
 parallel, against the same 16 routers calling GetLoads on the aggregator (64 ranks behind it).
 
-Both sides' "schedulers" take 20 ms to answer. Routers call GetLoads with JOIN, then with CACHED 100 ms. Routers poll together at synchronized ticks (the storm the
-watching communicator exists for). Scheduler hits are counted where they land: HTTP requests served by
-the endpoints; collects answered (source reads) by the agents.
+Both sides' "schedulers" take 20 ms to answer. Routers call GetLoads with JOIN, then with CACHED 100 ms.
+Routers poll together at synchronized ticks (the storm the watching communicator exists for). Scheduler hits
+are counted where they land: HTTP requests served by the endpoints; collects answered (source reads) by the
+agents.
 """
 
 from __future__ import annotations
@@ -101,11 +102,13 @@ def run(tiny: bool = False) -> Outcome:
         f"each; every scheduler answers after {COLLECT_MS:.0f} ms). Each row is the repetition with the median p50 "
         "(p50s_ms lists all); hits add up every repetition.",
         f"the aggregator ran {rounds['GetLoads JOIN']} rounds (JOIN) and {rounds['GetLoads CACHED 100 ms']} (CACHED) "
-        f"for {routers * polls * reps} router polls each (one collect per rank per round). JOIN shares a round only among "
+        f"for {routers * polls * reps} router polls each (one collect per rank per round). JOIN shares a round only "
+        "among "
         "routers whose calls reach it while it is in flight; routers of one tick issued from one busy process can miss "
         "it and start another. CACHED (max_staleness_ms=100, far below the 500 ms poll interval) also lets them reuse "
         "a round that just ended.",
-        f"HTTP hits leave out each router's keep-alive warm-up poll; an HTTP poll parses {ranks} JSON bodies, a GetLoads one message.",
+        f"HTTP hits leave out each router's keep-alive warm-up poll; an HTTP poll parses {ranks} JSON bodies, a "
+        "GetLoads one message.",
         f"where the HTTP p50 comes from: the schedulers answer concurrently (no queueing), so it is CPU. A tick's "
         f"{routers} x {ranks} GETs and JSON bodies are served and parsed on the same 2 cores, where in a deployment "
         f"routers and schedulers each have their own. With one router alone, HTTP's p50 is {alone:.1f}x GetLoads' "

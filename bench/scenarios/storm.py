@@ -113,9 +113,10 @@ def run(tiny: bool = False) -> Outcome:
                                             collects / reps)
             bounds[callers] = (rounds, sum(1 + r["wall_s"] * 1000 / max(1, r["round_ms_p50"]) for r in results[1::2]))
             if callers == big:  # each watching burst against the echo burst just before it
-                walls = [(w["wall_s"], e["wall_s"]) for e, w in zip(results[0::2], results[1::2])]
+                walls = [(w["wall_s"], e["wall_s"]) for e, w in zip(results[0::2], results[1::2], strict=False)]
             if callers != big:
-                spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S, "target": queueing.target}
+                spec = {"mode": "burst", "callers": callers, "timeout_s": QUEUEING_DEADLINE_S,
+                        "target": queueing.target}
                 (queue_result,), rounds, collects = counted(queueing, spec)
                 rows["queueing", callers] = row("queueing", callers, queue_result, [queue_result], rounds, collects)
         max_in_flight = watching.stats()["max_rounds_in_flight"]
@@ -137,12 +138,14 @@ def run(tiny: bool = False) -> Outcome:
                f"{bounds[top][0]} (bound {bounds[top][1]:.0f}); at most {max_in_flight} in flight",
                "<= 1 + wall/round_time, 1 at a time", bounds[top][0] <= bounds[top][1] and max_in_flight == 1),
         Target(f"watching p99 from the burst's start, {top} callers",
-               f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms; from each call's issue: {w['p99_from_issue_ms']:.0f} "
+               f"{w['p99_ms']:.0f} ms (echo: {e['p99_ms']:.0f} ms; from each call's issue: "
+               f"{w['p99_from_issue_ms']:.0f} "
                f"ms; {w['timeouts'] + w['other_errors']} errors)", "<= 500 ms, no errors",
                w["p99_ms"] <= 500 and w["timeouts"] + w["other_errors"] == 0),
         Target(f"queueing p99 / watching p99, {top} callers", f"{speedup:.0f}x", ">= 40x", speedup >= 40),
         Target(f"{big} callers: watching wall / echo wall (median of {reps} alternated pairs)",
-               f"{wall_ratio:.2f}x (watching/echo walls: " + ", ".join(f"{w:.2f}/{e:.2f} s" for w, e in walls) + ")", "<= 1.2x",
+               f"{wall_ratio:.2f}x (watching/echo walls: " + ", ".join(f"{w:.2f}/{e:.2f} s" for w, e in walls) + ")",
+               "<= 1.2x",
                wall_ratio <= 1.2),
         Target(f"{big} callers: errors ({reps} bursts)", str(wb["other_errors"] + wb["timeouts"]), "0",
                wb["other_errors"] + wb["timeouts"] == 0),
@@ -150,7 +153,8 @@ def run(tiny: bool = False) -> Outcome:
                "<= 1 + wall/round_time", bounds[big][0] <= bounds[big][1]),
     ]
     outcome.notes = [
-        f"{RANKS} agents (one rank each) in {processes} processes. Echo and watching bursts alternate {reps} times per size in one client "
+        f"{RANKS} agents (one rank each) in {processes} processes. Echo and watching bursts alternate {reps} times per "
+        "size in one client "
         "process (8 connections); each row is the run with the median p99; the 10,000-caller wall target is the "
         "median of the watching/echo ratios of the alternated pairs. Queueing runs once per size. "
         f"collects_per_agent: collects the aggregator sent per burst (its own count), per agent; its most rounds in "
@@ -166,10 +170,13 @@ def run(tiny: bool = False) -> Outcome:
         "timeouts, which stay in at their deadline (censored); timeouts and other_errors add up every burst of "
         "that size.",
         f"{big:,} callers, CPU per burst (mean of {reps}, each process's own accounting): watching "
-        f"{cpu['watching_total']:.2f} s = aggregator {cpu['aggregator']:.2f} + {RANKS} agents {cpu['agents']:.2f} + client "
+        f"{cpu['watching_total']:.2f} s = aggregator {cpu['aggregator']:.2f} + {RANKS} agents {cpu['agents']:.2f} + "
+        "client "
         f"{cpu['client_watching']:.2f}; echo {cpu['echo_total']:.2f} s = echo {cpu['echo']:.2f} + client "
-        f"{cpu['client_echo']:.2f}. On 2 shared cores the walls follow the CPU: {ratio(cpu['watching_total'], cpu['echo_total']):.2f}x "
-        f"the echo's in all, {ratio(cpu['aggregator'] + cpu['client_watching'], cpu['echo_total']):.2f}x without the agents "
+        f"{cpu['client_echo']:.2f}. On 2 shared cores the walls follow the CPU: "
+        f"{ratio(cpu['watching_total'], cpu['echo_total']):.2f}x "
+        f"the echo's in all, {ratio(cpu['aggregator'] + cpu['client_watching'], cpu['echo_total']):.2f}x without the "
+        "agents "
         "(whose collects, in a deployment, run on the GPU nodes).",
         "rounds in a watching row are those its callers were answered from; the targets use the aggregator's own "
         "counters over all bursts of that size; rounds_bound = 1 + wall / round_ms_p50 (round time as callers saw it).",

@@ -49,10 +49,12 @@ def run(tiny: bool = False) -> Outcome:
             "GetLoads JOIN, 8 agents, ranks answer in 0 ms": {"target": fast.target},
             "GetLoads JOIN, 1 agent serving 8 ranks, 0 ms": {"target": packed.target},
             "GetLoads JOIN, 8 agents, ranks answer in 20 ms": {"target": slow.target},
-            "GetLoads CACHED (max_staleness 100 ms)": {"target": fast.target, "freshness": "cached", "max_staleness_ms": 100},
+            "GetLoads CACHED (max_staleness 100 ms)": {"target": fast.target, "freshness": "cached",
+                                                       "max_staleness_ms": 100},
         }
         reps = 1 if tiny else 3
-        spec = {"mode": "closed", "concurrency": CONCURRENCY, "duration_s": duration, "runs": list(variants.values()) * reps}
+        spec = {"mode": "closed", "concurrency": CONCURRENCY, "duration_s": duration,
+                "runs": list(variants.values()) * reps}
         results = run_client(spec, timeout=120)["results"]
         # Where a JOIN round's CPU goes: one more JOIN-only run on that aggregator, counters on either side.
         before, agents_before = fast.stats(), fast.agent_stats()
@@ -71,8 +73,9 @@ def run(tiny: bool = False) -> Outcome:
     for i, name in enumerate(variants):
         runs = results[i::len(variants)]
         # Each run against the echo run of its own repetition (they alternate); the median pair counts.
-        shares = [ratio(run["calls_per_s"], echo["calls_per_s"]) for run, echo in zip(runs, echo_runs)]
-        result, share = median_by(list(zip(runs, shares)), key=lambda pair: (pair[1], pair[0]["calls_per_s"]))
+        shares = [ratio(run["calls_per_s"], echo["calls_per_s"]) for run, echo in zip(runs, echo_runs, strict=False)]
+        result, share = median_by(list(zip(runs, shares, strict=False)), key=lambda pair: (pair[1],
+                                                                                           pair[0]["calls_per_s"]))
         outcome.rows.append({
             "server": name, "calls_per_s": result["calls_per_s"], "vs_echo": f"{share:.0%}",
             "vs_echo_each": "/".join(f"{x:.0%}" for x in shares),
@@ -81,15 +84,18 @@ def run(tiny: bool = False) -> Outcome:
             "errors": sum(sum(run["errors"].values()) for run in runs),
         })
         if name != echo_name:
-            outcome.targets.append(Target(f"{name} / echo", f"{share:.0%} (each repetition: {'/'.join(f'{x:.0%}' for x in shares)})",
+            outcome.targets.append(Target(f"{name} / echo",
+                                          f"{share:.0%} (each repetition: {'/'.join(f'{x:.0%}' for x in shares)})",
                                           ">= 70% (stretch 90%), no errors",
                                           share >= 0.7 and outcome.rows[-1]["errors"] == 0))
     outcome.notes = [
         f"{duration} s per run; each variant ran {reps} times, alternating with the others in one client process; "
         "each run is set against the echo run of its own repetition, and the median of those ratios counts (the row "
         "shows that run; vs_echo_each lists every repetition). Errors add up every run.",
-        f"JOIN 8 agents 0 ms, one more {duration} s run of its own: {after['rounds_started'] - before['rounds_started']} "
-        f"rounds for {join_only['ok']} calls; the aggregator used {after['cpu_s'] - before['cpu_s']:.2f} s of CPU and its "
+        f"JOIN 8 agents 0 ms, one more {duration} s run of its own: "
+        f"{after['rounds_started'] - before['rounds_started']} "
+        f"rounds for {join_only['ok']} calls; the aggregator used {after['cpu_s'] - before['cpu_s']:.2f} s of CPU and "
+        "its "
         f"{processes} agent processes {agents_after['cpu_s'] - agents_before['cpu_s']:.2f} s, on the same 2 cores "
         "(each round wakes all 8).",
         "the aggregator's cProfile under JOIN 0 ms load (top by own time) is below. gRPC's C core is not in it, "

@@ -1,8 +1,9 @@
 """Scenario 5, WatchLoads: 1000 watchers at a 100 ms interval over 8 ranks (20 ms collect latency).
 
-All watchers due at the same tick must share one round: rounds per scheduled tick <= 1, with no errors. Delivery lag is the time
-from a round's end (the answer's timestamp_ms) to the watcher reading it, in the client's process on the
-same machine clock. Until the aggregator serves WatchLoads (UNIMPLEMENTED), the scenario says so and skips.
+All watchers due at the same tick must share one round: rounds per scheduled tick <= 1, with no errors.
+Delivery lag is the time from a round's end (the answer's timestamp_ms) to the watcher reading it, in the
+client's process on the same machine clock. Until the aggregator serves WatchLoads (UNIMPLEMENTED), the
+scenario says so and skips.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def run(tiny: bool = False) -> Outcome:
         cluster.close()
     if "skipped" in result:
         outcome.skipped = result["skipped"]
-        outcome.targets = [Target("rounds per tick", "-", "<= 1", None), Target("delivery lag p99", "-", "reported", None)]
+        outcome.targets = [Target("rounds per tick", "-", "<= 1", None), Target("delivery lag p99", "-", "reported",
+                                                                                None)]
         return outcome
     rounds = after["rounds_started"] - before["rounds_started"]
     ticks = after.get("watch_ticks", 0) - before.get("watch_ticks", 0)  # the hub's own count of ticks
@@ -49,7 +51,8 @@ def run(tiny: bool = False) -> Outcome:
         Target("delivery lag p99", f"{result['lag']['p99_ms']:.0f} ms", "reported", True),
     ]
     outcome.notes = [
-        f"{duration:.0f} s of watching; rounds from the aggregator's own counter, against the ticks the {INTERVAL_MS} ms "
+        f"{duration:.0f} s of watching; rounds from the aggregator's own counter, against the ticks the {INTERVAL_MS} "
+        "ms "
         "schedule holds over the client's wall (scheduled_ticks; hub_ticks is the watch hub's own count); "
         "replaced: answers a slow watcher had not read yet when the next tick's replaced them (latest wins).",
         "lag: now - timestamp_ms (the round's end) when the watcher reads the message, in the client's process.",

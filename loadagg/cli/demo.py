@@ -11,11 +11,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from loadagg.common import field_default
-
-from loadagg.client.load_client import AsyncLoadClient
-from loadagg.server.config import AggregatorConfig
 from loadagg.cli.render import to_table
+from loadagg.client.load_client import AsyncLoadClient
+from loadagg.common import field_default
+from loadagg.server.config import AggregatorConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +55,8 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
     """Run the local cluster; returns how many refreshes were shown."""
     from loadagg.server.aggregator import Aggregator  # the `server` extra; DemoConfig stays importable without it
 
-    aggregator = Aggregator(AggregatorConfig(host="127.0.0.1", port=config.port, dp_size=config.dp_size, mode=config.mode))
+    aggregator = Aggregator(AggregatorConfig(host="127.0.0.1", port=config.port, dp_size=config.dp_size,
+                                             mode=config.mode))
     port = await aggregator.start()
     procs = spawn_agents(config, port)
     shown = 0

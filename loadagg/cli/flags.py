@@ -71,7 +71,8 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
     c = SecurityConfig
     g.add_argument("--tls-cert", default=env("TLS_CERT", default(c, "tls_cert")),
                    help="server certificate chain (PEM) [LOADAGG_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")), help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
+    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")),
+                   help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
     g.add_argument("--tls-client-ca", default=env("TLS_CLIENT_CA", default(c, "tls_client_ca")),
                    help="require client certificates signed by this CA: mutual TLS [LOADAGG_TLS_CLIENT_CA]")
 

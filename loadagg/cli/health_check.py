@@ -9,17 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadagg.client.channels import ChannelSecurity, sync_channel
 from loadagg.common import DEFAULT_PORT, env
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-
 
 def default_target() -> str:
     """LOADAGG_TARGET when set, else the aggregator of this host as `serve` binds it (LOADAGG_HOST when that
-    is one address rather than all of them, else 127.0.0.1; LOADAGG_PORT, else the default port): right inside its container."""
+    is one address rather than all of them, else 127.0.0.1; LOADAGG_PORT, else the default port): right inside its
+    container."""
     host = env("HOST") or ""
     if host in ("", "0.0.0.0", "::", "[::]"):
         host = "127.0.0.1"
@@ -38,6 +36,8 @@ def check_health(target: str, service: str = "", timeout: float = 3.0,
                  security: ChannelSecurity | None = None) -> HealthResult:
     """Ask `target`'s health service about `service` ("" = the server as a whole); TLS when `security` says so
     (health needs no token)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # the `server` extra (grpcio-health-checking)
+
     what = f"service {service!r}" if service else "the server"
     try:
         with sync_channel(target, security) as channel:
@@ -53,4 +53,4 @@ def check_health(target: str, service: str = "", timeout: float = 3.0,
             return HealthResult(False, f"UNIMPLEMENTED: {target} serves no grpc.health.v1.Health")
         return HealthResult(False, f"{code.name}: cannot check {target}: {error.details()}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return HealthResult(reply.status == SERVING, f"{status}: {what} at {target}")
+    return HealthResult(reply.status == health_pb2.HealthCheckResponse.SERVING, f"{status}: {what} at {target}")

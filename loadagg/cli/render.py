@@ -24,7 +24,8 @@ def bar(ratio: float, width: int = 10) -> str:
 
 def to_table(response: pb.GetLoadsResponse) -> str:
     """One line per rank, then missing ranks and the summary."""
-    header = f"{'rank':>4} {'run':>5} {'wait':>5} {'tokens used':>14} {'usage':>17} {'tok/s':>8} {'hit':>5} {'gpu mem':>13}  state"
+    header = (f"{'rank':>4} {'run':>5} {'wait':>5} {'tokens used':>14} {'usage':>17} {'tok/s':>8} {'hit':>5} "
+              f"{'gpu mem':>13}  state")
     if response.source == pb.ANSWER_SOURCE_SNAPSHOTS:
         origin = f"pushed snapshots (no round)  dp_size {response.dp_size}"
     else:

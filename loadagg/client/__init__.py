@@ -5,8 +5,15 @@ It needs only grpcio and protobuf (`pip install loadagg`): it imports the contra
 """
 
 from loadagg.client.channels import ChannelSecurity
-from loadagg.client.load_client import (KEEP_TRYING, NO_RETRY, AsyncLoadClient, LoadClient, Loads, RetryPolicy,
-                                        WatchEnded)
+from loadagg.client.load_client import (
+                                        KEEP_TRYING,
+                                        NO_RETRY,
+                                        AsyncLoadClient,
+                                        LoadClient,
+                                        Loads,
+                                        RetryPolicy,
+                                        WatchEnded,
+)
 
 __all__ = ["KEEP_TRYING", "NO_RETRY", "AsyncLoadClient", "ChannelSecurity", "LoadClient", "Loads", "RetryPolicy",
            "WatchEnded"]

@@ -178,7 +178,8 @@ def build_request(
     return request
 
 
-def watch_request(dp_rank: int | None, include: Iterable[str], interval_ms: int, allow_stale: bool) -> pb.WatchLoadsRequest:
+def watch_request(dp_rank: int | None, include: Iterable[str], interval_ms: int,
+                  allow_stale: bool) -> pb.WatchLoadsRequest:
     request = pb.WatchLoadsRequest(include=list(include), interval_ms=interval_ms, allow_stale=allow_stale)
     if dp_rank is not None:
         request.dp_rank = dp_rank

@@ -14,8 +14,8 @@ from loadagg.server.communicator import Communicator
 from loadagg.server.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with, listed, quoted
 from loadagg.server.registry import AgentRegistry, AgentSession
 from loadagg.server.rounds import unix_ms
-from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.server.validation import load_problem, validate_hello
+from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 REJECTION_WARNING_INTERVAL_S = 10.0

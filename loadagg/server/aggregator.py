@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loadagg.common import package_version
 import loadagg.server.sglang_compat as sglang_compat
+from loadagg.common import package_version
 from loadagg.server.agent_link import AgentLinkService
 from loadagg.server.auth import TokenPolicy
 from loadagg.server.communicator import MODES, Communicator
@@ -25,8 +25,8 @@ from loadagg.server.http_gateway import HttpGateway
 from loadagg.server.metrics import AggregatorMetrics, timed_handler
 from loadagg.server.registry import AgentRegistry
 from loadagg.server.service import LoadAggregatorService
-from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.server.watch import WatchHub
+from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import ALL_SECTIONS, trim
 from loadagg.v1 import loadagg_pb2 as pb
 
-
 _TOTALLED = attrgetter("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "max_total_num_tokens")
 INT64_MAX = 2**63 - 1  # totals saturate here: each figure is valid alone, their sum may not fit the field
 
 
 def check_rank(dp_rank: int | None, dp_size: int) -> None:
     if dp_rank is not None and not 0 <= dp_rank < dp_size:
-        raise InvalidRequest(f"dp_rank {dp_rank} is out of range: this cluster has dp_size={dp_size} (ranks 0..{dp_size - 1})")
+        raise InvalidRequest(f"dp_rank {dp_rank} is out of range: this cluster has dp_size={dp_size} "
+                             f"(ranks 0..{dp_size - 1})")
 
 
 def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:

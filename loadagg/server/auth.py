@@ -43,7 +43,8 @@ class TokenPolicy:
 
     def http_problem(self, authorization: str | None) -> str | None:
         """The same check for the HTTP gateway's /v1/loads (the router token; /metrics stays open like health)."""
-        return self.problem("loadagg.v1.LoadAggregator", [] if authorization is None else [(AUTHORIZATION, authorization)])
+        return self.problem("loadagg.v1.LoadAggregator", [] if authorization is None else [(AUTHORIZATION,
+                                                                                            authorization)])
 
     def problem(self, service: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """Why a call to `service` with `metadata` is not authenticated, or None when it is."""

@@ -22,8 +22,14 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from loadagg.server.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
-from loadagg.server.errors import (InvalidRequest, LoadAggError, ResourceExhausted, ShuttingDown, Unauthenticated,
-                                   abort_with)
+from loadagg.server.errors import (
+    InvalidRequest,
+    LoadAggError,
+    ResourceExhausted,
+    ShuttingDown,
+    Unauthenticated,
+    abort_with,
+)
 
 log = logging.getLogger(__name__)
 

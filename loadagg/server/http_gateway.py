@@ -18,8 +18,7 @@ from aiohttp import web
 
 from loadagg.server.answers import check_rank, shared_view
 from loadagg.server.auth import TokenPolicy, http_middleware
-from loadagg.server.errors import (InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed,
-                                   quoted)
+from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService

@@ -19,7 +19,7 @@ class LimitsConfig:
     # the rest of a burst: 10,000 routers asking at once lost 7,000 answers. Beyond this, gRPC cancels.
     max_pending_calls: int = 20_000
     keepalive_s: float = DEFAULT_KEEPALIVE_S  # ping idle peers this often; 0 = off
-    keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S  # a peer that does not answer a ping in time is disconnected
+    keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S  # a peer not answering a ping in time is disconnected
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:

@@ -86,7 +86,7 @@ class _CallLatency(Collector):
                                        labels=["api", "code"])
         bounds = [*map(floatToGoString, _LATENCY_BUCKETS), "+Inf"]
         for (api, code), (counts, total) in sorted(self._series.items()):
-            family.add_metric([api, code], list(zip(bounds, accumulate(counts))), total)
+            family.add_metric([api, code], list(zip(bounds, accumulate(counts), strict=False)), total)
         yield family
 
 

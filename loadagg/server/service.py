@@ -16,8 +16,8 @@ from loadagg.server.errors import DeadlineTooShort, InvalidRequest, LoadAggError
 from loadagg.server.freshness import CachedAnswers
 from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import parse_include
-from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.server.watch import WatchHub
+from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 _FRESHNESS = frozenset(pb.Freshness.values())

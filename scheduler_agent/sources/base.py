@@ -82,7 +82,7 @@ class LoadSource(abc.ABC):
 
     name: str = "source"
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (an optional hook: most sources open nothing)
         """Open connections; called once before the first read."""
 
     @abc.abstractmethod
@@ -97,8 +97,8 @@ class LoadSource(abc.ABC):
         """
         return None
 
-    def set_round_timeout(self, round_timeout_ms: int) -> None:
+    def set_round_timeout(self, round_timeout_ms: int) -> None:  # noqa: B027 (an optional hook)
         """The aggregator's round deadline (from Welcome): a source should give up on the engine before it."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release what start() opened."""

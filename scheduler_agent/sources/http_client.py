@@ -7,7 +7,6 @@ library covers both sides.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any
@@ -85,7 +84,7 @@ class EngineHttp:
                 if response.status != 200:
                     raise SourceError(f"GET {path}: HTTP {response.status}")
                 return (await _capped_body(response, path)).decode(response.get_encoding())
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise SourceError(f"GET {path}: no answer within the engine timeout") from None
         except aiohttp.ClientConnectionError as error:
             raise SourceError(f"GET {path}: engine unreachable ({type(error).__name__})") from None

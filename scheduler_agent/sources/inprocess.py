@@ -12,13 +12,12 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Union
 
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.base import LoadSource, SourceError
 
-_Loads = Union[Mapping[int, pb.RankLoad], Sequence[pb.RankLoad]]
-LoadCallback = Callable[[Sequence[int]], Union[_Loads, Awaitable[_Loads]]]
+_Loads = Mapping[int, pb.RankLoad] | Sequence[pb.RankLoad]
+LoadCallback = Callable[[Sequence[int]], _Loads | Awaitable[_Loads]]
 
 
 def _now_ms() -> int:

@@ -18,8 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import (EngineRanks, LoadSource, PartialRead, SourceError, not_applicable, read_ranks,
-                                          set_figure)
+from scheduler_agent.sources.base import (
+    EngineRanks,
+    LoadSource,
+    PartialRead,
+    SourceError,
+    not_applicable,
+    read_ranks,
+    set_figure,
+)
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
 
 V1_LOADS = "/v1/loads?include=all"

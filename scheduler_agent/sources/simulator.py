@@ -103,7 +103,8 @@ class SimulatedSource(LoadSource):
                     )
                 ]
             ),
-            spec=pb.SpeculativeMetrics(accept_length=round(s.accept_length, 3), accept_rate=round((s.accept_length - 1) / 3, 4)),
+            spec=pb.SpeculativeMetrics(accept_length=round(s.accept_length, 3),
+                                       accept_rate=round((s.accept_length - 1) / 3, 4)),
             lora=pb.LoraMetrics(slots_used=s.lora_used, slots_total=8, utilization=s.lora_used / 8),
             disagg=pb.DisaggMetrics(mode="null"),
             queues=pb.QueueMetrics(waiting=s.waiting, grammar=0, paused=0, retracted=0),
