@@ -1,9 +1,8 @@
 """gRPC C-core settings for loadagg's own processes. They are read once, when `grpc` is first imported.
 
 The aggregator serves with gRPC's classic (iomgr) TCP listener rather than the EventEngine listener that
-grpcio turns on by default. Under many agent streams that each send a small message every 50 ms, the
-EventEngine path costs about 30 % more server CPU per message in Python (bench `cpu`: a bare grpc.aio
-server over 100 streams used 0.16 instead of 0.23 core; the aggregator 0.34 instead of 0.40).
+grpcio turns on by default: under many agent streams that each send a small message every 50 ms, the
+EventEngine path costs more server CPU per message (bench `cpu`; the figures are in bench/README.md).
 
 An operator's own GRPC_EXPERIMENTS always wins (`GRPC_EXPERIMENTS=event_engine_listener` brings the
 EventEngine listener back). Only entry points call this: importing loadagg as a library changes nothing.

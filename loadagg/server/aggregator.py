@@ -190,11 +190,9 @@ class Aggregator:
 def tune_gc() -> None:
     """Keep the garbage collector's full passes off the serving path of a long-running aggregator.
 
-    The ~50k objects made at start-up (modules, descriptors) live for good: freezing them spares every
-    full collection from walking them again. Measured in bench (same box, side by side): WatchLoads to
-    1000 watchers delivered 57k answers in 6 s with a p99 lag of 90 ms, against 42k and 670 ms unfrozen.
-    Raising the young-generation threshold as well looked cheaper per call in storms but made those
-    collections rarer and longer, and the watch lag grew to 1.8 s: the thresholds stay CPython's.
+    The objects made at start-up (modules, descriptors) live for good: freezing them spares every full
+    collection from walking them again, which shortened WatchLoads' delivery lag most (bench `watch`; the
+    figures, and why the young-generation threshold stays CPython's, are in bench/README.md).
     Call it once, after start.
     """
     gc.freeze()

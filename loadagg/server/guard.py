@@ -57,7 +57,7 @@ def _make_handler(shape: tuple[bool, bool], behaviour: Callable, serializer) -> 
 async def _take_first_message(context) -> None:
     """Read what a request stream sends first (an agent's hello) before refusing it: ending the call while
     that message is still being sent can reach the caller as INTERNAL "Internal error from Core" instead of
-    the refusal's status (18 of 290 refused agent links here; none in 409 once the hello is read)."""
+    the refusal's status; once the hello is read, the refusal arrives as sent."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(context.read(), _REFUSAL_READ_S)
 

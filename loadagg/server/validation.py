@@ -119,11 +119,10 @@ _INF = math.inf
 def _looks_valid(load: pb.RankLoad) -> bool:
     """The common case, cheaply: every figure plausible. False sends the load to the detailed check.
 
-    Every report of every rank passes here (2,000 a second for 100 ranks refreshed every 50 ms): with it
-    switched off, the aggregator's main thread used ~30 µs less per report, about half of what it adds to
-    bare gRPC's per-message cost. Every numeric field (unset ones read 0, which is plausible) is read a
-    message at a time by attrgetter, each section's wrapper made once, and the checks run in C over the
-    gathered tuples: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
+    Every report of every rank passes here, so its cost is most of what the aggregator adds to bare gRPC's
+    per-message cost (bench `cpu`, bench/README.md). Every numeric field (unset ones read 0, which is
+    plausible) is read a message at a time by attrgetter, each section's wrapper made once, and the checks run
+    in C over the gathered tuples: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
     infinite or past that bound (a large integer count also goes to the detailed check, which allows it).
     """
     if load.stale or load.age_ms:
