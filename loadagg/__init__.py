@@ -7,7 +7,7 @@ imported lazily, so that `import loadagg.v1` (what agents and routers share) loa
 
 from __future__ import annotations
 
-from importlib import import_module
+from loadagg.common import lazy_exports
 
 _EXPORTS = {
     "Aggregator": "loadagg.server.aggregator",
@@ -28,14 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'loadagg' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports("loadagg", _EXPORTS)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,26 +42,24 @@ def _unset(value: str | None) -> bool:
     return value is None or value.strip() == ""
 
 
-def env_int(name: str, default: int) -> int:
-    """LOADAGG_<NAME> as an integer, else `default`; a value that is not one fails, naming the variable."""
+def _env_number(name: str, default: T, parse: Callable[[str], T], what: str) -> T:
     value = env(name)
     if _unset(value):
         return default
     try:
-        return int(value)
+        return parse(value)
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name} must be an integer, got {value!r}") from None
+        raise ValueError(f"{ENV_PREFIX}{name} must be {what}, got {value!r}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    """LOADAGG_<NAME> as an integer, else `default`; a value that is not one fails, naming the variable."""
+    return _env_number(name, default, int, "an integer")
 
 
 def env_float(name: str, default: float) -> float:
     """LOADAGG_<NAME> as a number, else `default`; a value that is not one fails, naming the variable."""
-    value = env(name)
-    if _unset(value):
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name} must be a number, got {value!r}") from None
+    return _env_number(name, default, float, "a number")
 
 
 def env_optional_int(name: str) -> int | None:
@@ -114,6 +114,82 @@ def read_pem(path: str, flag: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read {flag} {path!r}: {error.strerror}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """How a client (a router's channel, an agent's link) dials the aggregator: a token, TLS files, a server name.
+
+    The router library and the agent each add their gRPC side (credentials, interceptors, keepalive) to this
+    one description, so the rules and the flags for it are written once."""
+
+    token: str = field(default="", repr=False)  # sent as `authorization: Bearer <token>`
+    tls: bool = False  # TLS with the system's trusted roots (implied by tls_ca / tls_cert)
+    tls_ca: str = ""  # CA that signed the aggregator's certificate (PEM path)
+    tls_cert: str = ""  # this client's certificate, for mutual TLS
+    tls_key: str = ""
+    tls_server_name: str = ""  # name expected in the aggregator's certificate, when not the target's host
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together (a client certificate and its key)")
+        if any(c in self.token for c in "\r\n"):
+            raise ValueError("the token must be a single line")
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.tls_ca or self.tls_cert)
+
+    def pem_files(self) -> dict[str, bytes | None]:
+        """The keyword arguments of grpc.ssl_channel_credentials; an unreadable file raises ValueError naming it."""
+        return {
+            "root_certificates": read_pem(self.tls_ca, "--tls-ca") if self.tls_ca else None,
+            "private_key": read_pem(self.tls_key, "--tls-key") if self.tls_key else None,
+            "certificate_chain": read_pem(self.tls_cert, "--tls-cert") if self.tls_cert else None,
+        }
+
+    def name_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+
+
+def add_tls_client_flags(group: argparse._ArgumentGroup, defaults: type[TlsClient], *, cert_env: str,
+                         key_env: str) -> None:
+    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name of a command that dials the aggregator."""
+    group.add_argument("--tls", action="store_true", default=env_bool("TLS", field_default(defaults, "tls")),
+                       help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
+    group.add_argument("--tls-ca", default=env("TLS_CA", field_default(defaults, "tls_ca")),
+                       help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
+    group.add_argument("--tls-cert", default=env(cert_env, field_default(defaults, "tls_cert")),
+                       help=f"client certificate (PEM), for mutual TLS [{ENV_PREFIX}{cert_env}]")
+    group.add_argument("--tls-key", default=env(key_env, field_default(defaults, "tls_key")),
+                       help=f"key of --tls-cert (PEM) [{ENV_PREFIX}{key_env}]")
+    group.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", field_default(defaults, "tls_server_name")),
+                       help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
+
+
+def tls_client_args(args: argparse.Namespace, token_env: str) -> dict[str, Any]:
+    """TlsClient's fields from parsed flags; the token from `token_env` when --token is absent (or not a flag)."""
+    token = getattr(args, "token", None)
+    return {"token": token if token is not None else env(token_env, ""), "tls": args.tls, "tls_ca": args.tls_ca,
+            "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_server_name": args.tls_server_name}
+
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's __getattr__ and __dir__ that import each public name from its module on first use, so that
+    importing the package (or its contract, loadagg.v1) loads nothing else."""
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(module), name)
+        setattr(import_module(package), name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__
 
 
 def keepalive_options(interval_s: float, timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:

@@ -12,6 +12,7 @@ import sys
 from loadagg.common import (
     LOG_LEVELS,
     HelpFormatter,
+    add_tls_client_flags,
     env,
     env_bool,
     env_choice,
@@ -21,6 +22,7 @@ from loadagg.common import (
     env_optional_int,
     missing_extra,
     run,
+    tls_client_args,
 )
 from loadagg.common import field_default as default
 from scheduler_agent.agent import SchedulerAgent
@@ -107,13 +109,13 @@ def parser() -> argparse.ArgumentParser:
                    default=env_bool("RESOLVE_ALL", default(FanoutConfig, "resolve_all")),
                    help="link to EVERY address --aggregator's name resolves to (a headless Service: all replicas), "
                         "following changes [LOADAGG_RESOLVE_ALL=true]")
-    p.add_argument("--resolve-interval-s", type=float, default=env_float("RESOLVE_INTERVAL_S", default(FanoutConfig,
-                                                                                                       "resolve_interval_s")),
+    p.add_argument("--resolve-interval-s", type=float,
+                   default=env_float("RESOLVE_INTERVAL_S", default(FanoutConfig, "resolve_interval_s")),
                    help="--resolve-all: seconds between re-resolutions [LOADAGG_RESOLVE_INTERVAL_S]")
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
                    default=env_log_level(), help="[LOADAGG_LOG_LEVEL]")
-    p.add_argument("--backoff-initial-ms", type=int, default=env_int("BACKOFF_INITIAL_MS", default(c,
-                                                                                                   "backoff_initial_ms")),
+    p.add_argument("--backoff-initial-ms", type=int,
+                   default=env_int("BACKOFF_INITIAL_MS", default(c, "backoff_initial_ms")),
                    help="first reconnect delay ceiling; doubles per failure, full jitter [LOADAGG_BACKOFF_INITIAL_MS]")
     p.add_argument("--backoff-max-ms", type=int, default=env_int("BACKOFF_MAX_MS", default(c, "backoff_max_ms")),
                    help="largest reconnect delay ceiling [LOADAGG_BACKOFF_MAX_MS]")
@@ -122,30 +124,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_link_flags(p: argparse.ArgumentParser) -> None:
-    c = LinkSecurity
     g = p.add_argument_group("secure link to the aggregator")
     g.add_argument("--token", default=None,  # read from the environment later, so --help never prints it
                    help="shared agent token (the aggregator's --agent-token) [LOADAGG_AGENT_TOKEN]")
-    g.add_argument("--tls", action="store_true", default=env_bool("TLS", default(c, "tls")),
-                   help="use TLS, trusting the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
-    g.add_argument("--tls-ca", default=env("TLS_CA", default(c, "tls_ca")),
-                   help="CA certificate (PEM) of the aggregator [LOADAGG_TLS_CA]")
-    g.add_argument("--tls-cert", default=env("TLS_CERT", default(c, "tls_cert")),
-                   help="this agent's certificate (PEM), for mutual TLS [LOADAGG_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("TLS_KEY", default(c, "tls_key")),
-                   help="key of --tls-cert (PEM) [LOADAGG_TLS_KEY]")
-    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", default(c, "tls_server_name")),
-                   help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
-    g.add_argument("--keepalive-s", type=float, default=env_float("KEEPALIVE_S", default(c, "keepalive_s")),
+    add_tls_client_flags(g, LinkSecurity, cert_env="TLS_CERT", key_env="TLS_KEY")
+    g.add_argument("--keepalive-s", type=float, default=env_float("KEEPALIVE_S", default(LinkSecurity, "keepalive_s")),
                    help="keepalive ping interval; 0 turns pings off [LOADAGG_KEEPALIVE_S]")
 
 
 def link_security_from_args(args: argparse.Namespace) -> LinkSecurity:
-    return LinkSecurity(
-        token=args.token if args.token is not None else env("AGENT_TOKEN", ""), tls=args.tls, tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name, keepalive_s=args.keepalive_s,
-    )
+    return LinkSecurity(**tls_client_args(args, "AGENT_TOKEN"), keepalive_s=args.keepalive_s)
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 
 from loadagg.client.channels import ChannelSecurity
-from loadagg.common import DEFAULT_TARGET, env, env_bool, env_choice, env_float, env_int
+from loadagg.common import (
+    DEFAULT_TARGET,
+    add_tls_client_flags,
+    env,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    tls_client_args,
+)
 from loadagg.common import field_default as default
 from loadagg.server.config import MODE_NAMES, AggregatorConfig
 from loadagg.server.limits import LimitsConfig
@@ -133,29 +142,14 @@ def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
 
 def add_client_flags(p: argparse.ArgumentParser, *, token: bool = True) -> None:
     """TLS / mutual TLS and the router token of a command that calls the aggregator (ChannelSecurity)."""
-    c = ChannelSecurity
     g = p.add_argument_group("secure channel (the token is read from the environment when the flag is absent)")
     if token:
         g.add_argument("--token", default=None,
                        help="router token (the aggregator's --router-token) [LOADAGG_ROUTER_TOKEN]")
-    g.add_argument("--tls", action="store_true", default=env_bool("TLS", default(c, "tls")),
-                   help="use TLS with the system's CAs (implied by --tls-ca/--tls-cert) [LOADAGG_TLS]")
-    g.add_argument("--tls-ca", default=env("TLS_CA", default(c, "tls_ca")),
-                   help="CA certificate of the aggregator (PEM) [LOADAGG_TLS_CA]")
     # CLIENT_: in the aggregator's own container LOADAGG_TLS_CERT/KEY are the server's (what `serve` reads),
     # and `loadagg health` (the image's HEALTHCHECK) runs there too.
-    g.add_argument("--tls-cert", default=env("CLIENT_TLS_CERT", default(c, "tls_cert")),
-                   help="client certificate, mutual TLS [LOADAGG_CLIENT_TLS_CERT]")
-    g.add_argument("--tls-key", default=env("CLIENT_TLS_KEY", default(c, "tls_key")),
-                   help="key of --tls-cert [LOADAGG_CLIENT_TLS_KEY]")
-    g.add_argument("--tls-server-name", default=env("TLS_SERVER_NAME", default(c, "tls_server_name")),
-                   help="name to expect in the aggregator's certificate [LOADAGG_TLS_SERVER_NAME]")
+    add_tls_client_flags(g, ChannelSecurity, cert_env="CLIENT_TLS_CERT", key_env="CLIENT_TLS_KEY")
 
 
 def channel_security_from_args(args: argparse.Namespace) -> ChannelSecurity:
-    token = getattr(args, "token", None)
-    return ChannelSecurity(
-        token=token if token is not None else env("ROUTER_TOKEN", ""),
-        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name,
-    )
+    return ChannelSecurity(**tls_client_args(args, "ROUTER_TOKEN"))

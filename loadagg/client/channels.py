@@ -4,41 +4,22 @@ works on plaintext and TLS channels alike, and on every RPC the stubs gain later
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
-from loadagg.common import AUTHORIZATION, read_pem
+from loadagg.common import AUTHORIZATION, TlsClient
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelSecurity:
-    token: str = field(default="", repr=False)
-    tls: bool = False  # TLS with the system's trusted roots (implied by tls_ca / tls_cert)
-    tls_ca: str = ""  # CA that signed the aggregator's certificate (PEM path)
-    tls_cert: str = ""  # client certificate, for mutual TLS
-    tls_key: str = ""
-    tls_server_name: str = ""  # name expected in the server certificate, when not the target's host
-
-    def __post_init__(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if any(c in self.token for c in "\r\n"):
-            raise ValueError("the token must be a single line")
-
-    @property
-    def uses_tls(self) -> bool:
-        return bool(self.tls or self.tls_ca or self.tls_cert)
+class ChannelSecurity(TlsClient):
+    """A router's channel to the aggregator: the router token and TLS (fields and checks: common.TlsClient)."""
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=read_pem(self.tls_ca, "--tls-ca") if self.tls_ca else None,
-            private_key=read_pem(self.tls_key, "--tls-key") if self.tls_key else None,
-            certificate_chain=read_pem(self.tls_cert, "--tls-cert") if self.tls_cert else None,
-        )
+        return grpc.ssl_channel_credentials(**self.pem_files())
 
     def options(self) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", self.tls_server_name)] if self.tls_server_name else []
+        return self.name_options()
 
 
 def _with_token(details, token: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
+from loadagg.common import lazy_exports
 
 _EXPORTS = {
     "Aggregator": "loadagg.server.aggregator",
@@ -14,10 +14,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'loadagg.server' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports("loadagg.server", _EXPORTS)
