@@ -21,6 +21,7 @@ from loadagg.cli.flags import (  # noqa: E402
     channel_security_from_args,
     non_negative_int,
 )
+from loadagg.client.load_client import DEFAULT_TIMEOUT_S  # noqa: E402
 from loadagg.common import LOG_LEVELS, HelpFormatter, env_int, env_log_level, missing_extra, run  # noqa: E402
 from loadagg.common import field_default as default  # noqa: E402
 from loadagg.server.config import MODE_NAMES  # noqa: E402
@@ -101,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--max-staleness-ms", type=non_negative_int, default=None,
                    help="with cached: oldest answer accepted")
     q.add_argument("--json", action="store_true", help="print JSON (proto field names)")
-    q.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    q.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds")
     add_client_flags(q)
     q.set_defaults(func=_loads)
 
@@ -124,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_top(sub, common, fmt)
 
+    from loadagg.cli.health_check import DEFAULT_TIMEOUT_S as HEALTH_TIMEOUT_S
     from loadagg.cli.health_check import default_target
 
     h = sub.add_parser("health", help="grpc.health.v1 Check: exit 0 when SERVING, 1 otherwise (container probes)",
@@ -133,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
                         ":$LOADAGG_PORT]")
     h.add_argument("--service", default="", help="health service name; '' = the whole server, "
                    "or loadagg.v1.LoadAggregator / loadagg.v1.AgentLink")
-    h.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    h.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S, help="seconds")
     add_client_flags(h, token=False)  # health is open: TLS flags only
     h.set_defaults(func=_health, extra="server")
     return p

@@ -26,13 +26,16 @@ def default_target() -> str:
     return env("TARGET") or f"{host}:{env('PORT') or DEFAULT_PORT}"
 
 
+DEFAULT_TIMEOUT_S = 3.0  # a container probe's answer; the image's HEALTHCHECK allows 5 s
+
+
 @dataclass(frozen=True, slots=True)
 class HealthResult:
     serving: bool
     message: str
 
 
-def check_health(target: str, service: str = "", timeout: float = 3.0,
+def check_health(target: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_S,
                  security: ChannelSecurity | None = None) -> HealthResult:
     """Ask `target`'s health service about `service` ("" = the server as a whole); TLS when `security` says so
     (health needs no token)."""

@@ -81,6 +81,7 @@ class RetryPolicy:
         return base * (1 + random.uniform(-self.jitter, self.jitter))
 
 
+DEFAULT_TIMEOUT_S = 5.0  # a whole get_loads, retries included
 NO_RETRY = RetryPolicy(attempts=1)
 KEEP_TRYING = RetryPolicy(attempts=2**31 - 1)  # a live view: ride out an aggregator restart, however long
 
@@ -250,7 +251,7 @@ class _Resubscriptions:
 class AsyncLoadClient(_Base):
     """`async with AsyncLoadClient("127.0.0.1:50051") as c: loads = await c.get_loads()`."""
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
                  metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
         super().__init__(target, timeout, retry, metadata)
         # TLS / mutual TLS and the router token (on every call), when `security` configures them.
@@ -306,7 +307,7 @@ class AsyncLoadClient(_Base):
 class LoadClient(_Base):
     """Blocking twin of AsyncLoadClient, for scripts, the CLI and sync routers."""
 
-    def __init__(self, target: str, *, timeout: float | None = 5.0, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, target: str, *, timeout: float | None = DEFAULT_TIMEOUT_S, retry: RetryPolicy = RetryPolicy(),
                  metadata=None, options=(), security: ChannelSecurity | None = None) -> None:
         super().__init__(target, timeout, retry, metadata)
         self._channel = sync_channel(target, security, options=[*CHANNEL_OPTIONS, *options])
