@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench protos clean
+.PHONY: demo test prometheus lint bench protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/loadagg demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed prometheus
 	$(PY) -m pytest -q
+
+# Prometheus and promtool (Debian's package) for the tests that scrape a live aggregator and test the alert rules.
+prometheus:
+	@scripts/install_prometheus.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

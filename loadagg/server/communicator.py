@@ -38,6 +38,7 @@ class CommunicatorStats:
     collects_sent: int = 0
     reports_accepted: int = 0
     reports_dropped: int = 0  # answers for a round that is not (or no longer) in flight
+    pushes_accepted: int = 0  # unsolicited reports (round_id 0): each is one engine read by its agent
     partial_answers: int = 0  # callers answered before their round ended, to meet their deadline
     max_rounds_in_flight: int = 0  # high-water mark: 1 in watching mode, whatever the load
 
@@ -143,8 +144,9 @@ class _Communicator:
         mixed in), its figures only refresh the ranks' last-known snapshots, as a push would (they are the
         agent's newest; an agent that skipped them in its pushes would otherwise never send them)."""
         if round_id == 0:  # unsolicited push: only refreshes last-known snapshots
-            self.registry.store(loads)
+            self.registry.store(loads, pushed=True)
             self.stats.reports_accepted += 1
+            self.stats.pushes_accepted += 1
             return True
         rnd = self._rounds.get(round_id)
         if rnd is None:  # its round is over: never part of an answer, but the agent's latest figures

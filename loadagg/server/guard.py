@@ -234,6 +234,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return stream_coroutine
 
 
+REFUSAL_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "UNAVAILABLE")
+
+
 class GuardCollector:
     """Prometheus view of the guard: calls refused by status code, and agent links open now."""
 
@@ -245,7 +248,10 @@ class GuardCollector:
 
         refused = CounterMetricFamily("loadagg_calls_refused", "Calls refused before reaching a handler "
                                       "(draining, token, agent-link cap, malformed bytes).", labels=["code"])
-        for code, count in sorted(self.guard.refused.items()):
+        # Every code the guard refuses with is there from the start, at 0: a rate() or an alert sees the
+        # first refusals (a series born at 5 would hide them).
+        counts = {code: 0 for code in REFUSAL_CODES} | dict(self.guard.refused)
+        for code, count in sorted(counts.items()):
             refused.add_metric([code], count)
         yield refused
         yield GaugeMetricFamily("loadagg_agent_links", "AgentLink streams open now (hello or not).",

@@ -43,6 +43,9 @@ class _StateCollector(Collector):
             ("loadagg_rounds_timed_out", stats.rounds_timed_out, "Rounds that ended at their deadline."),
             ("loadagg_round_callers", stats.callers, "Callers that waited on a round (led or joined)."),
             ("loadagg_reports_dropped", stats.reports_dropped, "Agent reports for a round not in flight."),
+            ("loadagg_collects_sent", stats.collects_sent, "Collects sent to agents: each asks one engine read."),
+            ("loadagg_pushes_received", stats.pushes_accepted,
+             "Unsolicited agent reports (pushes): each is one engine read."),
             ("loadagg_partial_answers", stats.partial_answers, "Callers answered before their round ended."),
             ("loadagg_watch_ticks", self.watch.stats.ticks, "WatchLoads ticks that asked for a round."),
             ("loadagg_watch_ticks_skipped", self.watch.stats.ticks_skipped, "Ticks missed: round outlasted interval."),
@@ -59,6 +62,44 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("loadagg_rounds_in_flight", "Rounds in flight now.",
                                 value=self.communicator.rounds_in_flight)
         yield GaugeMetricFamily("loadagg_watchers", "Open WatchLoads streams.", value=self.watch.watchers)
+
+
+class _RankCollector(Collector):
+    """Per-rank state at scrape time: linked, missing, pushing, and the age of the newest figures held.
+
+    One series per rank and figure (dp_size is bounded by the aggregator's limits), so an alert can say
+    which rank is missing or stale, and for how long.
+    """
+
+    def __init__(self, communicator: Communicator, registry: AgentRegistry) -> None:
+        self.communicator = communicator
+        self.registry = registry
+
+    def collect(self) -> Iterator:
+        now = time.monotonic()
+        live = self.registry.live_ranks()
+        pushing = self.registry.push_fed_ranks()
+        last = self.communicator.last_result
+        missed = frozenset(last.missing) if last is not None else frozenset()
+        linked = GaugeMetricFamily("loadagg_rank_linked", "1 when a connected agent serves the dp rank.",
+                                   labels=["dp_rank"])
+        missing = GaugeMetricFamily(
+            "loadagg_rank_missing", "1 when the dp rank would be missing from an answer now: no agent serves it, "
+            "or it did not answer the last round.", labels=["dp_rank"])
+        push_fed = GaugeMetricFamily("loadagg_rank_push_fed", "1 when the dp rank's agent pushes its figures "
+                                     "unasked (on its current link).", labels=["dp_rank"])
+        age = GaugeMetricFamily(
+            "loadagg_rank_figures_age_seconds", "Age of the newest figures held for the dp rank (a round answer or "
+            "a push), on the aggregator's clock: what a cached or stale answer gives routers.", labels=["dp_rank"])
+        for rank in range(self.registry.dp_size):
+            label = [str(rank)]
+            linked.add_metric(label, rank in live)
+            missing.add_metric(label, rank not in live or rank in missed)
+            push_fed.add_metric(label, rank in pushing)
+            snapshot = self.registry.snapshot(rank)
+            if snapshot is not None:  # a rank never heard of has no age (not 0, not infinity)
+                age.add_metric(label, snapshot.age_ms(now) / 1000)
+        yield from (linked, missing, push_fed, age)
 
 
 class _CallLatency(Collector):
@@ -94,6 +135,7 @@ class AggregatorMetrics:
     def __init__(self, communicator: Communicator, registry: AgentRegistry, watch: WatchHub) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StateCollector(communicator, registry, watch))
+        self.registry.register(_RankCollector(communicator, registry))
         self.round_duration = Histogram(
             "loadagg_round_duration_seconds", "Time from a round's collect broadcast to its end.",
             buckets=_LATENCY_BUCKETS, registry=self.registry,

@@ -99,6 +99,7 @@ class AgentRegistry:
         self._last_owner_id: dict[int, str] = {}
         self._snapshots: dict[int, Snapshot] = {}
         self._sessions: set[AgentSession] = set()
+        self._push_fed: set[int] = set()  # ranks whose current link has pushed figures unasked
         self._listeners: list[Callable[[AgentSession], None]] = []
         self._joined_listeners: list[Callable[[AgentSession], None]] = []
         self.snapshot_version = 0
@@ -146,6 +147,7 @@ class AgentRegistry:
         if session not in self._sessions:
             return
         self._sessions.discard(session)
+        self._push_fed.difference_update(session.dp_ranks)  # a new link earns it again with its first push
         for rank in session.dp_ranks:
             if self._owner.get(rank) is session:
                 del self._owner[rank]
@@ -165,11 +167,17 @@ class AgentRegistry:
         """Every rank ever served: (instance id, connected now)."""
         return {r: (iid, r in self._owner) for r, iid in sorted(self._last_owner_id.items())}
 
-    def store(self, loads: Iterable[pb.RankLoad], now: float | None = None) -> None:
+    def store(self, loads: Iterable[pb.RankLoad], now: float | None = None, pushed: bool = False) -> None:
         now = time.monotonic() if now is None else now
         for load in loads:
             self._snapshots[load.dp_rank] = Snapshot(load, now)
+            if pushed:
+                self._push_fed.add(load.dp_rank)
         self.snapshot_version += 1
+
+    def push_fed_ranks(self) -> frozenset[int]:
+        """Ranks whose agent has pushed on its current link (the push-feed staleness alert watches these)."""
+        return frozenset(self._push_fed)
 
     def snapshot(self, rank: int) -> Snapshot | None:
         return self._snapshots.get(rank)
