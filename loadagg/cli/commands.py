@@ -63,6 +63,8 @@ def _demo(args: argparse.Namespace) -> int:
         interval_s=args.interval,
         duration_s=args.duration,
         mode=args.mode,
+        routers=args.routers,
+        router_interval_ms=args.router_interval_ms,
     )
     try:
         run(run_demo(config))
@@ -119,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=default(c, "duration_s"),
                    help="stop after this many seconds (0: Ctrl-C)")
     d.add_argument("--mode", choices=MODE_NAMES, default=default(c, "mode"))
+    d.add_argument("--routers", type=non_negative_int, default=default(c, "routers"),
+                   help="simulated routers asking GetLoads all the while (0: none)")
+    d.add_argument("--router-interval-ms", type=int, default=default(c, "router_interval_ms"),
+                   help="each router asks this often")
     d.set_defaults(func=_demo, extra="server,agent")
 
     from loadagg.cli.top import add_parser as add_top

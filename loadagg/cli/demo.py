@@ -1,4 +1,8 @@
-"""`loadagg demo`: an aggregator plus N simulated agent processes on loopback, with loads refreshing live."""
+"""`loadagg demo`: an aggregator plus N simulated agent processes on loopback, with loads refreshing live.
+
+A swarm of simulated routers (a child process, `loadagg.cli.swarm`) asks the aggregator all the while, and the view
+shows what that costs the engines: router calls/s, rounds/s, callers per round and the engine reads saved.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from loadagg.cli.render import to_table
+from loadagg.cli.swarm import DEFAULT_INTERVAL_MS, DEFAULT_ROUTERS, SwarmConfig
 from loadagg.client.load_client import AsyncLoadClient
 from loadagg.common import field_default
 from loadagg.server.config import AggregatorConfig
@@ -26,10 +31,13 @@ class DemoConfig:
     interval_s: float = 1.0
     duration_s: float = 0.0  # 0: until Ctrl-C
     mode: str = field_default(AggregatorConfig, "mode")
+    routers: int = DEFAULT_ROUTERS  # simulated routers (0: none)
+    router_interval_ms: int = DEFAULT_INTERVAL_MS
 
     def __post_init__(self) -> None:
         if not 1 <= self.agents <= self.dp_size:
             raise ValueError(f"--agents must be in 1..dp_size ({self.dp_size}), got {self.agents}")
+        SwarmConfig("", self.routers, self.router_interval_ms)  # ValueError naming the flag out of bounds
 
 
 def split_ranks(dp_size: int, agents: int) -> list[list[int]]:
@@ -51,14 +59,28 @@ def spawn_agents(config: DemoConfig, port: int) -> list[subprocess.Popen]:
     return procs
 
 
+def spawn_swarm(config: DemoConfig, port: int) -> list[subprocess.Popen]:
+    """The simulated routers' process (none with --routers 0)."""
+    if not config.routers:
+        return []
+    cmd = [sys.executable, "-m", "loadagg.cli.swarm", "--target", f"127.0.0.1:{port}",
+           "--routers", str(config.routers), "--interval-ms", str(config.router_interval_ms)]
+    return [subprocess.Popen(cmd)]
+
+
 async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
     """Run the local cluster; returns how many refreshes were shown."""
+    from loadagg.cli.coalescing import coalescing, describe, read_metrics  # prometheus-client: the server extra
     from loadagg.server.aggregator import Aggregator  # the `server` extra; DemoConfig stays importable without it
 
     aggregator = Aggregator(AggregatorConfig(host="127.0.0.1", port=config.port, dp_size=config.dp_size,
-                                             mode=config.mode))
+                                             mode=config.mode, http_port=0))
     port = await aggregator.start()
-    procs = spawn_agents(config, port)
+    procs = spawn_swarm(config, port) + spawn_agents(config, port)  # the swarm ends first
+    routers = (f"{config.routers} simulated routers asking every {config.router_interval_ms} ms"
+               if config.routers else "no simulated routers")
+    metrics_url = f"http://127.0.0.1:{aggregator.http_port}/metrics"
+    reading = None
     shown = 0
     started = time.monotonic()
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
@@ -71,9 +93,11 @@ async def run_demo(config: DemoConfig, out=sys.stdout) -> int:
             while not stop.is_set() and (not config.duration_s or time.monotonic() - started < config.duration_s):
                 response = (await client.get_loads(allow_stale=True)).response
                 live = len(aggregator.registry.live_ranks())
+                before, reading = reading, read_metrics(aggregator.metrics.exposition().decode())
                 out.write(
-                    f"{clear}loadagg demo: aggregator 127.0.0.1:{port}, {live}/{config.dp_size} ranks linked "
-                    f"from {config.agents} agent processes (Ctrl-C to stop)\n{to_table(response)}\n\n"
+                    f"{clear}loadagg demo: aggregator 127.0.0.1:{port} ({metrics_url}), {live}/{config.dp_size} "
+                    f"ranks linked from {config.agents} agent processes, {routers} (Ctrl-C to stop)\n"
+                    f"{describe(coalescing(reading, before))}\n{to_table(response)}\n\n"
                 )
                 out.flush()
                 shown += 1
