@@ -3,6 +3,8 @@
 Running/waiting requests, token-usage bars, throughput, cache hit rate, GPU memory and the age of
 each rank's figures; stale ranks (answered from a last-known snapshot, or older than --stale-ms) in
 yellow, missing ranks in red. `--frames N` / `--once` print N frames and exit (scripts, tests).
+With `--metrics-url` (the aggregator's HTTP gateway /metrics) a line above the ranks shows the coalescing:
+router calls/s, rounds/s, callers per round and the engine reads saved, as `loadagg demo` does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import grpc
 
 from loadagg.cli.flags import add_client_flags, add_target_flag, channel_security_from_args, non_negative_int
 from loadagg.client.channels import ChannelSecurity
-from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env_int, field_default, run
+from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env, env_int, field_default, run
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,7 @@ class TopConfig:
     stale_ms: int = 0  # 0: three intervals (interval 0 is the server's default watch interval, 1 s unless changed)
     width: int | None = None
     security: ChannelSecurity | None = None  # TLS / mutual TLS and the router token
+    metrics_url: str = ""  # the aggregator's /metrics (HTTP gateway): the coalescing line; "" hides it
 
     @property
     def stale_after_ms(self) -> int:
@@ -41,7 +44,7 @@ def _top(args: argparse.Namespace) -> int:
 
     frames = 1 if args.once else args.frames
     config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,
-                       security=channel_security_from_args(args))
+                       security=channel_security_from_args(args), metrics_url=args.metrics_url)
     console = Console(width=args.width) if args.width else Console()
     try:
         run(run_top(config, console))
@@ -67,5 +70,9 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     t.add_argument("--stale-ms", type=non_negative_int, default=field_default(TopConfig, "stale_ms"),
                    help="highlight ranks whose figures are older (0: 3 intervals)")
     t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
+    t.add_argument("--metrics-url", default=env("METRICS_URL", field_default(TopConfig, "metrics_url")),
+                   help="the aggregator's /metrics (`serve --http-port`), e.g. http://127.0.0.1:8080/metrics: adds "
+                        "the coalescing line (calls/s, rounds/s, callers per round, engine reads saved) "
+                        "[LOADAGG_METRICS_URL]")
     add_client_flags(t)
     t.set_defaults(func=_top, extra="top")

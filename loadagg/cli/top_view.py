@@ -1,4 +1,5 @@
-"""How `loadagg top` draws a frame with rich: usage bars, GPU memory, stale ranks in yellow, missing ones in red."""
+"""How `loadagg top` draws a frame with rich: usage bars, GPU memory, stale ranks in yellow, missing ones in red,
+and (with --metrics-url) the coalescing line read from the aggregator's /metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from loadagg.cli.render import mean_usage
 from loadagg.client.load_client import KEEP_TRYING, AsyncLoadClient, Loads, RetryPolicy
 
 if TYPE_CHECKING:
+    from loadagg.cli.coalescing import Reading
     from loadagg.cli.top import TopConfig
 
 GIB = 1 << 30
@@ -49,9 +51,43 @@ def _gpu(load, compact: bool = False) -> Text:
 COMPACT_BELOW = 130
 
 
-def render(loads: Loads, config: TopConfig, width: int | None = None) -> Group:
-    """One frame: a header line, then a row per rank (missing ones included), then totals (`width`: the
-    console's, for the compact layout)."""
+class MetricsLine:
+    """The coalescing line, from the aggregator's /metrics read once per frame (rates between two reads)."""
+
+    TIMEOUT_S = 1.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.reading: Reading | None = None
+        self._session = None
+
+    async def line(self) -> Text | None:
+        """The line; a short note when the page cannot be read; None when no URL is configured."""
+        if not self.url:
+            return None
+        import aiohttp  # (and prometheus-client, below): the `top` extra
+
+        from loadagg.cli.coalescing import coalescing, describe, read_metrics
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.TIMEOUT_S))
+        try:
+            async with self._session.get(self.url) as answer:
+                answer.raise_for_status()
+                text = await answer.text()
+            before, self.reading = self.reading, read_metrics(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # ValueError: not Prometheus text
+            return Text(f"metrics: cannot read {self.url} ({type(error).__name__})", "dim")
+        return Text(describe(coalescing(self.reading, before)), "cyan")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def render(loads: Loads, config: TopConfig, width: int | None = None, metrics: Text | None = None) -> Group:
+    """One frame: a header line (and the coalescing line, when `metrics` has one), then a row per rank (missing
+    ones included), then totals (`width`: the console's, for the compact layout)."""
     compact = width is not None and width < COMPACT_BELOW
     r = loads.response
     missing = set(r.missing_ranks)
@@ -93,7 +129,7 @@ def render(loads: Loads, config: TopConfig, width: int | None = None) -> Group:
         f"{s.total_used_tokens}/{s.total_max_tokens} tokens  mean usage {mean_usage(s)}  "
         f"{s.total_gen_throughput:.0f} tok/s"
     )
-    return Group(header, table, footer)
+    return Group(header, *([metrics] if metrics is not None else []), table, footer)
 
 
 async def run_top(config: TopConfig, console: Console) -> int:
@@ -101,21 +137,25 @@ async def run_top(config: TopConfig, console: Console) -> int:
     shown = 0
     live_view = config.frames == 0  # runs until Ctrl-C: wait out an aggregator restart instead of exiting
     retry = KEEP_TRYING if live_view else RetryPolicy()
+    metrics = MetricsLine(config.metrics_url)
     async with AsyncLoadClient(config.target, timeout=None, retry=retry, security=config.security) as client:
         feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
-        if console.is_terminal and config.frames == 0:
-            waiting = Text(f"loadagg top: waiting for the aggregator at {config.target} ...")
-            with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
-                live.refresh()  # says what it waits for until the first frame (it retries until Ctrl-C)
+        try:
+            if console.is_terminal and config.frames == 0:
+                waiting = Text(f"loadagg top: waiting for the aggregator at {config.target} ...")
+                with Live(waiting, console=console, auto_refresh=False, transient=False) as live:
+                    live.refresh()  # says what it waits for until the first frame (it retries until Ctrl-C)
+                    async for loads in feed:
+                        live.update(render(loads, config, console.width, await metrics.line()), refresh=True)
+                        shown += 1
+            else:
                 async for loads in feed:
-                    live.update(render(loads, config, console.width), refresh=True)
+                    console.print(render(loads, config, console.width, await metrics.line()))
+                    console.print()
                     shown += 1
-        else:
-            async for loads in feed:
-                console.print(render(loads, config, console.width))
-                console.print()
-                shown += 1
-                if config.frames and shown >= config.frames:
-                    break
+                    if config.frames and shown >= config.frames:
+                        break
+        finally:
+            await metrics.close()
         await feed.aclose()
     return shown
