@@ -56,10 +56,10 @@ def test_serve_agent_and_loads_as_separate_processes(processes):
     assert "aggregator stopped" in server.stdout.read()
 
 
-def test_demo_shows_a_live_cluster():
+def test_demo_shows_a_live_cluster_and_its_routers_coalescing():
     result = subprocess.run(
         [sys.executable, "-m", "loadagg", "demo", "--dp-size", "4", "--agents", "2", "--duration", "8",
-         "--interval", "0.5", "--log-level", "WARNING"],
+         "--interval", "0.5", "--routers", "40", "--log-level", "WARNING"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
@@ -69,8 +69,16 @@ def test_demo_shows_a_live_cluster():
     linked = [f for f in frames if "4/4 ranks linked from 2 agent processes" in f]
     assert linked, frames[-1]
     assert "total: 4 ranks" in linked[-1]
-    round_ids = [int(f.split("round ")[1].split()[0]) for f in frames]
+    round_ids = [int(f.split("\nround ")[1].split()[0]) for f in frames]
     assert round_ids == sorted(round_ids) and len(set(round_ids)) == len(round_ids)  # refreshing
+    # The 40 routers' calls shared rounds: the line above the ranks says how many, and what the engines saved.
+    assert "40 simulated routers asking every 50 ms" in frames[-1]
+    line = next(text for text in frames[-1].splitlines() if text.startswith("router calls "))
+    calls = float(line.split("router calls ")[1].split("/s")[0].replace(",", ""))
+    callers = float(line.split("callers per round ")[1].split()[0].replace(",", ""))
+    saved = float(line.split("engine reads saved ")[1].split(" %")[0])
+    assert calls > 0 and callers > 1 and saved > 50, line
+    assert "with every router asking each of 2 engine(s)" in line
 
 
 def _children(pid: int) -> list[int]:
@@ -87,17 +95,51 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_demo_stopped_by_sigterm_ends_its_agent_processes(processes):
-    demo = processes.start("loadagg", "demo", "--dp-size", "2", "--interval", "0.2", "--log-level", "WARNING")
+def _wait_for_children(pid: int, count: int) -> list[int]:
     deadline = time.monotonic() + 30
-    while len(_children(demo.pid)) < 2:
-        assert time.monotonic() < deadline, "demo never started its agents"
+    while len(children := _children(pid)) < count:
+        assert time.monotonic() < deadline, f"demo started {len(children)} of its {count} processes"
         time.sleep(0.1)
-    agents = _children(demo.pid)
+    return children
+
+
+def test_demo_stopped_by_sigterm_ends_its_agent_and_router_processes(processes):
+    demo = processes.start("loadagg", "demo", "--dp-size", "2", "--interval", "0.2", "--routers", "10",
+                           "--log-level", "WARNING")
+    children = _wait_for_children(demo.pid, 3)  # 2 agents and the routers
     demo.send_signal(signal.SIGTERM)
     assert demo.wait(timeout=20) == 0
     time.sleep(0.2)
-    assert not [pid for pid in agents if os.path.exists(f"/proc/{pid}")], "agent processes outlived the demo"
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "processes outlived the demo"
+
+
+def _in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_on_the_demo_leaves_nothing_running(processes):
+    """Ctrl-C sends SIGINT to the terminal's whole foreground process group: the demo, its agents and its routers.
+    Afterwards no process of that group is left (nor a zombie)."""
+    demo = processes.start("loadagg", "demo", "--dp-size", "2", "--interval", "0.2", "--routers", "10",
+                           "--log-level", "WARNING", start_new_session=True)  # a group of its own, as a shell's job
+    _wait_for_children(demo.pid, 3)
+    time.sleep(1.0)  # the routers and agents are busy
+    os.killpg(demo.pid, signal.SIGINT)
+    assert demo.wait(timeout=20) == 0
+    deadline = time.monotonic() + 10
+    while left := _in_group(demo.pid):
+        assert time.monotonic() < deadline, f"still running after Ctrl-C: {left}"
+        time.sleep(0.1)
 
 
 def test_a_bad_environment_variable_is_a_usage_error_naming_it():

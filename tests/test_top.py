@@ -7,6 +7,7 @@ import signal
 import sys
 
 from conftest import ROOT, free_port, wait_for
+from loadagg.cli.swarm import SwarmConfig, run_swarm
 
 
 async def _top(port: int, *args: str, width: int = 160) -> tuple[int, str, str]:
@@ -111,3 +112,31 @@ async def test_live_top_rides_out_an_aggregator_restart(start_aggregator, start_
         reader.cancel()
     assert proc.returncode == 0
 
+
+
+async def test_top_shows_the_coalescing_line_from_the_aggregators_metrics(start_aggregator, start_agents):
+    agg = await start_aggregator(dp_size=2, http_port=0)
+    await start_agents(agg, [[0], [1]], collect_latency_ms=20)
+    stop = asyncio.Event()
+    routers = asyncio.create_task(run_swarm(SwarmConfig(f"127.0.0.1:{agg.port}", routers=20, interval_ms=50), stop))
+    metrics_url = f"http://127.0.0.1:{agg.http_port}/metrics"
+    try:
+        code, out, err = await _top(agg.port, "--frames", "3", "--interval-ms", "500", "--metrics-url", metrics_url)
+    finally:
+        stop.set()
+        await routers
+    assert code == 0, err
+    frames = [f for f in out.split("loadagg top ") if f.strip()]
+    lines = [next(line for line in frame.splitlines() if line.startswith("router calls ")) for frame in frames]
+    assert "since start" in lines[0] and "router calls -" in lines[0]  # one reading: no rate yet
+    callers = float(lines[-1].split("callers per round ")[1].split()[0])
+    saved = float(lines[-1].split("engine reads saved ")[1].split(" %")[0])
+    calls = float(lines[-1].split("router calls ")[1].split("/s")[0].replace(",", ""))
+    assert calls > 0 and callers > 1 and saved > 50, lines[-1]
+    assert "each of 2 engine(s)" in lines[-1]
+
+    code, out, _ = await _top(agg.port, "--once", "--interval-ms", "100")  # no metrics URL: no line
+    assert code == 0 and "router calls" not in out and "metrics" not in out
+    unreachable = f"http://127.0.0.1:{free_port()}/metrics"
+    code, out, _ = await _top(agg.port, "--once", "--interval-ms", "100", "--metrics-url", unreachable)
+    assert code == 0 and f"metrics: cannot read {unreachable}" in out and "total: 2 ranks" in out
