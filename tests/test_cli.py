@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from conftest import ROOT, free_port
 
@@ -81,18 +82,19 @@ def test_demo_shows_a_live_cluster_and_its_routers_coalescing():
     assert "with every router asking each of 2 engine(s)" in line
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command: state, ppid, pgid, ...) of every process now."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
+                    yield int(entry), f.read().rsplit(")", 1)[1].split()
+            except OSError:  # it ended meanwhile
                 continue
-            if ppid == pid:
-                kids.append(int(entry))
-    return kids
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, fields in _processes() if int(fields[1]) == pid]
 
 
 def _wait_for_children(pid: int, count: int) -> list[int]:
@@ -114,17 +116,7 @@ def test_demo_stopped_by_sigterm_ends_its_agent_and_router_processes(processes):
 
 
 def _in_group(pgid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    return [pid for pid, fields in _processes() if int(fields[2]) == pgid]
 
 
 def test_ctrl_c_on_the_demo_leaves_nothing_running(processes):

@@ -51,10 +51,13 @@ def _unknown_fields(given, known, path: str) -> list[str]:
     if isinstance(given, dict):
         if not isinstance(known, dict):
             return [path]
-        return [p for key, value in given.items()
-                for p in ([f"{path}.{key}"] if key not in known else _unknown_fields(value, known[key], f"{path}.{key}"))]
+        found = []
+        for key, value in given.items():
+            found += [f"{path}.{key}"] if key not in known else _unknown_fields(value, known[key], f"{path}.{key}")
+        return found
     if isinstance(given, list) and isinstance(known, list):
-        return [p for i, (g, k) in enumerate(zip(given, known, strict=True)) for p in _unknown_fields(g, k, f"{path}[{i}]")]
+        pairs = enumerate(zip(given, known, strict=True))
+        return [p for i, (g, k) in pairs for p in _unknown_fields(g, k, f"{path}[{i}]")]
     return []
 
 
@@ -99,7 +102,8 @@ def test_the_service_monitor_scrapes_the_aggregators_http_port(tmp_path):
     monitor = _one(objects, "ServiceMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     ports = {e["port"] for e in monitor["spec"]["endpoints"]}
-    selected = [s for s in objects if s["kind"] == "Service" and selector.items() <= s["metadata"].get("labels", {}).items()]
+    selected = [s for s in objects
+                if s["kind"] == "Service" and selector.items() <= s["metadata"].get("labels", {}).items()]
     with_port = [s["metadata"]["name"] for s in selected if ports <= {p["name"] for p in s["spec"]["ports"]}]
     assert with_port == ["loadagg"], "exactly the routers' Service exposes the scraped port (one target per pod)"
     (deployment,) = [d for d in objects if d["kind"] == "Deployment" and d["metadata"]["name"] == "loadagg-aggregator"]

@@ -40,7 +40,8 @@ def test_promtool_unit_tests_pass():
 
 
 def test_every_alert_is_tested_firing_and_quiet():
-    cases = [case for test in yaml.safe_load(UNIT_TESTS.read_text())["tests"] for case in test.get("alert_rule_test", [])]
+    tests = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
     fires = {case["alertname"] for case in cases if case["exp_alerts"]}
     quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
     assert alert_names() == {"LoadaggDown", "LoadaggNoAgentLinked", "LoadaggRankMissing", "LoadaggRoundsTimingOut",
