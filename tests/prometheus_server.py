@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 
 INSTALL_HINT = "run scripts/install_prometheus.sh (make test does), or apt-get install prometheus"

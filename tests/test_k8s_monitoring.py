@@ -17,7 +17,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as operator
-
 from deploy_files import ROOT
 from kustomize_lite import render
 

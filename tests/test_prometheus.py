@@ -18,14 +18,14 @@ import threading
 import grpc
 import pytest
 import yaml
-
 from deploy_files import ROOT
-from loadagg.client import AsyncLoadClient
-from loadagg.config import AggregatorConfig
-from loadagg.server import Aggregator
-from loadagg.swarm import SwarmConfig, SwarmStats, run_swarm
-from loadagg.v1 import loadagg_pb2 as pb
 from prometheus_server import PrometheusServer, binary
+
+from loadagg.cli.swarm import SwarmConfig, SwarmStats, run_swarm
+from loadagg.client import AsyncLoadClient
+from loadagg.server.aggregator import Aggregator
+from loadagg.server.config import AggregatorConfig
+from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.inprocess import CallbackSource

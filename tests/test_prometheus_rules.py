@@ -10,7 +10,6 @@ import shutil
 import subprocess
 
 import yaml
-
 from deploy_files import ROOT
 from prometheus_server import binary
 

@@ -7,6 +7,7 @@ import signal
 import sys
 
 from conftest import ROOT, free_port, wait_for
+
 from loadagg.cli.swarm import SwarmConfig, run_swarm
 
 
