@@ -11,8 +11,12 @@ from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
 
 class RawAgent:
-    def __init__(self, port: int, instance_id: str, ranks: list[int], dp_size: int = 0, metadata=None) -> None:
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    def __init__(self, port: int, instance_id: str, ranks: list[int], dp_size: int = 0, metadata=None,
+                 own_connection: bool = False) -> None:
+        # own_connection: a TCP connection of its own (a peer of its own), as another agent process would have;
+        # otherwise channels of one process to one target share one.
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.call = pb_grpc.AgentLinkStub(self.channel).Connect(metadata=metadata)
         self.hello = pb.AgentHello(instance_id=instance_id, dp_ranks=ranks, dp_size=dp_size)
 

@@ -61,9 +61,13 @@ async def test_reply_only_counts_for_the_ranks_the_agent_serves(start_aggregator
         call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=5))
         collect = await a0.next_collect()
         await a1.next_collect()
-        # a0 answers for itself and pretends to answer for rank 1 too: rank 1's entry is refused.
+        # a0 answers for itself and pretends to answer for rank 1 too: rank 1's entry is refused (as not served,
+        # or, past the one rank a0 serves, unread).
         await a0.report(collect.round_id, [pb.RankLoad(dp_rank=0, num_running_reqs=1), pb.RankLoad(dp_rank=1,
                                                                                                    num_running_reqs=9)])
+        rejection = await a0.read()
+        assert rejection.WhichOneof("kind") == "rejected" and "refused unread" in rejection.rejected.reason
+        await a0.report(collect.round_id, [pb.RankLoad(dp_rank=1, num_running_reqs=9)])
         rejection = await a0.read()
         assert rejection.WhichOneof("kind") == "rejected" and "not served by this agent" in rejection.rejected.reason
         response = await call

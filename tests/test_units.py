@@ -105,8 +105,10 @@ async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
     """A cancelled caller and an impatient one (partial answer) leave the round running for the patient one."""
     import asyncio
 
+    import time
+
     from loadagg.server.communicator import WatchingCommunicator
-    from loadagg.server.registry import AgentRegistry, AgentSession
+    from loadagg.server.registry import AgentRegistry, AgentSession, Snapshot
 
     registry = AgentRegistry(dp_size=2)
     session = AgentSession("a", (0, 1))
@@ -122,7 +124,8 @@ async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
     (round_id,) = {(await session.next_message()).collect.round_id}
     assert communicator.rounds_in_flight == 1 and not patient.done()
     sim = SimulatedSource(seed=3)
-    communicator.accept(session, round_id, [sim.snapshot(0), sim.snapshot(1)], [])
+    now = time.monotonic()
+    communicator.accept(session, round_id, [Snapshot(sim.snapshot(r), now, now) for r in (0, 1)], [])
     result = await patient
     assert not result.partial and sorted(result.fresh) == [0, 1] and result.round_id == round_id
     assert result.callers == 3 and communicator.stats.rounds_started == 1 and communicator.stats.partial_answers == 1

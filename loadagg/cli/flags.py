@@ -67,6 +67,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="shortest WatchLoads interval accepted [LOADAGG_MIN_WATCH_INTERVAL_MS]")
     s.add_argument("--hello-timeout-ms", type=int, default=env_int("HELLO_TIMEOUT_MS", default(c, "hello_timeout_ms")),
                    help="an agent link that says no hello this soon is closed [LOADAGG_HELLO_TIMEOUT_MS]")
+    s.add_argument("--forget-rank-after-s", type=float,
+                   default=env_float("FORGET_RANK_AFTER_S", default(c, "forget_rank_after_s")),
+                   help="drop the last-known load of a rank that has had no agent this long "
+                        "[LOADAGG_FORGET_RANK_AFTER_S]")
     _add_security_flags(s)
     _add_limit_flags(s)
 
@@ -106,6 +110,17 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keepalive-timeout-s", type=float,
                    default=env_float("KEEPALIVE_TIMEOUT_S", default(c, "keepalive_timeout_s")),
                    help="how long a ping may go unanswered [LOADAGG_KEEPALIVE_TIMEOUT_S]")
+    g.add_argument("--max-answer-bytes", type=int, default=env_int("MAX_ANSWER_BYTES", default(c, "max_answer_bytes")),
+                   help="largest answer; a rank's load above its share (this over dp_size) is refused "
+                        "[LOADAGG_MAX_ANSWER_BYTES]")
+    g.add_argument("--http-max-connections", type=int,
+                   default=env_int("HTTP_MAX_CONNECTIONS", default(c, "http_max_connections")),
+                   help="HTTP gateway connections open at once (at most half the open-files limit); more get 503 "
+                        "[LOADAGG_HTTP_MAX_CONNECTIONS]")
+    g.add_argument("--http-idle-timeout-s", type=float,
+                   default=env_float("HTTP_IDLE_TIMEOUT_S", default(c, "http_idle_timeout_s")),
+                   help="close an HTTP connection without a complete request this long (idle or half-sent) "
+                        "[LOADAGG_HTTP_IDLE_TIMEOUT_S]")
 
 
 def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
@@ -122,6 +137,7 @@ def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
         default_watch_interval_ms=args.watch_interval_ms,
         min_watch_interval_ms=args.min_watch_interval_ms,
         hello_timeout_ms=args.hello_timeout_ms,
+        forget_rank_after_s=args.forget_rank_after_s,
         security=SecurityConfig(
             agent_token=args.agent_token if args.agent_token is not None else env("AGENT_TOKEN", ""),
             router_token=args.router_token if args.router_token is not None else env("ROUTER_TOKEN", ""),
@@ -136,6 +152,9 @@ def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
             max_pending_calls=args.max_pending_calls,
             keepalive_s=args.keepalive_s,
             keepalive_timeout_s=args.keepalive_timeout_s,
+            max_answer_bytes=args.max_answer_bytes,
+            http_max_connections=args.http_max_connections,
+            http_idle_timeout_s=args.http_idle_timeout_s,
         ),
     )
 

@@ -113,7 +113,7 @@ def render(loads: Loads, config: TopConfig, width: int | None = None, metrics: T
         if load is None:
             table.add_row(str(rank), Text("MISSING", "bold red"), *["-"] * 8, style="red")
             continue
-        age = loads.age_ms(rank) if not load.stale else load.age_ms
+        age = loads.age_ms(rank)  # the aggregator's measure, never the agent's clock
         stale = load.stale or (age is not None and age > config.stale_after_ms)
         state = Text("STALE", "bold yellow") if stale else Text("ok", "green")
         usage = bar(load.token_usage, 0 if compact else 12) if load.HasField("token_usage") else Text("-")

@@ -148,12 +148,14 @@ class Loads:
         return next((load for load in self.response.loads if load.dp_rank == dp_rank), None)
 
     def age_ms(self, dp_rank: int, now_ms: int | None = None) -> int | None:
-        """How old this rank's figures are: from its source timestamp to `now_ms` (default: the answer's time)."""
+        """How old this rank's figures are, as the aggregator measured them on its own clock (the age it
+        received them with, plus how long it held them) at the answer's `timestamp_ms`; with `now_ms` (Unix
+        ms), at that time instead. Never from the agent's `timestamp_ms`: an agent's clock may be off by hours."""
         load = self.rank(dp_rank)
         if load is None:
             return None
-        now = self.response.timestamp_ms if now_ms is None else now_ms
-        return max(0, now - load.timestamp_ms) if load.timestamp_ms else int(load.age_ms)
+        held = 0 if now_ms is None else max(0, now_ms - self.response.timestamp_ms)
+        return int(load.age_ms) + held
 
 
 def build_request(

@@ -12,13 +12,33 @@ import grpc
 
 from loadagg.server.communicator import Communicator
 from loadagg.server.errors import InvalidRequest, LinkReplaced, LoadAggError, abort_with, listed, quoted
-from loadagg.server.registry import AgentRegistry, AgentSession
+from loadagg.server.registry import AgentRegistry, AgentSession, Snapshot
 from loadagg.server.rounds import unix_ms
-from loadagg.server.validation import load_problem, validate_hello
+from loadagg.server.validation import (
+    MAX_RANK_LOAD_BYTES,
+    load_problem,
+    max_hello_bytes,
+    max_report_bytes,
+    validate_hello,
+)
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
 REJECTION_WARNING_INTERVAL_S = 10.0
+# An agent's wall clock this far ahead of ours is noted (a warning per link, a metric). Its timestamp_ms is only
+# for reference: ages are measured on the aggregator's clock, so a clock ahead never makes figures look fresh.
+CLOCK_AHEAD_NOTED_MS = 5_000
+# What an answer holds besides its ranks' loads: the envelope, the summary, and per rank a missing-rank entry
+# and the stale/age_ms fields the aggregator adds.
+_ANSWER_ENVELOPE_BYTES = 1024
+_ANSWER_BYTES_PER_RANK = 32
+_SMALL_RANK_SHARE = 2048
+
+
+def rank_share_bytes(max_answer_bytes: int, dp_size: int) -> int:
+    """The most bytes one rank's load may take so that an answer of every rank fits `max_answer_bytes`."""
+    share = (max_answer_bytes - _ANSWER_ENVELOPE_BYTES) // dp_size - _ANSWER_BYTES_PER_RANK
+    return min(MAX_RANK_LOAD_BYTES, share)
 
 
 class AgentLinkService:
@@ -30,6 +50,7 @@ class AgentLinkService:
         aggregator_id: str,
         round_timeout_ms: int,
         hello_timeout_s: float,
+        max_answer_bytes: int,
     ) -> None:
         self.registry = registry
         self.communicator = communicator
@@ -40,6 +61,25 @@ class AgentLinkService:
         )
         self.hello_timeout_s = hello_timeout_s
         self.reports_rejected = 0
+        self.clock_ahead_loads = 0  # loads whose agent timestamp was CLOCK_AHEAD_NOTED_MS or more ahead of ours
+        self.rank_share = rank_share_bytes(max_answer_bytes, registry.dp_size)
+        if self.rank_share < _SMALL_RANK_SHARE:
+            share = f"max_answer_bytes {max_answer_bytes} leaves {max(self.rank_share, 0)} bytes per rank for " \
+                    f"dp_size={registry.dp_size}"
+            if self.rank_share < _SMALL_RANK_SHARE // 8:
+                raise ValueError(f"{share}: too little for any load; raise --max-answer-bytes")
+            log.warning("%s: a rank with GPU telemetry takes about 1 KB; a larger load is refused (raise "
+                        "--max-answer-bytes, and routers' receive limit, if ranks report many GPUs)", share)
+        self._hello_bytes = max_hello_bytes(registry.dp_size)
+        self._links: dict[object, AgentSession] = {}  # ServicerContext -> its session, once it said hello
+
+    def message_limit(self, context) -> int:
+        """How many bytes the next AgentMessage of this stream may take, checked before it is parsed: a hello
+        before the session exists, then a report of each served rank at its share of an answer."""
+        session = self._links.get(context)
+        if session is None:
+            return self._hello_bytes
+        return session.max_message_bytes
 
     async def _hello(self, requests: AsyncIterator[pb.AgentMessage], context) -> AgentSession:
         try:
@@ -66,7 +106,9 @@ class AgentLinkService:
     ) -> AsyncIterator[pb.AggregatorMessage]:
         try:
             session = await self._hello(requests, context)
+            session.max_message_bytes = max_report_bytes(len(session.dp_ranks), self.rank_share)
             self.registry.register(session)
+            self._links[context] = session
         except LoadAggError as error:
             log.warning("refused agent from %s: %s", context.peer(), error)
             await abort_with(context, error)
@@ -86,6 +128,7 @@ class AgentLinkService:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # never skip the unregister below
                 await reader
+            self._links.pop(context, None)
             self.registry.unregister(session)
             session.close()
             log.info("agent %s left (ranks %s)", session.instance_id, list(session.dp_ranks))
@@ -93,6 +136,7 @@ class AgentLinkService:
     async def _read(self, session: AgentSession, requests: AsyncIterator[pb.AgentMessage]) -> None:
         try:
             async for message in requests:
+                session.last_heard = time.monotonic()
                 kind = message.WhichOneof("kind")
                 if kind == "report":
                     self._report(session, message.report)
@@ -113,13 +157,29 @@ class AgentLinkService:
         return pb.AggregatorMessage(rejected=pb.ReportRejected(round_id=round_id, dp_rank=rank, reason=reason))
 
     def _report(self, session: AgentSession, report: pb.LoadReport) -> None:
-        accepted: list[pb.RankLoad] = []
         served = session.serves  # a set: an agent may serve 128 ranks
-        failed = [r for r in report.failed_ranks if r in served]
+        loads, failed_ranks = report.loads, report.failed_ranks
+        if len(loads) > len(served) or len(failed_ranks) > len(served):
+            # A report names each rank its agent serves at most once: what is past that count is refused unread.
+            problem = (f"a report of {len(loads)} loads and {len(failed_ranks)} failed ranks from an agent serving "
+                       f"{len(served)} ranks {listed(session.dp_ranks)}: those past the first {len(served)} of each "
+                       "were refused unread; name each served rank at most once")
+            _log_rejection(session, -1, problem)
+            session.send(self._rejection(report.round_id, -1, problem))
+            loads, failed_ranks = loads[:len(served)], failed_ranks[:len(served)]
+        accepted: list[Snapshot] = []
+        failed = [r for r in failed_ranks if r in served]
+        received = time.monotonic()
         now = unix_ms()
-        for load in report.loads:
+        share = self.rank_share
+        for load in loads:
             if load.dp_rank not in served:
                 problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
+            elif (size := load.ByteSize()) > share:
+                problem = (f"dp rank {load.dp_rank}'s load is {size} bytes, above its share of an answer ({share} "
+                           f"bytes = --max-answer-bytes over dp_size {self.registry.dp_size}, at most "
+                           f"{MAX_RANK_LOAD_BYTES}); send fewer GPU devices or shorter names, or raise "
+                           "--max-answer-bytes (and routers' receive limit)")
             else:
                 problem = load_problem(load)
             if problem:
@@ -129,8 +189,20 @@ class AgentLinkService:
                 continue
             if not load.timestamp_ms:
                 load.timestamp_ms = now
-            accepted.append(load)
+            elif load.timestamp_ms > now + CLOCK_AHEAD_NOTED_MS:
+                self._clock_ahead(session, load.timestamp_ms - now)
+            # Its figures were read age_ms before the agent sent them: on our clock, that long before now.
+            accepted.append(Snapshot(load, received, received - load.age_ms / 1000))
         self.communicator.accept(session, report.round_id, accepted, failed)
+
+    def _clock_ahead(self, session: AgentSession, ahead_ms: int) -> None:
+        """Note an agent whose timestamps are ahead of our clock: a warning once per link, and a metric."""
+        self.clock_ahead_loads += 1
+        if not session.clock_ahead_noted:
+            session.clock_ahead_noted = True
+            log.warning("agent %s (%s) stamps its loads %.1f s ahead of this aggregator's clock; ages are measured "
+                        "on the aggregator's clock, so this does not change them, but check NTP on that node",
+                        session.instance_id, session.peer or "?", ahead_ms / 1000)
 
 
 def _log_rejection(session: AgentSession, rank: int, problem: str) -> None:

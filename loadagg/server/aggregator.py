@@ -22,7 +22,8 @@ from loadagg.server.communicator import MODES, Communicator
 from loadagg.server.config import AggregatorConfig
 from loadagg.server.guard import GuardCollector, GuardInterceptor
 from loadagg.server.http_gateway import HttpGateway
-from loadagg.server.metrics import AggregatorMetrics, timed_handler
+from loadagg.server.http_limits import raise_open_files_limit
+from loadagg.server.metrics import AggregatorMetrics, CountersCollector, timed_handler
 from loadagg.server.registry import AgentRegistry
 from loadagg.server.service import LoadAggregatorService
 from loadagg.server.watch import WatchHub
@@ -47,7 +48,7 @@ class Aggregator:
 
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
-        self.registry = AgentRegistry(config.dp_size)
+        self.registry = AgentRegistry(config.dp_size, config.forget_rank_after_s)
         # Told to agents (Welcome) and stamped on every answer; a new one at every start, unless configured.
         self.aggregator_id = config.aggregator_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.communicator: Communicator = MODES[config.mode](self.registry, config.round_timeout_ms / 1000,
@@ -61,7 +62,9 @@ class Aggregator:
         self.metrics = AggregatorMetrics(self.communicator, self.registry, self.watch)
         self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{package_version()}")
         self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
-        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{package_version()}", tokens=self.tokens)
+        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{package_version()}", tokens=self.tokens,
+                                max_connections=config.limits.http_max_connections,
+                                idle_timeout_s=config.limits.http_idle_timeout_s)
         self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,
@@ -69,10 +72,22 @@ class Aggregator:
             aggregator_id=self.aggregator_id,
             round_timeout_ms=config.round_timeout_ms,
             hello_timeout_s=config.hello_timeout_ms / 1000,
+            max_answer_bytes=config.limits.max_answer_bytes,
         )
         self.health = health.aio.HealthServicer()
         self.guard = GuardInterceptor(self.tokens, config.limits.max_agent_links)
+        self.guard.agent_message_limit = self.agents.message_limit
         self.metrics.registry.register(GuardCollector(self.guard))
+        self.metrics.registry.register(CountersCollector([
+            ("loadagg_agent_clock_ahead_loads", "Loads stamped by an agent clock 5 s or more ahead of the "
+             "aggregator's (ages never use agents' clocks).", lambda: self.agents.clock_ahead_loads),
+            ("loadagg_healthy_link_takeovers", "Agent links replaced by a newer link of the same instance id while "
+             "healthy (two agents sharing an id).", lambda: self.registry.healthy_takeovers),
+            ("loadagg_agent_messages_refused_oversize", "Agent messages larger than their link allows, refused "
+             "unparsed (the link ends RESOURCE_EXHAUSTED).", lambda: self.guard.agent_link_messages_refused),
+            ("loadagg_http_connections_refused", "HTTP connections past --http-max-connections (503, closed).",
+             lambda: self.http.listener.refused if self.http.listener else 0),
+        ]))
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -138,7 +153,9 @@ class Aggregator:
                 self.server = None
                 raise OSError(f"could not bind the HTTP gateway to {self.config.host}:{self.config.http_port}: "
                               f"{error.strerror or error}") from None
-            log.info("HTTP /v1/loads and /metrics on %s:%d", self.config.host, self.http_port)
+            log.info("HTTP /v1/loads and /metrics on %s:%d (at most %d connections, the other descriptors kept for "
+                     "gRPC; idle connections closed after %g s)", self.config.host, self.http_port,
+                     self.http.listener.cap, self.config.limits.http_idle_timeout_s)
         log.info(
             "loadagg aggregator on %s:%d (dp_size=%d, mode=%s, round timeout %d ms; %s)",
             self.config.host, self.port, self.config.dp_size, self.config.mode, self.config.round_timeout_ms,
@@ -200,6 +217,8 @@ def tune_gc() -> None:
 
 async def serve(config: AggregatorConfig) -> None:
     """Run an aggregator until SIGTERM/SIGINT, then shut down gracefully."""
+    before, after = raise_open_files_limit()
+    log.info("open-files limit: %d%s", after, f" (raised from {before}, to the hard limit)" if after != before else "")
     aggregator = Aggregator(config)
     await aggregator.start()
     tune_gc()

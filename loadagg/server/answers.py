@@ -12,10 +12,10 @@ from operator import attrgetter
 from loadagg.server.errors import InvalidRequest
 from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import ALL_SECTIONS, trim
+from loadagg.server.sglang_shape import INT64_MAX  # totals saturate: each figure is valid alone, their sum may not fit
 from loadagg.v1 import loadagg_pb2 as pb
 
 _TOTALLED = attrgetter("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "max_total_num_tokens")
-INT64_MAX = 2**63 - 1  # totals saturate here: each figure is valid alone, their sum may not fit the field
 
 
 def check_rank(dp_rank: int | None, dp_size: int) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loadagg.server.errors import DeadlineTooShort
-from loadagg.server.registry import AgentRegistry, AgentSession
+from loadagg.server.registry import AgentRegistry, AgentSession, Snapshot
 from loadagg.server.rounds import Round, RoundResult
 from loadagg.v1 import loadagg_pb2 as pb
 
@@ -139,7 +139,7 @@ class _Communicator:
 
     # -- agent side ---------------------------------------------------------------------------
 
-    def accept(self, session: AgentSession, round_id: int, loads: list[pb.RankLoad], failed: Iterable[int]) -> bool:
+    def accept(self, session: AgentSession, round_id: int, loads: list[Snapshot], failed: Iterable[int]) -> bool:
         """Take a validated report. False when it answers a round not in flight: dropped from every round (never
         mixed in), its figures only refresh the ranks' last-known snapshots, as a push would (they are the
         agent's newest; an agent that skipped them in its pushes would otherwise never send them)."""

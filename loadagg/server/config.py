@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from loadagg.common import DEFAULT_PORT, DEFAULT_WATCH_INTERVAL_MS
 from loadagg.server.limits import LimitsConfig
+from loadagg.server.registry import DEFAULT_FORGET_RANK_AFTER_S
 from loadagg.server.security import SecurityConfig
 
 __all__ = ["DEFAULT_WATCH_INTERVAL_MS", "MODE_NAMES", "AggregatorConfig"]
@@ -31,6 +32,7 @@ class AggregatorConfig:
     http_port: int | None = None  # sglang-compatible GET /v1/loads and /metrics; None = no HTTP; 0 = any free port
     sglang_compat: bool = True  # also answer sglang.grpc.scheduler.SglangScheduler/GetLoads on the gRPC port
     vllm_compat: bool = True  # also answer vllm.grpc.engine.VllmEngine/GetLoads on the gRPC port
+    forget_rank_after_s: float = DEFAULT_FORGET_RANK_AFTER_S  # a rank with no agent this long loses its snapshot
 
     def __post_init__(self) -> None:
         if self.dp_size < 1:
@@ -47,6 +49,8 @@ class AggregatorConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
+        if self.forget_rank_after_s <= 0:
+            raise ValueError(f"forget_rank_after_s must be > 0, got {self.forget_rank_after_s}")
         if self.min_watch_interval_ms < 1 or self.default_watch_interval_ms < self.min_watch_interval_ms:
             raise ValueError("watch intervals: need 1 <= min_watch_interval_ms <= default_watch_interval_ms")
 

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -33,6 +35,7 @@ from loadagg.server.errors import (
 
 log = logging.getLogger(__name__)
 
+_OVERSIZE_WARNING_INTERVAL_S = 10.0
 _REFUSAL_READ_S = 1.0  # how long a refused agent link may take to send its hello before the refusal
 
 
@@ -81,6 +84,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = tokens
         self.max_agent_links = max_agent_links
         self.draining = False
+        # The most bytes the next message of an AgentLink stream may take (its ServicerContext in, bytes out),
+        # checked before the message is parsed; None: gRPC's own limit only.
+        self.agent_message_limit: Callable[[object], int] | None = None
+        self.agent_link_messages_refused = 0
+        self._oversize_warned_at = -math.inf
         self.agent_links = 0  # AgentLink streams open now
         self.refused: Counter[str] = Counter()  # calls refused, by status code name
         self._guarded: dict[str, tuple[str, grpc.RpcMethodHandler]] = {}
@@ -175,6 +183,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         return decode_one
 
+    async def _refuse_oversized(self, context, size: int, most: int) -> None:
+        """End an agent link whose message is larger than anything its hello allows, before parsing it (parsing
+        alone costs ~0.1 s for 4 MB of empty entries, all of it holding the event loop)."""
+        self.refused["RESOURCE_EXHAUSTED"] += 1
+        self.agent_link_messages_refused += 1
+        now = time.monotonic()
+        if now - self._oversize_warned_at >= _OVERSIZE_WARNING_INTERVAL_S:  # a peer may redial and resend at once
+            self._oversize_warned_at = now
+            log.warning("agent link from %s sent a message of %d bytes, above the %d its ranks allow: link closed "
+                        "(%d such messages in all; this warning at most every %g s)", context.peer(), size, most,
+                        self.agent_link_messages_refused, _OVERSIZE_WARNING_INTERVAL_S)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"an AgentMessage of {size} bytes, above the {most} this link may send (a hello, or a "
+                            "report naming each served rank once within the limits of docs/operations.md)")
+
     def _wrap_streaming_in(self, method, service, parse, inner, streaming_out) -> Callable:
         capped = service == AGENT_SERVICE
         decode_one = self._decoder(method, parse)
@@ -183,7 +206,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             # One stream message per agent report: read with context.read() (what gRPC's own request
             # iterator wraps in two more layers) and parse inline, no coroutine each.
             read, end = context.read, grpc.aio.EOF
+            limit = self.agent_message_limit if capped else None
             while (raw := await read()) is not end:
+                if limit is not None and len(raw) > (most := limit(context)):
+                    await self._refuse_oversized(context, len(raw), most)
                 try:
                     message = parse(raw)
                 except Exception:

@@ -19,6 +19,7 @@ from aiohttp import web
 from loadagg.server.answers import check_rank, shared_view
 from loadagg.server.auth import TokenPolicy, http_middleware
 from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
+from loadagg.server.http_limits import CappedListener, connection_cap
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
@@ -31,6 +32,8 @@ _FORMATS = ("json", "prometheus")
 _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
 _UINT32_MAX = 2**32 - 1
 _SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
+# Up to 20 digits: past uint64, and far below Python's 4,300-digit int() limit (whose ValueError was a 500).
+_INTEGER_DIGITS = 20
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
@@ -41,6 +44,8 @@ def _int_param(query, name: str) -> int | None:
         return None
     if _INTEGER.fullmatch(raw) is None:
         raise InvalidRequest(f"{name} must be an integer, got {quoted(raw)}")
+    if len(raw.lstrip("-")) > _INTEGER_DIGITS:
+        raise InvalidRequest(f"{name} must be an integer of at most {_INTEGER_DIGITS} digits, got {quoted(raw)}")
     return int(raw)
 
 
@@ -75,7 +80,11 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
 
 class HttpGateway:
     def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str,
-                 tokens: TokenPolicy | None = None) -> None:
+                 tokens: TokenPolicy | None = None, *, max_connections: int = 512,
+                 idle_timeout_s: float = 15.0) -> None:
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self.listener: CappedListener | None = None
         self.tokens = tokens  # with a router token set, /v1/loads needs `Authorization: Bearer <token>`
         self.service = service
         self.metrics = metrics
@@ -91,14 +100,23 @@ class HttpGateway:
         return app
 
     async def start(self, host: str, port: int) -> int:
-        self.runner = web.AppRunner(self.app(), access_log=None)
+        """Listen on host:port (0 picks a port, returned). A connection without a complete request for
+        idle_timeout_s is closed (aiohttp's keep-alive timer runs from the connection's start and from each
+        answer, so it bounds half-sent requests too); connections past the cap get 503."""
+        self.runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.idle_timeout_s)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        self.port = self.runner.addresses[-1][1]  # the bound port (port 0 picks one)
+        self.listener = CappedListener(self.runner, connection_cap(self.max_connections))
+        try:
+            self.port = await self.listener.start(host, port)
+        except OSError:
+            await self.runner.cleanup()
+            self.runner = None
+            raise
         return self.port
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

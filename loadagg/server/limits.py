@@ -1,5 +1,6 @@
-"""Resource limits of the aggregator's gRPC server: message size, streams per connection, agent links,
-and keepalive (which is also how a hung or vanished peer is eventually dropped)."""
+"""Resource limits of the aggregator: gRPC message size, streams per connection, agent links and keepalive
+(which is also how a hung or vanished peer is eventually dropped), the size of an answer, and the HTTP
+gateway's connections and idle timeout."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ class LimitsConfig:
     max_pending_calls: int = 20_000
     keepalive_s: float = DEFAULT_KEEPALIVE_S  # ping idle peers this often; 0 = off
     keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S  # a peer not answering a ping in time is disconnected
+    # The largest answer (every rank, every section): what a gRPC client accepts by default. Each rank's load
+    # is refused at report time when it is larger than its share, so no answer can grow past it.
+    max_answer_bytes: int = 4 * MIB
+    # HTTP gateway: connections open at once (also capped at half the open-files limit, the rest kept for gRPC),
+    # and how long a connection may sit without a complete request (idle keep-alive or half-sent alike).
+    http_max_connections: int = 512
+    http_idle_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -32,6 +40,10 @@ class LimitsConfig:
             raise ValueError("max_agent_links must be >= 1")
         if self.keepalive_s < 0 or self.keepalive_timeout_s <= 0:
             raise ValueError("keepalive_s must be >= 0 and keepalive_timeout_s > 0")
+        if self.max_answer_bytes < 64 * 1024:
+            raise ValueError(f"max_answer_bytes must be >= 65536, got {self.max_answer_bytes}")
+        if self.http_max_connections < 1 or self.http_idle_timeout_s <= 0:
+            raise ValueError("http_max_connections must be >= 1 and http_idle_timeout_s > 0")
 
     def server_options(self) -> list[tuple[str, int]]:
         options = [

@@ -102,6 +102,17 @@ class _RankCollector(Collector):
         yield from (linked, missing, push_fed, age)
 
 
+class CountersCollector(Collector):
+    """Counters read at scrape time from callables: (name, help, read) each."""
+
+    def __init__(self, counters: list[tuple[str, str, Callable[[], float]]]) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterator:
+        for name, doc, read in self.counters:
+            yield CounterMetricFamily(name, doc, value=read())
+
+
 class _CallLatency(Collector):
     """loadagg_getloads_duration_seconds{api, code}, kept in plain lists.
 

@@ -16,6 +16,11 @@ from loadagg.v1 import loadagg_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_PENDING_NOTICES = 64
+# A link heard from this recently is healthy: a newer link of the same instance id taking its ranks over then
+# means two agents share the id (they would take the ranks from each other in turn), not one agent re-linking.
+HEALTHY_LINK_HEARD_S = 10.0
+TAKEOVER_WARNING_INTERVAL_S = 10.0
+DEFAULT_FORGET_RANK_AFTER_S = 300.0
 
 
 @dataclass(eq=False)
@@ -38,6 +43,9 @@ class AgentSession:
     replaced_by: str = ""  # the peer of the newer link of the same instance that took this one's ranks
     warned_at: float = -math.inf  # when a rejected report of this link was last logged as a warning
     unwarned: int = 0  # rejected reports since then, logged at DEBUG only
+    last_heard: float = field(default_factory=time.monotonic)  # the hello, then every message received
+    clock_ahead_noted: bool = False  # its timestamps ran ahead of our clock and that was logged
+    max_message_bytes: int = 0  # the largest AgentMessage it may send (its ranks' reports), set after the hello
     serves: frozenset[int] = field(init=False)  # dp_ranks as a set, built once: reports are checked against it
     _collect: pb.AggregatorMessage | None = None
     _notices: deque[pb.AggregatorMessage] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_NOTICES))
@@ -81,20 +89,34 @@ class AgentSession:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A rank's last accepted load and when we received it (monotonic, for ages)."""
+    """A rank's accepted load, when we received it, and when its figures were read: both on our monotonic
+    clock (`taken` is `received` less the age the agent reported), so that no age depends on an agent's clock."""
 
     load: pb.RankLoad
     received: float
+    taken: float
 
     def age_ms(self, now: float) -> int:
-        return max(0, int((now - self.received) * 1000))
+        return max(0, int((now - self.taken) * 1000))
+
+    def aged(self, now: float) -> pb.RankLoad:
+        """Its load with `age_ms` as of `now`. The load is the aggregator's own (parsed from the agent's
+        report); only answers read age_ms, and each sets it when it is built."""
+        self.load.age_ms = self.age_ms(now)
+        return self.load
 
 
 class AgentRegistry:
     """Owns rank ownership rules: one live agent per rank; the same instance reconnecting replaces itself."""
 
-    def __init__(self, dp_size: int) -> None:
+    def __init__(self, dp_size: int, forget_rank_after_s: float = DEFAULT_FORGET_RANK_AFTER_S) -> None:
         self.dp_size = dp_size
+        self.forget_rank_after_s = forget_rank_after_s  # a rank with no agent this long loses its snapshot
+        self._unserved_since: dict[int, float] = {}  # ranks that had an agent and have none now
+        self._next_forget = math.inf  # monotonic time of the earliest snapshot to drop
+        self.healthy_takeovers = 0  # links replaced by a newer link of their instance id while healthy
+        self._takeover_warned_at = -math.inf
+        self._takeovers_unwarned = 0
         self._owner: dict[int, AgentSession] = {}
         self._last_owner_id: dict[int, str] = {}
         self._snapshots: dict[int, Snapshot] = {}
@@ -129,8 +151,12 @@ class AgentRegistry:
         for rank in session.dp_ranks:
             self._owner[rank] = session
             self._last_owner_id[rank] = session.instance_id
+            self._unserved_since.pop(rank, None)
+        now = time.monotonic()
         for old in replaced:
-            if old.instance_id == session.instance_id and old.dp_ranks != session.dp_ranks:
+            if not old.closed and now - old.last_heard < HEALTHY_LINK_HEARD_S:
+                self._healthy_takeover(old, session)
+            elif old.instance_id == session.instance_id and old.dp_ranks != session.dp_ranks:
                 log.warning("agent %s linked again from %s serving ranks %s (its old link from %s served %s): "
                             "replacing the old link; if these are two agents, give each its own --instance-id",
                             session.instance_id, session.peer or "?", list(session.dp_ranks), old.peer or "?",
@@ -143,14 +169,32 @@ class AgentRegistry:
         for listener in self._joined_listeners:
             listener(session)
 
+    def _healthy_takeover(self, old: AgentSession, new: AgentSession) -> None:
+        """A warning (at most one every TAKEOVER_WARNING_INTERVAL_S, counting the rest) naming both peers."""
+        self.healthy_takeovers += 1
+        now = time.monotonic()
+        if now - self._takeover_warned_at < TAKEOVER_WARNING_INTERVAL_S:
+            self._takeovers_unwarned += 1
+            return
+        more = (f" ({self._takeovers_unwarned} more such takeovers since the last warning)"
+                if self._takeovers_unwarned else "")
+        self._takeover_warned_at, self._takeovers_unwarned = now, 0
+        log.warning("agent %s linked from %s serving ranks %s while its link from %s serving %s was healthy (heard "
+                    "from %.1f s ago): replacing it (two agents sharing an id take the ranks from each other in turn); "
+                    "if these are two agents, give each its own --instance-id%s", new.instance_id, new.peer or "?",
+                    list(new.dp_ranks), old.peer or "?", list(old.dp_ranks), now - old.last_heard, more)
+
     def unregister(self, session: AgentSession) -> None:
         if session not in self._sessions:
             return
         self._sessions.discard(session)
         self._push_fed.difference_update(session.dp_ranks)  # a new link earns it again with its first push
+        now = time.monotonic()
         for rank in session.dp_ranks:
             if self._owner.get(rank) is session:
                 del self._owner[rank]
+                self._unserved_since[rank] = now
+                self._next_forget = min(self._next_forget, now + self.forget_rank_after_s)
         for listener in self._listeners:
             listener(session)
 
@@ -167,20 +211,40 @@ class AgentRegistry:
         """Every rank ever served: (instance id, connected now)."""
         return {r: (iid, r in self._owner) for r, iid in sorted(self._last_owner_id.items())}
 
-    def store(self, loads: Iterable[pb.RankLoad], now: float | None = None, pushed: bool = False) -> None:
-        now = time.monotonic() if now is None else now
-        for load in loads:
-            self._snapshots[load.dp_rank] = Snapshot(load, now)
+    def store(self, snapshots: Iterable[Snapshot], pushed: bool = False) -> None:
+        for snap in snapshots:
+            self._snapshots[snap.load.dp_rank] = snap
             if pushed:
-                self._push_fed.add(load.dp_rank)
+                self._push_fed.add(snap.load.dp_rank)
         self.snapshot_version += 1
 
     def push_fed_ranks(self) -> frozenset[int]:
         """Ranks whose agent has pushed on its current link (the push-feed staleness alert watches these)."""
         return frozenset(self._push_fed)
 
+    def _forget_unserved(self) -> None:
+        """Drop the snapshots of ranks that have had no agent for forget_rank_after_s: a rank nobody serves
+        any more must not ride in every allow_stale answer for ever."""
+        now = time.monotonic()
+        if now < self._next_forget:
+            return
+        gone = [r for r, since in self._unserved_since.items() if now - since >= self.forget_rank_after_s]
+        for rank in gone:
+            del self._unserved_since[rank]
+            self._last_owner_id.pop(rank, None)
+            if self._snapshots.pop(rank, None) is not None:
+                log.info("dp rank %d has had no agent for %.0f s: its last-known load is dropped",
+                         rank, self.forget_rank_after_s)
+        self._next_forget = min(self._unserved_since.values(), default=math.inf) + self.forget_rank_after_s
+        if gone:
+            self.snapshot_version += 1
+
     def snapshot(self, rank: int) -> Snapshot | None:
+        if self._unserved_since:
+            self._forget_unserved()
         return self._snapshots.get(rank)
 
     def snapshots(self) -> dict[int, Snapshot]:
+        if self._unserved_since:
+            self._forget_unserved()
         return dict(self._snapshots)

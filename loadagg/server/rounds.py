@@ -20,8 +20,9 @@ def unix_ms() -> int:
 class RoundResult:
     """What one round (or a cache read) produced. Shared by every caller, never mutated.
 
-    `fresh` holds the loads answered in this round; `stale` the last known snapshot of ranks that did
-    not answer (only shown to callers that allow stale data). `cache` memoises per-request answers
+    `fresh` holds the loads answered in this round, each with its `age_ms` at `finished` (on the aggregator's
+    clock); `stale` the last known snapshot of ranks that did not answer (only shown to callers that allow
+    stale data). `cache` memoises per-request answers
     (serialized once, however many callers want the same view).
     """
 
@@ -60,7 +61,7 @@ class Round:
         self.waiting_for = set(expected)  # expected ranks not answered yet: `complete` is O(1)
         self.started = time.monotonic()
         self.deadline = loop.time() + timeout  # on the loop's clock, like its timers
-        self.answers: dict[int, pb.RankLoad] = {}
+        self.answers: dict[int, Snapshot] = {}
         self.callers = 0
         self.outcome: RoundResult | None = None  # set once, when the round ends
         # One future per waiting caller: a caller that is cancelled cancels its own, never the round's.
@@ -83,13 +84,13 @@ class Round:
     def complete(self) -> bool:
         return not self.waiting_for
 
-    def answer(self, load: pb.RankLoad) -> bool:
+    def answer(self, snap: Snapshot) -> bool:
         """Record one rank's answer; False if the rank was not expected (or already answered)."""
-        rank = load.dp_rank
+        rank = snap.load.dp_rank
         if rank not in self.waiting_for:
             return False
         self.waiting_for.discard(rank)
-        self.answers[rank] = load
+        self.answers[rank] = snap
         return True
 
     def give_up(self, ranks) -> None:
@@ -107,7 +108,7 @@ class Round:
             finished=now,
             started=self.started,
             duration_ms=int((now - self.started) * 1000),
-            fresh=MappingProxyType(dict(self.answers)),
+            fresh=MappingProxyType({r: snap.aged(now) for r, snap in self.answers.items()}),
             stale=MappingProxyType(stale),
             missing=missing,
             callers=self.callers,

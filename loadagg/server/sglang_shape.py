@@ -86,9 +86,12 @@ def load_dict(load: pb.RankLoad) -> dict:
     return d
 
 
+INT64_MAX = 2**63 - 1  # totals saturate here, as the gRPC summary's int64 fields do
+
+
 def _total(loads: list[pb.RankLoad], name: str) -> int | None:
     present = [getattr(load, name) for load in loads if load.HasField(name)]
-    return sum(present) if present else None
+    return min(sum(present), INT64_MAX) if present else None
 
 
 def _mean(loads: list[pb.RankLoad], name: str, ndigits: int) -> float | None:
@@ -104,7 +107,7 @@ def aggregate(loads: Iterable[pb.RankLoad]) -> dict:
     figures = {
         "total_running_reqs": _total(loads, "num_running_reqs"),
         "total_waiting_reqs": _total(loads, "num_waiting_reqs"),
-        "total_reqs": sum(totals) if totals else None,
+        "total_reqs": min(sum(totals), INT64_MAX) if totals else None,
         "total_used_tokens": _total(loads, "num_used_tokens"),
         "total_tokens": _total(loads, "num_total_tokens"),
         "avg_token_usage": _mean(loads, "token_usage", 4),

@@ -34,6 +34,15 @@ _SECTION_RATIOS = {
     "gpu": ("utilization", "memory_utilization"),
 }
 MAX_INSTANCE_ID_LEN = 256
+# Every string an agent sends (hello labels, GPU name and UUID, disagg mode): NVML's own buffers are 96 bytes,
+# sglang's modes a word. A longer one is refused, never cut: one agent's megabyte string would otherwise ride
+# in every answer (and past a client's 4 MiB receive limit) for as long as its snapshot is kept.
+MAX_STRING_CHARS = 256
+# GPUs in one rank's `gpu` section: a DP rank's tensor-parallel group as one node's NVML sees it (8 on most
+# nodes). Checked before a device is read, so a report listing 30,000 of them costs nothing.
+MAX_GPU_DEVICES_PER_RANK = 32
+# A rank's figures may be this old when its agent sends them (RankLoad.age_ms): older ones are not a load.
+MAX_REPORTED_AGE_MS = 3_600_000
 # Above any real float figure (tokens/s, GB, W, ratios past an SLO) by orders of magnitude, and far enough
 # below the largest double that sums and means over any number of ranks stay finite (1e308 + 1e308 = inf,
 # which JSON cannot even carry). Integer counts are bounded by their int64 field (totals saturate).
@@ -44,6 +53,9 @@ def validate_hello(hello: pb.AgentHello, dp_size: int) -> tuple[int, ...]:
     """The sorted dp ranks an agent may serve, or InvalidRequest saying what is wrong."""
     if not hello.instance_id or len(hello.instance_id) > MAX_INSTANCE_ID_LEN:
         raise InvalidRequest(f"hello.instance_id must be 1..{MAX_INSTANCE_ID_LEN} characters")
+    for name in ("model", "version", "source"):
+        if len(getattr(hello, name)) > MAX_STRING_CHARS:
+            raise InvalidRequest(f"hello.{name} is {len(getattr(hello, name))} characters; at most {MAX_STRING_CHARS}")
     if hello.dp_size and hello.dp_size != dp_size:
         raise InvalidRequest(
             f"agent says dp_size={hello.dp_size} but this aggregator serves dp_size={dp_size}; "
@@ -122,30 +134,54 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     Every report of every rank passes here, so its cost is most of what the aggregator adds to bare gRPC's
     per-message cost (bench `cpu`, bench/README.md). Every numeric field (unset ones read 0, which is
     plausible) is read a message at a time by attrgetter, each section's wrapper made once, and the checks run
-    in C over the gathered tuples: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
+    in C over the gathered figures: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
     infinite or past that bound (a large integer count also goes to the detailed check, which allows it).
+    Linear in the figures: the GPU devices' are gathered into one list (a tuple grown per device copied
+    everything gathered so far: 30,000 devices took 7.5 s), after load_problem capped their number.
     """
-    if load.stale or load.age_ms:
+    if load.stale or load.age_ms > MAX_REPORTED_AGE_MS:
         return False
     memory, spec, lora, disagg, queues, gpu = _SECTIONS_AND_GPU(load)
-    counts = (*_CORE_COUNTS(load), *_MEMORY_COUNTS(memory), *_SPEC_COUNTS(spec), *_LORA_COUNTS(lora),
-              *_DISAGG_COUNTS(disagg), *_QUEUES_COUNTS(queues))
-    ratios = (*_CORE_RATIOS(load), *_MEMORY_RATIOS(memory), *_SPEC_RATIOS(spec), *_LORA_RATIOS(lora),
-              *_DISAGG_RATIOS(disagg), *_QUEUES_RATIOS(queues))
+    if len(disagg.mode) > MAX_STRING_CHARS:
+        return False
+    counts = [*_CORE_COUNTS(load), *_MEMORY_COUNTS(memory), *_SPEC_COUNTS(spec), *_LORA_COUNTS(lora),
+              *_DISAGG_COUNTS(disagg), *_QUEUES_COUNTS(queues)]
+    ratios = [*_CORE_RATIOS(load), *_MEMORY_RATIOS(memory), *_SPEC_RATIOS(spec), *_LORA_RATIOS(lora),
+              *_DISAGG_RATIOS(disagg), *_QUEUES_RATIOS(queues)]
     for device in gpu.devices:
-        counts += _GPU_COUNTS(device)
-        ratios += _GPU_RATIOS(device)
+        counts.extend(_GPU_COUNTS(device))
+        ratios.extend(_GPU_RATIOS(device))
+        if len(device.name) > MAX_STRING_CHARS or len(device.uuid) > MAX_STRING_CHARS:
+            return False
     # (min and max skip a NaN that is not first: the sums are what catch it)
     return (min(counts) >= 0 and sum(counts) < MAX_FLOAT_FIGURE
             and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX and sum(ratios) < _INF)
 
 
+def _string_problem(load: pb.RankLoad) -> str | None:
+    if len(load.disagg.mode) > MAX_STRING_CHARS:
+        return f"disagg.mode is {len(load.disagg.mode)} characters; at most {MAX_STRING_CHARS}"
+    for i, device in enumerate(load.gpu.devices):
+        for name in ("name", "uuid"):
+            if len(value := getattr(device, name)) > MAX_STRING_CHARS:
+                return f"gpu device #{i} {name} is {len(value)} characters; at most {MAX_STRING_CHARS}"
+    return None
+
+
 def load_problem(load: pb.RankLoad) -> str | None:
     """Why `load` cannot be true (negative count, NaN, ratio outside [0, 1]...), or None when it can."""
+    devices = len(load.gpu.devices)  # before any per-device work
+    if devices > MAX_GPU_DEVICES_PER_RANK:
+        return f"gpu lists {devices} devices; at most {MAX_GPU_DEVICES_PER_RANK} per rank"
     if _looks_valid(load):
         return None
-    if load.stale or load.age_ms:
-        return "stale/age_ms are set by the aggregator, not by agents"
+    if load.stale:
+        return "stale is set by the aggregator, not by agents"
+    if load.age_ms > MAX_REPORTED_AGE_MS:
+        return f"age_ms is {load.age_ms}: figures older than {MAX_REPORTED_AGE_MS} ms are no load"
+    problem = _string_problem(load)
+    if problem:
+        return problem
     for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput", "utilization"):
         if load.HasField(name):
             problem = _check_number(name, getattr(load, name), name in _RATIOS_CORE)
@@ -161,3 +197,50 @@ def load_problem(load: pb.RankLoad) -> str | None:
         if problem:
             return problem
     return None
+
+
+def _fill(message) -> None:
+    """Every field of `message` at its longest encoding: strings of MAX_STRING_CHARS 4-byte characters,
+    -1 in signed integers (10 bytes), the largest unsigned, and the greatest number of GPU devices."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == field.TYPE_MESSAGE:
+            if field.is_repeated:
+                for _ in range(MAX_GPU_DEVICES_PER_RANK):
+                    _fill(getattr(message, field.name).add())
+            else:
+                _fill(getattr(message, field.name))
+        elif field.type == field.TYPE_STRING:
+            setattr(message, field.name, "\U0010ffff" * MAX_STRING_CHARS)
+        elif field.type == field.TYPE_BOOL:
+            setattr(message, field.name, True)
+        elif field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+            setattr(message, field.name, 1.0)
+        elif field.type in (field.TYPE_UINT32, field.TYPE_UINT64):
+            setattr(message, field.name, 2**32 - 1 if field.type == field.TYPE_UINT32 else 2**64 - 1)
+        elif not field.is_repeated:
+            setattr(message, field.name, -1)
+
+
+def _largest(message_type) -> int:
+    message = message_type()
+    _fill(message)
+    return message.ByteSize()
+
+
+# The most bytes a rank's load can take within the limits above (~90 KB), and a hello: what a link's
+# messages are measured against before they are parsed (parsing costs ~0.1 µs per byte of empty entries).
+MAX_RANK_LOAD_BYTES = _largest(pb.RankLoad)
+_MAX_HELLO_LABELS_BYTES = _largest(pb.AgentHello)
+
+
+def max_hello_bytes(dp_size: int) -> int:
+    """The largest hello accepted unparsed: every rank listed, every label at its longest, and room for a
+    mistaken one (thousands of ranks) to be parsed and told what is wrong. A hello holds no nested messages,
+    so its parse is cheap per byte; it is the reports' thousands of entries that this limit is about."""
+    return _MAX_HELLO_LABELS_BYTES + 11 * dp_size + 64 * 1024
+
+
+def max_report_bytes(ranks: int, rank_bytes: int) -> int:
+    """The largest AgentMessage a valid report of an agent serving `ranks` makes: each rank once, at most
+    `rank_bytes` each, each one failed as well, and the error string."""
+    return ranks * (rank_bytes + 16) + ranks * 11 + MAX_STRING_CHARS * 4 + 64

@@ -89,11 +89,14 @@ class CallbackSource(LoadSource):
         else:
             raise SourceError(f"load callback returned {type(result).__name__}, not a mapping or list of RankLoad")
         out = {}
+        now_ms = _now_ms()
         for load in loads:
             if not isinstance(load, pb.RankLoad):
                 raise SourceError(f"load callback returned a {type(load).__name__}, not a RankLoad")
-            if load.dp_rank in ranks:
-                if not load.timestamp_ms:
-                    load.timestamp_ms = _now_ms()
-                out[load.dp_rank] = load
+            if load.dp_rank in ranks:  # a copy, stamped now: the scheduler's message is its own (it may
+                copy = pb.RankLoad()  # update it in place between reads, and a stamp on it would stick)
+                copy.CopyFrom(load)
+                if not copy.timestamp_ms:
+                    copy.timestamp_ms = now_ms
+                out[load.dp_rank] = copy
         return out

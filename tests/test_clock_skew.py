@@ -1,0 +1,118 @@
+"""Ages are measured on the aggregator's clock (issue 19): agents whose wall clocks are an hour ahead or behind
+give routers and `loadagg top` the same ages as a synchronized one, a clock ahead is noted and never makes a
+snapshot look fresh, and CallbackSource stamps every read (on a copy, never the scheduler's own message)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from conftest import ROOT, wait_for
+
+from loadagg.client import Loads
+from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+from scheduler_agent.agent import SchedulerAgent
+from scheduler_agent.config import AgentConfig
+from scheduler_agent.sources.inprocess import CallbackSource
+
+HOUR_S = 3600
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+FRESH_MS = 2_000  # a figure read for this round (generous: a loaded 2-core box)
+
+
+def _skewed_agent(processes, port: int, rank: int, shift_s: int):
+    return processes.start(
+        "skewed_agent", str(shift_s), "--aggregator", f"127.0.0.1:{port}", "--dp-size", "3", "--dp-rank", str(rank),
+        "--instance-id", f"skewed-{rank}", "--push-interval-ms", "100",
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+async def test_agents_an_hour_ahead_or_behind_show_the_aggregators_ages(start_aggregator, processes, channel_to,
+                                                                       caplog):
+    caplog.set_level(logging.WARNING, logger="loadagg.agent_link")
+    agg = await start_aggregator(dp_size=3, round_timeout_ms=1000)
+    fast = _skewed_agent(processes, agg.port, 0, +HOUR_S)
+    _skewed_agent(processes, agg.port, 1, -HOUR_S)
+    _skewed_agent(processes, agg.port, 2, 0)
+    await wait_for(lambda: agg.registry.live_ranks() == {0, 1, 2}, 40, "three agents to link")
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    for _ in range(3):
+        loads = Loads(await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_NEW_ROUND), timeout=10))
+        assert not loads.missing_ranks
+        ages = {rank: loads.age_ms(rank) for rank in (0, 1, 2)}
+        assert all(age < FRESH_MS for age in ages.values()), ages  # 3,600,001 ms for the slow clock before
+        stamps = {load.dp_rank: load.timestamp_ms for load in loads.loads}
+        skew_ms = (HOUR_S - 60) * 1000
+        assert stamps[0] - stamps[2] > skew_ms and stamps[2] - stamps[1] > skew_ms  # the clocks are skewed
+    # `loadagg top` reads the same ages: no rank is STALE.
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loadagg", "top", "--target", f"127.0.0.1:{agg.port}", "--once", "--width", "160",
+        "--interval-ms", "200", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(top.communicate(), 60)
+    rows = [line for line in out.decode().splitlines() if line.count("│") > 5 and line.split("│")[1].strip().isdigit()]
+    assert len(rows) == 3 and all(" ok " in row and "STALE" not in row for row in rows), out.decode() + err.decode()
+    # The clock ahead is noted, once per link, and counted.
+    noted = [r.getMessage() for r in caplog.records if "ahead of this aggregator's clock" in r.getMessage()]
+    assert len(noted) == 1 and "skewed-0" in noted[0], noted
+    assert agg.agents.clock_ahead_loads >= 3
+    assert "loadagg_agent_clock_ahead_loads_total" in agg.metrics.exposition().decode()
+    # The fast agent dies: its last-known load ages on the aggregator's clock (it showed 0 ms, for an hour, before).
+    fast.send_signal(signal.SIGKILL)
+    await wait_for(lambda: 0 not in agg.registry.live_ranks(), 10, "the fast agent's link to end")
+    await asyncio.sleep(1.2)
+    loads = Loads(await stub.GetLoads(pb.GetLoadsRequest(allow_stale=True), timeout=10))
+    assert loads.rank(0).stale and loads.age_ms(0) >= 1_000, loads.response
+    assert loads.age_ms(2) < FRESH_MS
+
+
+def test_loads_age_is_the_servers_plus_the_time_since_the_answer():
+    response = pb.GetLoadsResponse(timestamp_ms=1_000, loads=[pb.RankLoad(dp_rank=0, age_ms=50, timestamp_ms=9**15)])
+    loads = Loads(response)
+    assert loads.age_ms(0) == 50  # at the answer's time; the agent's timestamp plays no part
+    assert loads.age_ms(0, now_ms=1_300) == 350 and loads.age_ms(1) is None
+
+
+async def test_callback_source_stamps_each_read_on_a_copy():
+    """A scheduler updating one RankLoad in place: each read is stamped anew, its own message never."""
+    live = pb.RankLoad(dp_rank=0, num_running_reqs=1)
+    source = CallbackSource(lambda ranks: [live])
+    first = (await source.read([0]))[0]
+    live.num_running_reqs = 2
+    await asyncio.sleep(0.05)
+    second = (await source.read([0]))[0]
+    assert live.timestamp_ms == 0  # the scheduler's message is untouched
+    assert (first.num_running_reqs, second.num_running_reqs) == (1, 2)
+    assert second.timestamp_ms >= first.timestamp_ms + 40  # stamped at each read (frozen at the first before)
+
+
+async def test_a_callback_rank_updated_in_place_keeps_a_fresh_age(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=1)
+    live = pb.RankLoad(dp_rank=0, num_running_reqs=0)
+
+    def callback(ranks):
+        live.num_running_reqs += 1  # the scheduler's own object, updated in place
+        return [live]
+
+    agent = SchedulerAgent(AgentConfig(aggregator=f"127.0.0.1:{agg.port}", dp_ranks=(0,), dp_size=1,
+                                       instance_id="callback", backoff_initial_ms=20, backoff_max_ms=200),
+                           CallbackSource(callback))
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0}, what="the agent to link")
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        answers = []
+        for _ in range(3):
+            answers.append(Loads(await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_NEW_ROUND),
+                                                     timeout=10)))
+            await asyncio.sleep(0.3)
+        assert all(loads.age_ms(0) < FRESH_MS for loads in answers)
+        stamps = [loads.rank(0).timestamp_ms for loads in answers]
+        assert stamps[2] - stamps[0] >= 500, stamps  # a new stamp each read, not the first one for ever
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

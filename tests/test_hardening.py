@@ -1,0 +1,290 @@
+"""Hostile and careless input over real gRPC and HTTP on loopback: no agent message holds the event loop, no
+string or rank bloats an answer, a rank nobody serves is forgotten, huge HTTP integers are a 400, two agents
+sharing an instance id are warned about, and totals past int64 agree between HTTP and gRPC (issue 19)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+
+import aiohttp
+import grpc
+import pytest
+from figures import record
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from raw_agent import RawAgent
+
+from loadagg.server.limits import LimitsConfig
+from loadagg.server.sglang_shape import INT64_MAX
+from loadagg.v1 import loadagg_pb2 as pb
+from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
+from loadagg.server.validation import MAX_GPU_DEVICES_PER_RANK, MAX_STRING_CHARS
+
+CONNECT = "/loadagg.v1.AgentLink/Connect"
+PROBE_DEADLINE_S = 0.5  # generous: a loop held by one message for seconds (7.5 s before the fix) misses it
+
+
+def _report_bytes(entries: bytes) -> bytes:
+    """An AgentMessage{report: LoadReport{loads: ...}} around already-encoded load entries (built as bytes:
+    a million RankLoad objects would take the test itself seconds to make)."""
+    report = entries
+    return b"\x12" + _varint(len(report)) + report
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class RawBytesAgent:
+    """An AgentLink peer that writes pre-serialized messages."""
+
+    def __init__(self, port: int, instance_id: str, ranks: list[int]) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.call = self.channel.stream_stream(CONNECT, request_serializer=None,
+                                               response_deserializer=pb.AggregatorMessage.FromString)()
+        self.hello = pb.AgentMessage(hello=pb.AgentHello(instance_id=instance_id, dp_ranks=ranks)).SerializeToString()
+
+    async def connect(self) -> None:
+        await self.call.write(self.hello)
+        assert (await asyncio.wait_for(self.call.read(), 5)).WhichOneof("kind") == "welcome"
+
+    async def rejection(self) -> pb.ReportRejected:
+        while True:
+            message = await asyncio.wait_for(self.call.read(), 5)
+            if message.WhichOneof("kind") == "rejected":
+                return message.rejected
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+async def test_hostile_agent_messages_are_refused_without_holding_the_loop(start_aggregator, start_agents,
+                                                                         channel_to):
+    """30,000 GPU devices, a report of thousands of loads, 1,000,000 empty loads in 4 MB: each is refused
+    (with what was wrong) while Health/Check and GetLoads keep answering within PROBE_DEADLINE_S each."""
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=100)
+    await start_agents(agg, [[1]])
+    health = health_pb2_grpc.HealthStub(channel_to(agg.port))
+    loads = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    answered: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            check = await health.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_DEADLINE_S)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            answer = await loads.GetLoads(pb.GetLoadsRequest(dp_rank=1), timeout=PROBE_DEADLINE_S)
+            assert [load.dp_rank for load in answer.loads] == [1]
+            answered.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+
+    lags: list[float] = []
+
+    async def lag() -> None:  # how late a 1 ms sleep wakes: how long something held the loop
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.001)
+            lags.append(time.monotonic() - started - 0.001)
+
+    prober = asyncio.create_task(probe())
+    lagger = asyncio.create_task(lag())
+    many_devices = pb.AgentMessage(report=pb.LoadReport(loads=[pb.RankLoad(
+        dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice() for _ in range(30_000)]))])).SerializeToString()
+    many_loads = _report_bytes(b"\x12\x02\x08\x05" * 2_000)  # 2,000 loads of rank 5 from an agent serving rank 0
+    million = _report_bytes(b"\x12\x02\x08\x00" * 1_000_000)  # 1,000,000 RankLoad{dp_rank: 0}, 4 MB
+    assert 3_900_000 < len(million) < agg.config.limits.max_message_bytes
+    try:
+        for attempt in range(3):
+            hostile = RawBytesAgent(agg.port, f"hostile-{attempt}", [0])
+            try:
+                await hostile.connect()
+                await hostile.call.write(many_devices)
+                rejected = await hostile.rejection()
+                assert rejected.dp_rank == 0 and "30000 devices" in rejected.reason
+                assert f"at most {MAX_GPU_DEVICES_PER_RANK}" in rejected.reason
+                await hostile.call.write(many_loads)
+                rejected = [await hostile.rejection(), await hostile.rejection()]  # the excess, then the first
+                assert [r.dp_rank for r in rejected] == [-1, 5], rejected
+                assert "a report of 2000 loads" in rejected[0].reason
+                assert "not served" in rejected[1].reason
+                await hostile.call.write(million)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await hostile.rejection()
+                assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "an AgentMessage of 4000005 bytes" in ended.value.details()
+            finally:
+                await hostile.close()
+        assert agg.registry.snapshot(0) is None  # nothing of it was stored
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await prober  # raises what a probe met (DEADLINE_EXCEEDED when the loop was held)
+        await lagger
+    assert len(answered) >= 5, answered
+    assert agg.guard.agent_link_messages_refused == 3
+    record("hostile_agent_messages", probes=len(answered), slowest_probe_ms=round(max(answered) * 1000, 1),
+           longest_loop_hold_ms=round(max(lags) * 1000, 1))
+
+
+async def test_strings_past_the_limit_are_refused_per_rank(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=1)
+    agent = RawAgent(agg.port, "strings", [0])
+    try:
+        await agent.connect()
+        longest = "x" * MAX_STRING_CHARS
+        for load, reason in [
+            (pb.RankLoad(dp_rank=0, disagg=pb.DisaggMetrics(mode="p" * 300)), "disagg.mode is 300 characters"),
+            (pb.RankLoad(dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice(name=longest + "x")])), "name is 257"),
+            (pb.RankLoad(dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice(uuid="é" * 999)])), "uuid is 999"),
+        ]:
+            await agent.report(0, [load])
+            message = await agent.read()
+            assert message.WhichOneof("kind") == "rejected" and reason in message.rejected.reason, message
+            assert f"at most {MAX_STRING_CHARS}" in message.rejected.reason
+        assert agg.registry.snapshot(0) is None
+        fine = pb.RankLoad(dp_rank=0, disagg=pb.DisaggMetrics(mode=longest),
+                           gpu=pb.GpuMetrics(devices=[pb.GpuDevice(name=longest, uuid=longest)]))
+        await agent.report(0, [fine])
+        await asyncio.sleep(0.2)
+        assert agg.registry.snapshot(0) is not None
+    finally:
+        await agent.close()
+
+
+async def test_megabyte_strings_never_reach_an_answer(start_aggregator, channel_to):
+    """The issue's case: two agents each report a 2.1 MB disagg.mode and leave. Their links end (the message
+    is larger than any valid report), and a full allow_stale GetLoads still fits a client's 4 MiB."""
+    agg = await start_aggregator(dp_size=2)
+    for rank in (0, 1):
+        agent = RawAgent(agg.port, f"bloat-{rank}", [rank])
+        await agent.connect()
+        await agent.report(0, [pb.RankLoad(dp_rank=rank, disagg=pb.DisaggMetrics(mode="m" * 2_100_000))])
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await agent.read()
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await agent.close()
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    answer = await stub.GetLoads(pb.GetLoadsRequest(allow_stale=True), timeout=10)  # the default 4 MiB limit
+    assert list(answer.missing_ranks) == [0, 1] and not answer.loads
+
+
+async def test_every_answer_fits_max_answer_bytes(start_aggregator, channel_to):
+    """A rank's load above its share of --max-answer-bytes is refused; the largest accepted loads of every
+    rank together still make an answer within the limit."""
+    limit = 64 * 1024
+    agg = await start_aggregator(dp_size=8, limits=LimitsConfig(max_answer_bytes=limit))
+    share = agg.agents.rank_share
+    agent = RawAgent(agg.port, "wide", list(range(8)))
+    try:
+        await agent.connect()
+        name = "n" * MAX_STRING_CHARS
+
+        def load(rank: int, devices: int) -> pb.RankLoad:
+            return pb.RankLoad(dp_rank=rank, num_running_reqs=1, disagg=pb.DisaggMetrics(mode=name),
+                               gpu=pb.GpuMetrics(devices=[pb.GpuDevice(index=i, name=name, uuid=name,
+                                                                       memory_used_bytes=2**63)
+                                                          for i in range(devices)]))
+
+        fitting = max(n for n in range(MAX_GPU_DEVICES_PER_RANK + 1) if load(0, n).ByteSize() <= share)
+        assert fitting < MAX_GPU_DEVICES_PER_RANK  # the share, not the device cap, is what limits here
+        await agent.report(0, [load(0, fitting + 1)])
+        message = await agent.read()
+        assert message.WhichOneof("kind") == "rejected" and "above its share of an answer" in message.rejected.reason
+        await agent.report(0, [load(rank, fitting) for rank in range(8)])
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        for _ in range(100):
+            answer = await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000),
+                                         timeout=10)
+            if len(answer.loads) == 8:
+                break
+            await asyncio.sleep(0.02)
+        assert len(answer.loads) == 8 and answer.ByteSize() <= limit
+        await agent.close()
+        stale = await stub.GetLoads(pb.GetLoadsRequest(allow_stale=True), timeout=10)  # stale entries, ages added
+        assert len(stale.loads) == 8 and list(stale.missing_ranks) == list(range(8)) and stale.ByteSize() <= limit
+    finally:
+        await agent.close()
+
+
+async def test_a_rank_without_an_agent_is_forgotten(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=1, forget_rank_after_s=0.3)
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    agent = RawAgent(agg.port, "leaving", [0])
+    await agent.connect()
+    await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=3)])
+    await asyncio.sleep(0.1)
+    await agent.close()
+    answer = await stub.GetLoads(pb.GetLoadsRequest(allow_stale=True), timeout=10)
+    assert [(load.dp_rank, load.stale) for load in answer.loads] == [(0, True)]
+    await asyncio.sleep(0.4)
+    answer = await stub.GetLoads(pb.GetLoadsRequest(allow_stale=True), timeout=10)
+    assert not answer.loads and list(answer.missing_ranks) == [0]
+    assert agg.registry.known_ranks() == {}
+
+
+@pytest.mark.parametrize("name", ["dp_rank", "max_staleness_ms"])
+async def test_huge_integers_on_the_http_gateway_are_a_400_that_does_not_echo_them(start_aggregator, name):
+    agg = await start_aggregator(dp_size=2, http_port=0)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{agg.http_port}/v1/loads?{name}={'9' * 4400}") as response:
+            status, body = response.status, await response.read()
+    assert status == 400, body[:300]
+    doc = json.loads(body)
+    assert doc["code"] == "INVALID_ARGUMENT" and "at most 20 digits" in doc["error"] and len(body) < 400
+
+
+async def test_a_healthy_link_taken_over_by_its_instance_id_is_warned_about(start_aggregator, caplog):
+    """Two agents sharing an instance id: each takeover of a healthy link is counted, and a warning (at most one
+    per interval) names both peers."""
+    caplog.set_level(logging.INFO, logger="loadagg.registry")
+    agg = await start_aggregator(dp_size=1)
+    agents = []
+    try:
+        for _ in range(3):
+            agent = RawAgent(agg.port, "twin", [0], own_connection=True)
+            agents.append(agent)
+            await agent.connect()
+            await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=len(agents))])
+            await asyncio.sleep(0.05)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                    and r.name == "loadagg.registry"]
+        assert len(warnings) == 1, warnings  # rate-limited
+        assert agg.registry.healthy_takeovers == 2
+        peers = set(re.findall(r"ipv4:127\.0\.0\.1:\d+", warnings[0]))
+        assert len(peers) == 2 and "--instance-id" in warnings[0], warnings[0]  # both links' peers
+        metrics = agg.metrics.exposition().decode()
+        assert "loadagg_healthy_link_takeovers_total 2.0" in metrics
+    finally:
+        for agent in agents:
+            await agent.close()
+
+
+async def test_http_aggregate_totals_saturate_like_the_grpc_summary(start_aggregator, channel_to):
+    agg = await start_aggregator(dp_size=2, http_port=0)
+    agent = RawAgent(agg.port, "huge", [0, 1])
+    try:
+        await agent.connect()
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(), timeout=10))
+        collect = await agent.next_collect()
+        huge = dict(num_used_tokens=INT64_MAX, num_total_tokens=INT64_MAX, max_total_num_tokens=INT64_MAX)
+        await agent.report(collect.round_id, [pb.RankLoad(dp_rank=r, **huge) for r in (0, 1)])
+        summary = (await call).summary
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{agg.http_port}/v1/loads?max_staleness_ms=60000"
+            async with session.get(url) as response:
+                aggregate = (await response.json())["aggregate"]
+        assert summary.total_used_tokens == aggregate["total_used_tokens"] == INT64_MAX
+        assert aggregate["total_tokens"] == INT64_MAX
+    finally:
+        await agent.close()
