@@ -34,7 +34,7 @@ def _skewed_agent(processes, port: int, rank: int, shift_s: int):
 
 async def test_agents_an_hour_ahead_or_behind_show_the_aggregators_ages(start_aggregator, processes, channel_to,
                                                                        caplog):
-    caplog.set_level(logging.WARNING, logger="loadagg.agent_link")
+    caplog.set_level(logging.WARNING, logger="loadagg.server.agent_link")
     agg = await start_aggregator(dp_size=3, round_timeout_ms=1000)
     fast = _skewed_agent(processes, agg.port, 0, +HOUR_S)
     _skewed_agent(processes, agg.port, 1, -HOUR_S)

@@ -19,9 +19,9 @@ from raw_agent import RawAgent
 
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.sglang_shape import INT64_MAX
+from loadagg.server.validation import MAX_GPU_DEVICES_PER_RANK, MAX_STRING_CHARS
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
-from loadagg.server.validation import MAX_GPU_DEVICES_PER_RANK, MAX_STRING_CHARS
 
 CONNECT = "/loadagg.v1.AgentLink/Connect"
 PROBE_DEADLINE_S = 0.5  # generous: a loop held by one message for seconds (7.5 s before the fix) misses it
@@ -246,7 +246,7 @@ async def test_huge_integers_on_the_http_gateway_are_a_400_that_does_not_echo_th
 async def test_a_healthy_link_taken_over_by_its_instance_id_is_warned_about(start_aggregator, caplog):
     """Two agents sharing an instance id: each takeover of a healthy link is counted, and a warning (at most one
     per interval) names both peers."""
-    caplog.set_level(logging.INFO, logger="loadagg.registry")
+    caplog.set_level(logging.INFO, logger="loadagg.server.registry")
     agg = await start_aggregator(dp_size=1)
     agents = []
     try:
@@ -257,7 +257,7 @@ async def test_a_healthy_link_taken_over_by_its_instance_id_is_warned_about(star
             await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=len(agents))])
             await asyncio.sleep(0.05)
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
-                    and r.name == "loadagg.registry"]
+                    and r.name == "loadagg.server.registry"]
         assert len(warnings) == 1, warnings  # rate-limited
         assert agg.registry.healthy_takeovers == 2
         peers = set(re.findall(r"ipv4:127\.0\.0\.1:\d+", warnings[0]))

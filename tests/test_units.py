@@ -104,7 +104,6 @@ async def test_session_backlog_stays_bounded_when_the_agent_stops_reading():
 async def test_callers_wait_on_their_own_futures_and_never_end_the_round():
     """A cancelled caller and an impatient one (partial answer) leave the round running for the patient one."""
     import asyncio
-
     import time
 
     from loadagg.server.communicator import WatchingCommunicator
