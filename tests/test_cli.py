@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import pytest
 from conftest import ROOT, free_port
 
 
@@ -113,6 +115,34 @@ def test_demo_stopped_by_sigterm_ends_its_agent_and_router_processes(processes):
     assert demo.wait(timeout=20) == 0
     time.sleep(0.2)
     assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "processes outlived the demo"
+
+
+def _commands(pids: list[int]) -> dict[int, str]:
+    commands = {}
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            commands[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    return commands
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.0])  # while the children still start up; once they are busy
+def test_demo_killed_with_sigkill_leaves_no_child_running(processes, after_s):
+    """SIGKILL gives the demo no chance to end its children: they must notice and end themselves."""
+    demo = processes.start("loadagg", "demo", "--dp-size", "2", "--interval", "0.2", "--routers", "10",
+                           "--log-level", "WARNING", stdout=subprocess.DEVNULL)
+    children = _wait_for_children(demo.pid, 3)  # 2 agents and the routers
+    time.sleep(after_s)
+    demo.kill()
+    demo.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    try:
+        while left := [pid for pid in children if os.path.exists(f"/proc/{pid}")]:
+            assert time.monotonic() < deadline, f"still running after the demo was killed: {_commands(left)}"
+            time.sleep(0.1)
+    finally:
+        for pid in children:  # only the demo's own children, should they have outlived it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _in_group(pgid: int) -> list[int]:

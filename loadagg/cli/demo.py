@@ -48,7 +48,9 @@ def split_ranks(dp_size: int, agents: int) -> list[list[int]]:
 def spawn_agents(config: DemoConfig, port: int) -> list[subprocess.Popen]:
     procs = []
     for i, ranks in enumerate(split_ranks(config.dp_size, config.agents)):
-        cmd = [sys.executable, "-m", "scheduler_agent", "--aggregator", f"127.0.0.1:{port}",
+        # Through with_parent, as the swarm: it ends with the demo even when the demo is killed (SIGKILL).
+        cmd = [sys.executable, "-m", "loadagg.cli.with_parent", str(os.getpid()), "scheduler_agent",
+               "--aggregator", f"127.0.0.1:{port}",
                "--dp-size", str(config.dp_size), "--seed", str(i), "--instance-id", f"demo-agent-{i}",
                "--collect-latency-ms", str(config.collect_latency_ms), "--log-level", "WARNING"]
         for rank in ranks:
@@ -63,7 +65,8 @@ def spawn_swarm(config: DemoConfig, port: int) -> list[subprocess.Popen]:
     """The simulated routers' process (none with --routers 0)."""
     if not config.routers:
         return []
-    cmd = [sys.executable, "-m", "loadagg.cli.swarm", "--target", f"127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "loadagg.cli.with_parent", str(os.getpid()), "loadagg.cli.swarm",
+           "--target", f"127.0.0.1:{port}",
            "--routers", str(config.routers), "--interval-ms", str(config.router_interval_ms)]
     return [subprocess.Popen(cmd)]
 

@@ -2,15 +2,14 @@
 
 `loadagg demo` runs them in a child process (`python -m loadagg.cli.swarm`) so the coalescing shows: hundreds of
 routers asking every 50 ms cost the engines one read per round, not one per router call. Bounded: each router
-has at most one call in flight and never catches up on missed ticks; the child ends with its parent.
+has at most one call in flight and never catches up on missed ticks; the demo starts it through
+`loadagg.cli.with_parent`, so that it ends with the demo.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import random
 import signal
 from dataclasses import dataclass
@@ -80,25 +79,12 @@ async def run_swarm(config: SwarmConfig, stop: asyncio.Event, stats: SwarmStats 
     return stats
 
 
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """Stop when the process that started us is gone (the demo was killed): never outlive it."""
-    while os.getppid() == parent:
-        await asyncio.sleep(0.5)
-    stop.set()
-
-
 async def _main(config: SwarmConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole process group: end quietly
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_parent(os.getppid(), stop))
-    try:
-        await run_swarm(config, stop)
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+    await run_swarm(config, stop)
 
 
 def main(argv: list[str] | None = None) -> None:
