@@ -86,9 +86,10 @@ async def test_draining_reaches_both_clients_mapped(start_aggregator, start_agen
 async def test_agent_link_cap_reaches_the_agent_mapped(start_aggregator):
     """Only agents open links, so this refusal has no HTTP client; its code is the one the table maps to 429."""
     agg = await start_aggregator(dp_size=2, limits=LimitsConfig(max_agent_links=1))
-    holder, refused = RawAgent(agg.port, "holder", [0]), RawAgent(agg.port, "refused", [1])
+    holder, refused = RawAgent(agg.port, "holder", [0]), None
     try:
         await holder.connect()
+        refused = RawAgent(agg.port, "refused", [1])  # (its stream opens now: an open stream counts, hello or not)
         try:
             code, details = await _grpc_code(refused.connect())
         except asyncio.InvalidStateError:  # the server ended the call before the hello was written
@@ -97,4 +98,5 @@ async def test_agent_link_cap_reaches_the_agent_mapped(start_aggregator):
         assert errors.HTTP_STATUS[code] == 429 and agg.guard.refused["RESOURCE_EXHAUSTED"] == 1
     finally:
         await holder.close()
-        await refused.close()
+        if refused is not None:
+            await refused.close()
