@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -15,6 +17,7 @@ from loadagg.server.security import SecurityConfig
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
+ROOT = Path(__file__).resolve().parent.parent
 ROUTER_TOKEN = "router-secret"
 GET_LOADS = "/loadagg.v1.LoadAggregator/GetLoads"
 
@@ -47,6 +50,18 @@ def test_every_error_has_its_http_status():
                 errors.DeadlineTooShort: 504, errors.LinkReplaced: 500, errors.LoadAggError: 500}
     assert {kind: errors.http_status(kind("x")) for kind in expected} == expected
     assert errors.http_body(errors.ShuttingDown()) == {"error": errors.DRAINING, "code": "UNAVAILABLE"}
+
+
+def test_only_the_errors_module_ends_a_call_with_a_status():
+    """Every refusal goes through errors.abort_with: a status written anywhere else escapes the one mapping."""
+    found = []
+    for path in sorted([*(ROOT / "loadagg").rglob("*.py"), *(ROOT / "scheduler_agent").rglob("*.py")]):
+        if path == ROOT / "loadagg/server/errors.py" or "_pb2" in path.name:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "abort":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []
 
 
 async def test_unauthenticated_and_invalid_reach_both_clients_mapped(start_aggregator, channel_to):

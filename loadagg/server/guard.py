@@ -194,9 +194,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             log.warning("agent link from %s sent a message of %d bytes, above the %d its ranks allow: link closed "
                         "(%d such messages in all; this warning at most every %g s)", context.peer(), size, most,
                         self.agent_link_messages_refused, _OVERSIZE_WARNING_INTERVAL_S)
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"an AgentMessage of {size} bytes, above the {most} this link may send (a hello, or a "
-                            "report naming each served rank once within the limits of docs/operations.md)")
+        await abort_with(context, ResourceExhausted(
+            f"an AgentMessage of {size} bytes, above the {most} this link may send (a hello, or a report naming "
+            "each served rank once within the limits of docs/operations.md)"))
 
     def _wrap_streaming_in(self, method, service, parse, inner, streaming_out) -> Callable:
         capped = service == AGENT_SERVICE
