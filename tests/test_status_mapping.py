@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 from pathlib import Path
 
 import aiohttp
@@ -46,7 +47,7 @@ def _same_refusal(grpc_seen: tuple[grpc.StatusCode, str], http_seen: tuple[int, 
 
 def test_every_error_has_its_http_status():
     expected = {errors.InvalidRequest: 400, errors.Unauthenticated: 401, errors.RankConflict: 409,
-                errors.ResourceExhausted: 429, errors.NotServed: 501, errors.ShuttingDown: 503,
+                errors.ResourceExhausted: 429, errors.NotServed: 501, errors.ShuttingDown: 503, errors.AtCapacity: 503,
                 errors.DeadlineTooShort: 504, errors.LinkReplaced: 500, errors.LoadAggError: 500}
     assert {kind: errors.http_status(kind("x")) for kind in expected} == expected
     assert errors.http_body(errors.ShuttingDown()) == {"error": errors.DRAINING, "code": "UNAVAILABLE"}
@@ -115,3 +116,20 @@ async def test_agent_link_cap_reaches_the_agent_mapped(start_aggregator):
         await holder.close()
         if refused is not None:
             await refused.close()
+
+
+async def test_the_http_connection_cap_reaches_the_client_mapped(start_aggregator):
+    """A connection past --http-max-connections is answered before aiohttp sees it: still by the one table."""
+    agg = await start_aggregator(dp_size=1, http_port=0, limits=LimitsConfig(http_max_connections=1))
+    held = await asyncio.open_connection("127.0.0.1", agg.http_port)
+    try:
+        await wait_for(lambda: agg.http.listener.open == 1, what="the first connection to be accepted")
+        reader, writer = await asyncio.open_connection("127.0.0.1", agg.http_port)
+        answer = await asyncio.wait_for(reader.read(), 10)  # answered and closed at once
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status, refusal = int(head.split()[1]), json.loads(body)
+        assert status == errors.HTTP_STATUS[grpc.StatusCode[refusal["code"]]], (status, refusal)
+        assert "--http-max-connections" in refusal["error"] and agg.http.listener.refused == 1
+    finally:
+        held[1].close()

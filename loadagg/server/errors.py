@@ -78,6 +78,12 @@ class ResourceExhausted(LoadAggError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class AtCapacity(LoadAggError):
+    """The aggregator holds as many connections as it accepts (the HTTP gateway's cap); retry shortly."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class NotServed(LoadAggError):
     """An RPC of a peer contract (sglang, vLLM) that the aggregator does not answer."""
 

@@ -13,8 +13,11 @@ import asyncio
 import json
 import logging
 import resource
+from http import HTTPStatus
 
 from aiohttp import web
+
+from loadagg.server.errors import AtCapacity, http_body, http_status
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,11 @@ def connection_cap(configured: int) -> int:
     return max(1, min(configured, open_files_limit() // 2))
 
 
-_REFUSAL_BODY = json.dumps({
-    "error": "the HTTP gateway has as many connections open as it accepts (--http-max-connections); "
-             "retry, reuse a connection, or use gRPC",
-    "code": "RESOURCE_EXHAUSTED",
-}).encode()
-_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY))
+_FULL = AtCapacity("the HTTP gateway has as many connections open as it accepts (--http-max-connections); "
+                   "retry, reuse a connection, or use gRPC")
+_REFUSAL_BODY = json.dumps(http_body(_FULL)).encode()
+_REFUSAL = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (http_status(_FULL), HTTPStatus(http_status(_FULL)).phrase.encode(), len(_REFUSAL_BODY), _REFUSAL_BODY))
 
 
 class _Refused(asyncio.Protocol):
