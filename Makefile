@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,test]'
+	# sglang 0.5.23's load publisher and snapshot writer drive the push-source tests. Its declared
+	# dependencies pull the GPU stack (torch, CUDA ...), which those two modules never use: --no-deps.
+	$(PY) -m pip install -q --no-deps sglang==0.5.23
 	touch $@
 
 demo: $(VENV)/.installed

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 _REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAUTHENTICATED,
              grpc.StatusCode.PERMISSION_DENIED}
 _MAX_ANSWERS_IN_FLIGHT = 4
+# A push source's unchanged ranks are pushed again after this long (unless --push-refresh-ms says otherwise).
+PUSH_SOURCE_REFRESH_MS = 1000
 # What a write on a link that is ending raises; the tasks writing on it end quietly.
 _LINK_ENDED = (asyncio.CancelledError, grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
@@ -48,6 +50,8 @@ class SchedulerAgent:
         self.dp_size = config.dp_size
         self.engine: EngineRanks | None = None
         self.health = SourceHealth(self.source.name)
+        # A push source's unchanged ranks are re-sent now and then, so the aggregator's ages stay those of
+        # the engine's last word on them, not of their last change.
         self.pushes = PushTracker(config.push_refresh_ms)
         self.pushes_sent = 0
         self.pushes_skipped = 0
@@ -177,6 +181,7 @@ class SchedulerAgent:
             self.pushes.reset()  # a new link (maybe a new aggregator): it holds nothing of ours yet
             await call.write(self.hello())
             pusher: asyncio.Task | None = None
+            changes: asyncio.Task | None = None
             watcher = (asyncio.create_task(self._watch_engine(call), name="agent-engine-watch")
                        if self.engine is not None and self.config.rediscover_interval_s else None)
             try:
@@ -186,12 +191,14 @@ class SchedulerAgent:
                         log.info("aggregator closed the link")
                         return
                     self._handle(call, message)
-                    if pusher is None and self.config.push_interval_ms and self.connected.is_set():
-                        pusher = asyncio.create_task(self._push_loop(call), name="agent-push")
+                    if changes is None and self.connected.is_set():
+                        changes = asyncio.create_task(self._push_changes(call), name="agent-push-changes")
+                        if self.config.push_interval_ms:
+                            pusher = asyncio.create_task(self._push_loop(call), name="agent-push")
             finally:
                 for task in list(self._answers):
                     task.cancel()
-                for task in (pusher, watcher):
+                for task in (pusher, changes, watcher):
                     if task is not None:
                         task.cancel()
                 call.cancel()
@@ -240,6 +247,30 @@ class SchedulerAgent:
                 await self.report(call, 0)
                 due = next_push_at(due, loop.time(), interval)
                 await asyncio.sleep(due - loop.time())
+
+    async def _push_changes(self, call) -> None:
+        """While the source pushes (a feed, snapshot or stream it holds): push the ranks that changed as soon as
+        it says so, gathering one coalescing window's changes into one report; re-send unchanged ranks every
+        refresh. A source that does not push (now) is left to rounds and the push interval."""
+        changed = asyncio.Event()
+        self.source.add_listener(changed.set)
+        window = self.config.push_coalesce_ms / 1000
+        refresh = (self.config.push_refresh_ms or PUSH_SOURCE_REFRESH_MS) / 1000
+        try:
+            with contextlib.suppress(*_LINK_ENDED):
+                while True:
+                    changed.clear()
+                    if self.source.pushes:
+                        self.pushes.refresh_s = refresh
+                        await self.report(call, 0)
+                    else:
+                        self.pushes.refresh_s = self.config.push_refresh_ms / 1000
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), refresh)
+                    if window and changed.is_set():
+                        await asyncio.sleep(window)
+        finally:
+            self.source.remove_listener(changed.set)
 
     def _handle(self, call, message: pb.AggregatorMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -311,7 +342,7 @@ class SchedulerAgent:
                 await call.write(message)
             finally:
                 self._writer = None
-        if self.config.push_interval_ms:  # only pushes read what was sent (a fingerprint per rank costs)
+        if self.config.push_interval_ms or self.source.pushes:  # only pushes read what was sent (fingerprints cost)
             self.pushes.sent(answered)
         self.reports_sent += 1
         if round_id == 0:

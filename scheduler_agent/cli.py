@@ -27,7 +27,7 @@ from loadagg.common import (
 from loadagg.common import field_default as default
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.channel import LinkSecurity
-from scheduler_agent.config import AgentConfig, default_instance_id
+from scheduler_agent.config import ENGINE_STREAM_MODES, AgentConfig, default_instance_id
 from scheduler_agent.fanout import AggregatorFanout, FanoutConfig, split_target
 from scheduler_agent.sources import ENGINE_SOURCES, SOURCE_NAMES, build_source
 
@@ -98,6 +98,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push-refresh-ms", type=int, default=env_int("PUSH_REFRESH_MS", default(c, "push_refresh_ms")),
                    help="re-push a rank unchanged for this long (keeps its snapshot age honest); 0: never "
                         "[LOADAGG_PUSH_REFRESH_MS]")
+    p.add_argument("--push-coalesce-ms", type=float,
+                   default=env_float("PUSH_COALESCE_MS", default(c, "push_coalesce_ms")),
+                   help="push sources (sglang feed, sglang-shm, SMG stream): changes within this window go out "
+                        "in one push [LOADAGG_PUSH_COALESCE_MS]")
+    p.add_argument("--sglang-load-endpoint", default=env("SGLANG_LOAD_ENDPOINT", default(c, "sglang_load_endpoint")),
+                   help="sglang: its load feed, tcp://HOST:BASEPORT (rank r at BASEPORT + r), when /server_info "
+                        "cannot say; 'off': poll /v1/loads only (default: the feed /server_info advertises) "
+                        "[LOADAGG_SGLANG_LOAD_ENDPOINT]")
+    p.add_argument("--feed-silence-ms", type=int, default=env_int("FEED_SILENCE_MS", default(c, "feed_silence_ms")),
+                   help="sglang feed: a rank silent this long is polled through /v1/loads until it publishes "
+                        "again [LOADAGG_FEED_SILENCE_MS]")
+    p.add_argument("--detail-interval-ms", type=int,
+                   default=env_int("DETAIL_INTERVAL_MS", default(c, "detail_interval_ms")),
+                   help="sglang feed: how often /v1/loads is read for the figures the feed lacks "
+                        "[LOADAGG_DETAIL_INTERVAL_MS]")
+    p.add_argument("--shm-path", default=env("SHM_PATH", default(c, "shm_path")),
+                   help="sglang-shm: the engine's snapshot file (default: the one /dev/shm/sglang_loads_*.shm) "
+                        "[LOADAGG_SHM_PATH]")
+    p.add_argument("--shm-watch-ms", type=float, default=env_float("SHM_WATCH_MS", default(c, "shm_watch_ms")),
+                   help="sglang-shm: how often the slots are checked for a change [LOADAGG_SHM_WATCH_MS]")
+    p.add_argument("--engine-stream", choices=ENGINE_STREAM_MODES,
+                   default=env_choice("ENGINE_STREAM", default(c, "engine_stream"), ENGINE_STREAM_MODES),
+                   help="grpc:// engines: read SMG's load records on SubscribeKvEvents (auto) or only poll "
+                        "GetLoads (off) [LOADAGG_ENGINE_STREAM]")
+    p.add_argument("--stream-silence-ms", type=int,
+                   default=env_int("STREAM_SILENCE_MS", default(c, "stream_silence_ms")),
+                   help="grpc:// engines: a load stream silent this long (about two idle heartbeats) makes its "
+                        "ranks stale and GetLoads takes over [LOADAGG_STREAM_SILENCE_MS]")
     p.add_argument("--model", default=env("MODEL", default(c, "model")),
                    help="model name reported in hello [LOADAGG_MODEL]")
     p.add_argument("--seed", type=int, default=env_optional_int("SEED"),
@@ -139,11 +167,20 @@ def link_security_from_args(args: argparse.Namespace) -> LinkSecurity:
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     from_engine = args.source in ENGINE_SOURCES
     ranks = args.dp_ranks or _ranks(env("DP_RANKS", "") or ("" if from_engine else "0"))
-    if from_engine:  # fail now on a bad URL or device map, not after the first connect
+    if from_engine:  # fail now on a bad URL, endpoint or device map, not after the first connect
         from scheduler_agent.sources import engine_endpoint
         from scheduler_agent.sources.gpu import parse_gpu_devices
 
-        engine_endpoint(args.source, args.engine_url)
+        if args.source != "sglang-shm":
+            engine_endpoint(args.source, args.engine_url)
+        elif not args.shm_path:  # several engines' files: say which now (none yet: the engine may be starting)
+            from scheduler_agent.sources.sglang_shm import refuse_several
+
+            refuse_several()
+        if args.sglang_load_endpoint not in ("", "off"):
+            from scheduler_agent.sources.sglang_feed import parse_endpoint
+
+            parse_endpoint(args.sglang_load_endpoint)
         parse_gpu_devices(args.gpu_devices)
     return AgentConfig(
         aggregator=args.aggregator,
@@ -167,6 +204,14 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         rediscover_interval_s=args.rediscover_interval_s,
         gpu=args.gpu,
         gpu_devices=args.gpu_devices,
+        push_coalesce_ms=args.push_coalesce_ms,
+        sglang_load_endpoint=args.sglang_load_endpoint,
+        feed_silence_ms=args.feed_silence_ms,
+        detail_interval_ms=args.detail_interval_ms,
+        shm_path=args.shm_path,
+        shm_watch_ms=args.shm_watch_ms,
+        engine_stream=args.engine_stream,
+        stream_silence_ms=args.stream_silence_ms,
     )
 
 

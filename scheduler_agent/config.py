@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from loadagg.common import DEFAULT_TARGET
 from scheduler_agent.channel import LinkSecurity
 
-__all__ = ["AgentConfig", "default_instance_id"]
+__all__ = ["ENGINE_STREAM_MODES", "AgentConfig", "default_instance_id"]
+
+ENGINE_STREAM_MODES = ("auto", "off")  # grpc:// engines: SMG's load records when the stream has them, or GetLoads only
 
 
 def default_instance_id() -> str:
@@ -37,6 +39,23 @@ class AgentConfig:
     collect_latency_ms: float = 0.0  # simulator: how long answering a collect takes
     push_interval_ms: int = 0  # 0: only answer collect rounds
     push_refresh_ms: int = 0  # re-push an unchanged rank after this long; 0: only changes are pushed
+    # Push sources: changes within this window after the first go out in one report (0: each at once).
+    push_coalesce_ms: float = 2.0
+    # sglang: its load feed (ZMQ) by hand, tcp://HOST:BASEPORT (rank r at BASEPORT + r), when /server_info
+    # cannot tell; "off" polls /v1/loads only; "" (auto): the feed /server_info advertises, if any.
+    sglang_load_endpoint: str = ""
+    # A feed rank silent this long is read through /v1/loads until its frames resume (sglang re-sends an
+    # unchanged stat every second).
+    feed_silence_ms: int = 3000
+    # How often the figures the feed lacks (token usage, throughputs, cache hit rate, sections) are read.
+    detail_interval_ms: int = 1000
+    # sglang-shm: the snapshot file (empty: the one /dev/shm/sglang_loads_*.shm) and the watch cadence.
+    shm_path: str = ""
+    shm_watch_ms: float = 2.0
+    # gRPC engines: read SMG's load records on SubscribeKvEvents ("auto") or only poll GetLoads ("off"); a
+    # stream silent this long (about two idle heartbeats) makes its ranks stale and GetLoads takes over.
+    engine_stream: str = "auto"
+    stream_silence_ms: int = 11000
     # Engine sources (sglang, vllm): where the engine listens (http://... or grpc://...).
     engine_url: str = ""
     engine_timeout_ms: int = 0  # 0: a share of the aggregator's round deadline (from Welcome)
@@ -75,5 +94,13 @@ class AgentConfig:
             raise ValueError("push_interval_ms must be 0 (no pushes) or at least 10")
         if self.rediscover_interval_s < 0:
             raise ValueError("rediscover_interval_s must be >= 0")
+        if not 0 <= self.push_coalesce_ms <= 1000:
+            raise ValueError(f"push_coalesce_ms must be in 0..1000, got {self.push_coalesce_ms}")
+        if min(self.feed_silence_ms, self.detail_interval_ms, self.stream_silence_ms) < 50:
+            raise ValueError("feed_silence_ms, detail_interval_ms and stream_silence_ms must be at least 50")
+        if not 0.5 <= self.shm_watch_ms <= 1000:
+            raise ValueError(f"shm_watch_ms must be in 0.5..1000, got {self.shm_watch_ms}")
+        if self.engine_stream not in ENGINE_STREAM_MODES:
+            raise ValueError(f"engine_stream must be auto or off, got {self.engine_stream!r}")
         if self.gpu not in ("auto", "on", "off"):
             raise ValueError(f"gpu must be auto, on or off, got {self.gpu!r}")

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.sources.base import LoadSource
+from scheduler_agent.sources.base import LoadSource, WrappedSource
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def resolve_all(host: str, port: int) -> list[str]:
     return pick_addresses(await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), port)
 
 
-class SharedSource(LoadSource):
+class SharedSource(WrappedSource):
     """Wraps the one real source for all links: start/close belong to the fanout; overlapping reads are joined."""
 
     def __init__(self, inner: LoadSource) -> None:

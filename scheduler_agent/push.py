@@ -25,10 +25,12 @@ def next_push_at(due: float, now: float, interval: float) -> float:
 
 
 def fingerprint(load: pb.RankLoad) -> bytes:
-    """The load's figures without its timestamp."""
+    """The load's figures without its timestamp and ages (a push source's held figures age between reads)."""
     copy = pb.RankLoad()
     copy.CopyFrom(load)
     copy.ClearField("timestamp_ms")
+    copy.ClearField("age_ms")
+    copy.ClearField("detail_age_ms")
     return copy.SerializeToString(deterministic=True)
 
 

@@ -42,3 +42,16 @@ def engine_agent(port: int, source: LoadSource, **overrides) -> SchedulerAgent:
 
 async def get_loads(channel, **request) -> pb.GetLoadsResponse:
     return await pb_grpc.LoadAggregatorStub(channel).GetLoads(pb.GetLoadsRequest(**request), timeout=10)
+
+
+CACHED = {"freshness": pb.FRESHNESS_CACHED, "max_staleness_ms": 10_000}
+
+
+async def cached_until(channel, rank: int, running: int, tries: int = 500) -> pb.GetLoadsResponse:
+    """FRESHNESS_CACHED answers until `rank` shows `running` requests (or tries run out): the last one."""
+    for _ in range(tries):
+        answer = await get_loads(channel, **CACHED)
+        if any(load.dp_rank == rank and load.num_running_reqs == running for load in answer.loads):
+            break
+        await asyncio.sleep(0.01)
+    return answer

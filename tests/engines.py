@@ -11,7 +11,14 @@ from collections import Counter
 
 import grpc
 from aiohttp import web
-from smg_grpc_proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, vllm_engine_pb2, vllm_engine_pb2_grpc
+from smg_grpc_proto import (
+    sglang_scheduler_pb2,
+    sglang_scheduler_pb2_grpc,
+    tokenspeed_scheduler_pb2,
+    tokenspeed_scheduler_pb2_grpc,
+    vllm_engine_pb2,
+    vllm_engine_pb2_grpc,
+)
 
 MODES = ("ok", "error", "hang", "garbage")
 
@@ -293,11 +300,37 @@ class VllmGrpcEngine(vllm_engine_pb2_grpc.VllmEngineServicer, _GrpcModes):
         return await self.answer(request, context, self.response)
 
 
+class TokenSpeedGrpcEngine(tokenspeed_scheduler_pb2_grpc.TokenSpeedSchedulerServicer, _GrpcModes):
+    """TokenSpeed behind SMG's servicer: GetLoads with its optional active_token_usage, memory and queues."""
+
+    def __init__(self, dp_size: int) -> None:
+        _GrpcModes.__init__(self)
+        self.dp_size = dp_size
+
+    def response(self, garbage: bool = False):
+        m = tokenspeed_scheduler_pb2
+        loads = [m.SchedulerLoad(dp_rank=r, num_running_reqs=4 + r, num_waiting_reqs=1, num_total_reqs=5 + r,
+                                 num_used_tokens=2048, max_total_num_tokens=65536, max_running_requests=128,
+                                 num_waiting_uncached_tokens=0, token_usage=0.03125, active_token_usage=0.02,
+                                 gen_throughput=55.0, cache_hit_rate=0.25, utilization=0.1,
+                                 memory=m.MemoryMetrics(weight_gb=8.0, kv_cache_gb=20.0, graph_gb=0.5,
+                                                        token_capacity=65536),
+                                 queues=m.QueueMetrics(waiting=1, grammar=0, paused=0, retracted=0))
+                 for r in range(self.dp_size)]
+        return m.GetLoadsResponse(timestamp="2026-12-05T09:00:00Z", version="0.3.0", dp_rank_count=self.dp_size,
+                                  loads=loads)
+
+    async def GetLoads(self, request, context):
+        return await self.answer(request, context, self.response)
+
+
 async def serve_grpc(servicer, port: int = 0) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server on 127.0.0.1 with the stand-in registered through the package's own helper."""
     server = grpc.aio.server()
     if isinstance(servicer, SglangGrpcEngine):
         sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
+    elif isinstance(servicer, TokenSpeedGrpcEngine):
+        tokenspeed_scheduler_pb2_grpc.add_TokenSpeedSchedulerServicer_to_server(servicer, server)
     else:
         vllm_engine_pb2_grpc.add_VllmEngineServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

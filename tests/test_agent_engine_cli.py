@@ -86,7 +86,16 @@ def test_every_new_flag_reads_its_env_var(monkeypatch):
     monkeypatch.setenv("LOADAGG_ENGINE_URL", "http://127.0.0.1:30000")
     config = config_from_args(parser().parse_args([]))
     assert config.engine_api_key == "from-env" and "from-env" not in repr(config)
-    assert build_source(config).http.headers  # (LOADAGG_GPU=off: no wrapper) == {"Authorization": "Bearer from-env"}
+    # (LOADAGG_GPU=off: no GPU wrapper; the sglang source reads /v1/loads through its HTTP source)
+    assert build_source(config).http.http.headers == {"Authorization": "Bearer from-env"}
+    monkeypatch.setenv("LOADAGG_SGLANG_LOAD_ENDPOINT", "tcp://10.1.2.3:5600")
+    monkeypatch.setenv("LOADAGG_PUSH_COALESCE_MS", "4")
+    monkeypatch.setenv("LOADAGG_DETAIL_INTERVAL_MS", "2000")
+    monkeypatch.setenv("LOADAGG_STREAM_SILENCE_MS", "9000")
+    config = config_from_args(parser().parse_args([]))
+    assert (config.sglang_load_endpoint, config.push_coalesce_ms, config.detail_interval_ms,
+            config.stream_silence_ms) == ("tcp://10.1.2.3:5600", 4.0, 2000, 9000)
+    assert build_source(config).manual == "tcp://10.1.2.3:5600"
     assert config_from_args(parser().parse_args(["--engine-api-key", "flag"])).engine_api_key == "flag"
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu"]
+SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu", "push"]
 
 
 @pytest.mark.timeout(240)

@@ -176,7 +176,8 @@ def test_a_bad_environment_variable_is_a_usage_error_naming_it():
     assert "Traceback" not in result.stderr
     for name, value, said in (("LOADAGG_GPU", "maybe", "LOADAGG_GPU='maybe'"),
                               ("LOADAGG_PUSH_INTERVAL_MS", "x", "LOADAGG_PUSH_INTERVAL_MS must be an integer, got 'x'"),
-                              ("LOADAGG_SOURCE", "bogus", "LOADAGG_SOURCE must be one of simulator, sglang, vllm"),
+                              ("LOADAGG_SOURCE", "bogus",
+                               "LOADAGG_SOURCE must be one of simulator, sglang, sglang-shm, vllm, tokenspeed"),
                               ("LOADAGG_LOG_LEVEL", "verbose", "LOADAGG_LOG_LEVEL must be one of DEBUG")):
         result = subprocess.run([sys.executable, "-m", "scheduler_agent"], capture_output=True, text=True,
                                 timeout=30, cwd=ROOT, env={**os.environ, name: value})

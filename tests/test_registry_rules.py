@@ -196,6 +196,10 @@ BAD_LOADS = [
     (pb.RankLoad(dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice(index=0, temperature_c=math.nan)])),
      "gpu[0].temperature_c is nan"),
     (pb.RankLoad(dp_rank=0, stale=True, age_ms=5), "set by the aggregator"),
+    (pb.RankLoad(dp_rank=0, active_token_usage=1.5), "active_token_usage must be a ratio"),
+    (pb.RankLoad(dp_rank=0, prefill_throughput=-3.0), "prefill_throughput is negative"),
+    (pb.RankLoad(dp_rank=0, num_active_tokens=-1), "num_active_tokens is negative"),
+    (pb.RankLoad(dp_rank=0, accelerator="x" * 300), "accelerator is 300 characters"),
 ]
 
 

@@ -15,6 +15,7 @@ from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources import build_source
 from scheduler_agent.sources.engine_grpc import EngineGrpcSource, load_from_scheduler_load
 from scheduler_agent.sources.gpu import WithGpuTelemetry
+from scheduler_agent.sources.smg_stream import SmgStreamSource
 
 
 def test_presence_rules_for_protos_without_presence():
@@ -47,11 +48,16 @@ def test_presence_rules_for_protos_without_presence():
 
 def test_cli_engine_urls_pick_the_grpc_source():
     source = build_source(AgentConfig(source="vllm", engine_url="grpc://127.0.0.1:30001", ranks_from_engine=True,
-                                      dp_ranks=(), gpu="off"))
+                                      dp_ranks=(), gpu="off", engine_stream="off"))
     assert isinstance(source, EngineGrpcSource) and source.flavor == "vllm" and source.target == "127.0.0.1:30001"
     wrapped = build_source(AgentConfig(source="sglang", engine_url="grpc://127.0.0.1:30001", dp_ranks=(),
                                        ranks_from_engine=True))
-    assert isinstance(wrapped, WithGpuTelemetry) and isinstance(wrapped.inner, EngineGrpcSource)
+    assert isinstance(wrapped, WithGpuTelemetry) and isinstance(wrapped.inner, SmgStreamSource)
+    assert wrapped.inner.polling.flavor == "sglang"  # the load stream, GetLoads beside it
+    tokenspeed = build_source(AgentConfig(source="tokenspeed", dp_ranks=(), ranks_from_engine=True, gpu="off"))
+    assert tokenspeed.polling.flavor == "tokenspeed" and tokenspeed.polling.target == "127.0.0.1:30000"
+    with pytest.raises(ValueError, match="TokenSpeed is read over gRPC"):
+        build_source(AgentConfig(source="tokenspeed", engine_url="http://x:1", dp_ranks=(), ranks_from_engine=True))
 
 
 async def test_sglang_grpc_engine_one_call_per_round_faults_and_recovery(start_aggregator, channel_to, caplog):

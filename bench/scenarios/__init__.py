@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.scenarios import cpu, fanin, routers, storm, throughput, watch
+from bench.scenarios import cpu, fanin, push, routers, storm, throughput, watch
 
 SCENARIOS = {
     "storm": storm.run,
@@ -11,4 +11,5 @@ SCENARIOS = {
     "routers": routers.run,
     "watch": watch.run,
     "cpu": cpu.run,
+    "push": push.run,
 }

@@ -192,7 +192,8 @@ class AgentLinkService:
             elif load.timestamp_ms > now + CLOCK_AHEAD_NOTED_MS:
                 self._clock_ahead(session, load.timestamp_ms - now)
             # Its figures were read age_ms before the agent sent them: on our clock, that long before now.
-            accepted.append(Snapshot(load, received, received - load.age_ms / 1000))
+            accepted.append(Snapshot(load, received, received - load.age_ms / 1000,
+                                     received - load.detail_age_ms / 1000 if load.HasField("detail_age_ms") else None))
         self.communicator.accept(session, report.round_id, accepted, failed)
 
     def _clock_ahead(self, session: AgentSession, ahead_ms: int) -> None:

@@ -84,9 +84,8 @@ def build_response(
         snap = result.stale.get(rank) if allow_stale else None
         if snap is not None:
             stale = pb.RankLoad()
-            stale.CopyFrom(trim(snap.load, sections))
+            stale.CopyFrom(trim(snap.aged(result.finished), sections))  # (the snapshot's load is shared)
             stale.stale = True
-            stale.age_ms = snap.age_ms(result.finished)
             loads.append(stale)
     return pb.GetLoadsResponse(
         round_id=result.round_id,

@@ -11,9 +11,16 @@ import time
 from types import MappingProxyType
 
 from loadagg.server.communicator import Communicator
-from loadagg.server.registry import AgentRegistry
+from loadagg.server.registry import AgentRegistry, Snapshot
 from loadagg.server.rounds import RoundResult, unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
+
+
+def _aged_copy(snap: Snapshot, now: float) -> pb.RankLoad:
+    """The snapshot's load with its ages as of `now`, as this answer's own (a later answer ages it again)."""
+    load = pb.RankLoad()
+    load.CopyFrom(snap.aged(now))
+    return load
 
 
 class CachedAnswers:
@@ -24,30 +31,62 @@ class CachedAnswers:
         self.registry = registry
         self._cached: tuple[RoundResult, RoundResult] | None = None  # (last round, its CACHE-sourced twin)
         self._snapshots: tuple[int, RoundResult] | None = None  # (registry.snapshot_version, SNAPSHOTS result)
+        # ((id of the last round, snapshot_version), that round with newer pushes, or None when none is newer)
+        self._merged_answer: tuple[tuple, RoundResult | None] | None = None
 
     def recent(self, max_staleness_ms: int, dp_rank: int | None) -> RoundResult | None:
-        """The last round if young enough, else pushed snapshots if every wanted rank has a young one.
+        """The newest figures held for each wanted rank, if recent enough; None when a round is needed.
 
-        A young round that missed a wanted rank (an agent linking, or re-linking, as it ran) gives way to
-        pushed snapshots when they cover every wanted rank and that rank pushed after the round ended;
-        otherwise it is still the answer, as a rank that stays down must not turn every cached read into a
-        round (nor a snapshot taken before it went down overrule the round that found it gone).
+        A young round is the base; a rank whose agent pushed after its answer (or, for a rank the round
+        missed, after the round ended) shows the pushed figures instead, so a completed round never hides a
+        newer push. A rank the round found gone stays missing until it pushes again (a snapshot taken before
+        it went down never overrules the round). Without a young round: the pushed snapshots, when every
+        wanted rank has one within the bound.
         """
-        last = self.last_round(max_staleness_ms)
-        if last is not None and self._misses(last, max_staleness_ms, dp_rank):
-            return self.from_snapshots(max_staleness_ms, dp_rank) or last
-        return last or self.from_snapshots(max_staleness_ms, dp_rank)
+        last = self.communicator.last_result
+        if last is None or last.figures_age_ms() > max_staleness_ms:
+            return self.from_snapshots(max_staleness_ms, dp_rank)
+        key = (id(last), self.registry.snapshot_version)  # decided once per round and snapshot change
+        if self._merged_answer is None or self._merged_answer[0] != key:
+            newer = self._pushed_since(last)
+            self._merged_answer = (key, self._merged(last, newer) if newer else None)
+        return self._merged_answer[1] or self.last_round(max_staleness_ms)
 
-    def _misses(self, result: RoundResult, max_staleness_ms: int, dp_rank: int | None) -> bool:
-        """Whether `result` missed a wanted rank that has pushed since, within the bound."""
-        if dp_rank is not None:
-            return dp_rank not in result.fresh and self._pushed_since(result, dp_rank, max_staleness_ms)
-        return any(self._pushed_since(result, rank, max_staleness_ms) for rank in result.missing)
+    def _pushed_since(self, result: RoundResult) -> dict[int, Snapshot]:
+        """Ranks whose held snapshot is newer than what `result` has of them."""
+        newer: dict[int, Snapshot] = {}
+        for rank, snap in self.registry.snapshots().items():
+            answered = result.fresh.get(rank)
+            if answered is not None:
+                if snap.load is not answered and snap.received >= result.started:
+                    newer[rank] = snap
+            elif snap.received > result.finished:
+                newer[rank] = snap
+        return newer
 
-    def _pushed_since(self, result: RoundResult, rank: int, max_staleness_ms: int) -> bool:
-        snap = self.registry.snapshot(rank)
-        return (snap is not None and snap.received > result.finished
-                and snap.age_ms(time.monotonic()) <= max_staleness_ms)
+    def _merged(self, last: RoundResult, newer: dict[int, Snapshot]) -> RoundResult:
+        """`last` with the newer pushed figures of `newer`'s ranks."""
+        now = time.monotonic()
+        fresh = dict(last.fresh)
+        for rank, snap in newer.items():
+            fresh[rank] = _aged_copy(snap, now)
+        return self._from(fresh, {r: s for r, s in last.stale.items() if r not in fresh}, now)
+
+    def _from(self, fresh: dict[int, pb.RankLoad], stale: dict[int, Snapshot], now: float) -> RoundResult:
+        return RoundResult(
+            round_id=0,
+            dp_size=self.registry.dp_size,
+            timestamp_ms=unix_ms(),
+            finished=now,
+            started=now,
+            duration_ms=0,
+            fresh=MappingProxyType(fresh),
+            stale=MappingProxyType(stale),
+            missing=tuple(r for r in range(self.registry.dp_size) if r not in fresh),
+            callers=0,
+            source=pb.ANSWER_SOURCE_SNAPSHOTS,
+            aggregator_id=self.communicator.aggregator_id,
+        )
 
     def last_round(self, max_staleness_ms: int) -> RoundResult | None:
         last = self.communicator.last_result
@@ -73,25 +112,6 @@ class CachedAnswers:
         version = self.registry.snapshot_version
         if self._snapshots is not None and self._snapshots[0] == version:
             return self._snapshots[1]
-        fresh: dict[int, pb.RankLoad] = {}
-        for rank, snap in snapshots.items():
-            load = pb.RankLoad()
-            load.CopyFrom(snap.load)
-            load.age_ms = snap.age_ms(now)
-            fresh[rank] = load
-        result = RoundResult(
-            round_id=0,
-            dp_size=self.registry.dp_size,
-            timestamp_ms=unix_ms(),
-            finished=now,
-            started=now,
-            duration_ms=0,
-            fresh=MappingProxyType(fresh),
-            stale=MappingProxyType({}),
-            missing=tuple(r for r in range(self.registry.dp_size) if r not in fresh),
-            callers=0,
-            source=pb.ANSWER_SOURCE_SNAPSHOTS,
-            aggregator_id=self.communicator.aggregator_id,
-        )
+        result = self._from({rank: _aged_copy(snap, now) for rank, snap in snapshots.items()}, {}, now)
         self._snapshots = (version, result)
         return result

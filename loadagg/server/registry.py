@@ -90,11 +90,13 @@ class AgentSession:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A rank's accepted load, when we received it, and when its figures were read: both on our monotonic
-    clock (`taken` is `received` less the age the agent reported), so that no age depends on an agent's clock."""
+    clock (`taken` is `received` less the age the agent reported), so that no age depends on an agent's clock.
+    `detail_taken` likewise for its figures outside the core when they came from a slower read (detail_age_ms)."""
 
     load: pb.RankLoad
     received: float
     taken: float
+    detail_taken: float | None = None
 
     def age_ms(self, now: float) -> int:
         return max(0, int((now - self.taken) * 1000))
@@ -103,6 +105,8 @@ class Snapshot:
         """Its load with `age_ms` as of `now`. The load is the aggregator's own (parsed from the agent's
         report); only answers read age_ms, and each sets it when it is built."""
         self.load.age_ms = self.age_ms(now)
+        if self.detail_taken is not None:
+            self.load.detail_age_ms = max(0, int((now - self.detail_taken) * 1000))
         return self.load
 
 

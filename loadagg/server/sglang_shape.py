@@ -27,6 +27,15 @@ CORE_FIELDS: tuple[str, ...] = (
     "utilization",
     "max_running_requests",
     "num_waiting_uncached_tokens",
+    # sglang 0.5.23
+    "num_active_tokens",
+    "num_prealloc_ready_tokens",
+    "total_prefill_uncached_tokens",
+    "total_prefill_busy_us",
+    # loadagg's (derived, or SMG's record): extra keys a client of either generation skips
+    "prefill_throughput",
+    "active_token_usage",
+    "engine_silence_ms",
 )
 # loadagg section field -> sglang's key for it (sglang names the objects, not the include words).
 SECTION_KEYS: dict[str, str] = {
@@ -51,6 +60,13 @@ HELP: dict[str, str] = {
     "utilization": "Overall utilization ratio",
     "max_running_requests": "Running request capacity",
     "num_waiting_uncached_tokens": "Waiting prefill tokens not served from cache",
+    "num_active_tokens": "Total tokens less those awaiting a KV transfer",
+    "num_prealloc_ready_tokens": "Tokens of requests preallocated and ready",
+    "total_prefill_uncached_tokens": "Uncached prompt tokens prefilled since start",
+    "total_prefill_busy_us": "Prefill step time since start in microseconds",
+    "prefill_throughput": "Uncached prompt tokens per second of prefill step time",
+    "active_token_usage": "Non-evictable KV-cache usage ratio",
+    "engine_silence_ms": "Engine silence while it holds requests in milliseconds",
 }
 INT32_MAX = 2**31 - 1
 
@@ -117,12 +133,29 @@ def aggregate(loads: Iterable[pb.RankLoad]) -> dict:
     return {name: value for name, value in figures.items() if value is not None}
 
 
+def _engine_facts(loads: list[pb.RankLoad], dicts: list[dict]) -> dict:
+    """0.5.23's `accelerator` and `num_accelerators`: top level when the ranks agree, else on each rank."""
+    facts: dict = {}
+    for name in ("accelerator", "num_accelerators"):
+        values = {getattr(load, name) for load in loads if load.HasField(name)}
+        if len(values) == 1:
+            facts[name] = values.pop()
+        elif values:
+            for load, entry in zip(loads, dicts, strict=True):
+                if load.HasField(name):
+                    entry[name] = getattr(load, name)
+    return facts
+
+
 def response_dict(response: pb.GetLoadsResponse, version: str) -> dict:
-    """The whole sglang JSON body for one caller's view (dp_rank_count = ranks returned, as sglang counts)."""
+    """The whole sglang JSON body for one caller's view, one that both generations' clients parse: 0.5.23's
+    keys (`accelerator`, `num_accelerators`, its per-rank figures) beside the older `dp_rank_count` (ranks
+    returned, as sglang counted) and `aggregate`."""
     loads = [load_dict(load) for load in response.loads]
     return {
         "timestamp": iso_timestamp(response.timestamp_ms),
         "version": version,
+        **_engine_facts(list(response.loads), loads),
         "dp_rank_count": len(loads),
         "loads": loads,
         "aggregate": aggregate(response.loads),

@@ -16,7 +16,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 
 # Not `utilization`: sglang's is max(running / max_running_requests_under_SLO, token_usage / 0.9), above 1
 # on a server past its SLO, which is when routers need it most.
-_RATIOS_CORE = ("token_usage", "cache_hit_rate")
+_RATIOS_CORE = ("token_usage", "cache_hit_rate", "active_token_usage")
 _COUNTS_CORE = (
     "num_running_reqs",
     "num_waiting_reqs",
@@ -26,6 +26,9 @@ _COUNTS_CORE = (
     "max_total_num_tokens",
     "num_waiting_uncached_tokens",
     "max_running_requests",
+    "num_active_tokens",
+    "num_prealloc_ready_tokens",
+    "num_accelerators",
 )
 # Per section: fields that must be ratios in [0, 1]; every other numeric field must be finite and >= 0.
 _SECTION_RATIOS = {
@@ -119,7 +122,7 @@ def _section_getters(name: str):
 # Every message-typed field of RankLoad is one of these (a test pins it), read in this order.
 _SECTION_NAMES = ("memory", "spec", "lora", "disagg", "queues")
 _SECTIONS_AND_GPU = attrgetter(*_SECTION_NAMES, "gpu")
-_CORE_COUNTS = _getter([*_COUNTS_CORE, "gen_throughput", "utilization"])
+_CORE_COUNTS = _getter([*_COUNTS_CORE, "gen_throughput", "utilization", "prefill_throughput"])
 _CORE_RATIOS = _getter(list(_RATIOS_CORE))
 (_MEMORY_COUNTS, _MEMORY_RATIOS), (_SPEC_COUNTS, _SPEC_RATIOS), (_LORA_COUNTS, _LORA_RATIOS), \
     (_DISAGG_COUNTS, _DISAGG_RATIOS), (_QUEUES_COUNTS, _QUEUES_RATIOS) = map(_section_getters, _SECTION_NAMES)
@@ -139,10 +142,10 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     Linear in the figures: the GPU devices' are gathered into one list (a tuple grown per device copied
     everything gathered so far: 30,000 devices took 7.5 s), after load_problem capped their number.
     """
-    if load.stale or load.age_ms > MAX_REPORTED_AGE_MS:
+    if load.stale or max(load.age_ms, load.detail_age_ms) > MAX_REPORTED_AGE_MS:
         return False
     memory, spec, lora, disagg, queues, gpu = _SECTIONS_AND_GPU(load)
-    if len(disagg.mode) > MAX_STRING_CHARS:
+    if len(disagg.mode) > MAX_STRING_CHARS or len(load.accelerator) > MAX_STRING_CHARS:
         return False
     counts = [*_CORE_COUNTS(load), *_MEMORY_COUNTS(memory), *_SPEC_COUNTS(spec), *_LORA_COUNTS(lora),
               *_DISAGG_COUNTS(disagg), *_QUEUES_COUNTS(queues)]
@@ -159,8 +162,9 @@ def _looks_valid(load: pb.RankLoad) -> bool:
 
 
 def _string_problem(load: pb.RankLoad) -> str | None:
-    if len(load.disagg.mode) > MAX_STRING_CHARS:
-        return f"disagg.mode is {len(load.disagg.mode)} characters; at most {MAX_STRING_CHARS}"
+    for name, value in (("disagg.mode", load.disagg.mode), ("accelerator", load.accelerator)):
+        if len(value) > MAX_STRING_CHARS:
+            return f"{name} is {len(value)} characters; at most {MAX_STRING_CHARS}"
     for i, device in enumerate(load.gpu.devices):
         for name in ("name", "uuid"):
             if len(value := getattr(device, name)) > MAX_STRING_CHARS:
@@ -177,12 +181,13 @@ def load_problem(load: pb.RankLoad) -> str | None:
         return None
     if load.stale:
         return "stale is set by the aggregator, not by agents"
-    if load.age_ms > MAX_REPORTED_AGE_MS:
-        return f"age_ms is {load.age_ms}: figures older than {MAX_REPORTED_AGE_MS} ms are no load"
+    if max(load.age_ms, load.detail_age_ms) > MAX_REPORTED_AGE_MS:
+        age = max(load.age_ms, load.detail_age_ms)
+        return f"age_ms / detail_age_ms is {age}: figures older than {MAX_REPORTED_AGE_MS} ms are no load"
     problem = _string_problem(load)
     if problem:
         return problem
-    for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput", "utilization"):
+    for name in _COUNTS_CORE + _RATIOS_CORE + ("gen_throughput", "utilization", "prefill_throughput"):
         if load.HasField(name):
             problem = _check_number(name, getattr(load, name), name in _RATIOS_CORE)
             if problem:

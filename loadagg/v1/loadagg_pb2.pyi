@@ -110,19 +110,21 @@ class DisaggMetrics(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., prefill_prealloc_queue_reqs: _Optional[int] = ..., prefill_inflight_queue_reqs: _Optional[int] = ..., decode_prealloc_queue_reqs: _Optional[int] = ..., decode_transfer_queue_reqs: _Optional[int] = ..., decode_retracted_queue_reqs: _Optional[int] = ..., kv_transfer_speed_gb_s: _Optional[float] = ..., kv_transfer_latency_ms: _Optional[float] = ...) -> None: ...
 
 class QueueMetrics(_message.Message):
-    __slots__ = ("waiting", "grammar", "paused", "retracted")
+    __slots__ = ("waiting", "grammar", "paused", "retracted", "prealloc_ready")
     WAITING_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     RETRACTED_FIELD_NUMBER: _ClassVar[int]
+    PREALLOC_READY_FIELD_NUMBER: _ClassVar[int]
     waiting: int
     grammar: int
     paused: int
     retracted: int
-    def __init__(self, waiting: _Optional[int] = ..., grammar: _Optional[int] = ..., paused: _Optional[int] = ..., retracted: _Optional[int] = ...) -> None: ...
+    prealloc_ready: int
+    def __init__(self, waiting: _Optional[int] = ..., grammar: _Optional[int] = ..., paused: _Optional[int] = ..., retracted: _Optional[int] = ..., prealloc_ready: _Optional[int] = ...) -> None: ...
 
 class RankLoad(_message.Message):
-    __slots__ = ("dp_rank", "timestamp_ms", "num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens", "num_total_tokens", "max_total_num_tokens", "num_waiting_uncached_tokens", "token_usage", "gen_throughput", "cache_hit_rate", "utilization", "max_running_requests", "memory", "gpu", "spec", "lora", "disagg", "queues", "stale", "age_ms")
+    __slots__ = ("dp_rank", "timestamp_ms", "num_running_reqs", "num_waiting_reqs", "num_total_reqs", "num_used_tokens", "num_total_tokens", "max_total_num_tokens", "num_waiting_uncached_tokens", "token_usage", "gen_throughput", "cache_hit_rate", "utilization", "max_running_requests", "memory", "gpu", "spec", "lora", "disagg", "queues", "stale", "age_ms", "detail_age_ms", "num_active_tokens", "num_prealloc_ready_tokens", "total_prefill_uncached_tokens", "total_prefill_busy_us", "prefill_throughput", "active_token_usage", "engine_silence_ms", "accelerator", "num_accelerators")
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,16 @@ class RankLoad(_message.Message):
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREALLOC_READY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PREFILL_UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PREFILL_BUSY_US_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TOKEN_USAGE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
     dp_rank: int
     timestamp_ms: int
     num_running_reqs: int
@@ -167,7 +179,17 @@ class RankLoad(_message.Message):
     queues: QueueMetrics
     stale: bool
     age_ms: int
-    def __init__(self, dp_rank: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., num_running_reqs: _Optional[int] = ..., num_waiting_reqs: _Optional[int] = ..., num_total_reqs: _Optional[int] = ..., num_used_tokens: _Optional[int] = ..., num_total_tokens: _Optional[int] = ..., max_total_num_tokens: _Optional[int] = ..., num_waiting_uncached_tokens: _Optional[int] = ..., token_usage: _Optional[float] = ..., gen_throughput: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., utilization: _Optional[float] = ..., max_running_requests: _Optional[int] = ..., memory: _Optional[_Union[MemoryMetrics, _Mapping]] = ..., gpu: _Optional[_Union[GpuMetrics, _Mapping]] = ..., spec: _Optional[_Union[SpeculativeMetrics, _Mapping]] = ..., lora: _Optional[_Union[LoraMetrics, _Mapping]] = ..., disagg: _Optional[_Union[DisaggMetrics, _Mapping]] = ..., queues: _Optional[_Union[QueueMetrics, _Mapping]] = ..., stale: _Optional[bool] = ..., age_ms: _Optional[int] = ...) -> None: ...
+    detail_age_ms: int
+    num_active_tokens: int
+    num_prealloc_ready_tokens: int
+    total_prefill_uncached_tokens: int
+    total_prefill_busy_us: int
+    prefill_throughput: float
+    active_token_usage: float
+    engine_silence_ms: int
+    accelerator: str
+    num_accelerators: int
+    def __init__(self, dp_rank: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., num_running_reqs: _Optional[int] = ..., num_waiting_reqs: _Optional[int] = ..., num_total_reqs: _Optional[int] = ..., num_used_tokens: _Optional[int] = ..., num_total_tokens: _Optional[int] = ..., max_total_num_tokens: _Optional[int] = ..., num_waiting_uncached_tokens: _Optional[int] = ..., token_usage: _Optional[float] = ..., gen_throughput: _Optional[float] = ..., cache_hit_rate: _Optional[float] = ..., utilization: _Optional[float] = ..., max_running_requests: _Optional[int] = ..., memory: _Optional[_Union[MemoryMetrics, _Mapping]] = ..., gpu: _Optional[_Union[GpuMetrics, _Mapping]] = ..., spec: _Optional[_Union[SpeculativeMetrics, _Mapping]] = ..., lora: _Optional[_Union[LoraMetrics, _Mapping]] = ..., disagg: _Optional[_Union[DisaggMetrics, _Mapping]] = ..., queues: _Optional[_Union[QueueMetrics, _Mapping]] = ..., stale: _Optional[bool] = ..., age_ms: _Optional[int] = ..., detail_age_ms: _Optional[int] = ..., num_active_tokens: _Optional[int] = ..., num_prealloc_ready_tokens: _Optional[int] = ..., total_prefill_uncached_tokens: _Optional[int] = ..., total_prefill_busy_us: _Optional[int] = ..., prefill_throughput: _Optional[float] = ..., active_token_usage: _Optional[float] = ..., engine_silence_ms: _Optional[int] = ..., accelerator: _Optional[str] = ..., num_accelerators: _Optional[int] = ...) -> None: ...
 
 class LoadSummary(_message.Message):
     __slots__ = ("num_ranks", "total_running_reqs", "total_waiting_reqs", "total_reqs", "total_used_tokens", "total_max_tokens", "avg_token_usage", "total_gen_throughput", "avg_throughput", "avg_utilization")

@@ -9,9 +9,10 @@ from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError
 from scheduler_agent.sources.inprocess import CallbackSource, PublishedSource
 from scheduler_agent.sources.simulator import SimulatedSource
 
-SOURCE_NAMES = ("simulator", "sglang", "vllm")
-ENGINE_SOURCES = ("sglang", "vllm")
-DEFAULT_ENGINE_URLS = {"sglang": "http://127.0.0.1:30000", "vllm": "http://127.0.0.1:8000"}
+SOURCE_NAMES = ("simulator", "sglang", "sglang-shm", "vllm", "tokenspeed")
+ENGINE_SOURCES = ("sglang", "sglang-shm", "vllm", "tokenspeed")
+DEFAULT_ENGINE_URLS = {"sglang": "http://127.0.0.1:30000", "vllm": "http://127.0.0.1:8000",
+                       "tokenspeed": "grpc://127.0.0.1:30000"}
 
 
 def engine_endpoint(source: str, url: str) -> tuple[str, str]:
@@ -19,6 +20,9 @@ def engine_endpoint(source: str, url: str) -> tuple[str, str]:
     url = url or DEFAULT_ENGINE_URLS[source]
     parts = urlsplit(url)
     if parts.scheme in ("http", "https") and parts.netloc:
+        if source == "tokenspeed":
+            raise ValueError(f"TokenSpeed is read over gRPC (its SMG servicer): give --engine-url grpc://HOST:PORT, "
+                             f"not {url!r}")
         return "http", url.rstrip("/")
     if parts.scheme == "grpc" and parts.netloc and parts.path in ("", "/"):
         return "grpc", parts.netloc
@@ -31,11 +35,22 @@ def _engine_source(config: AgentConfig) -> LoadSource:
     if kind == "grpc":
         from scheduler_agent.sources.engine_grpc import EngineGrpcSource
 
-        return EngineGrpcSource(where, config.source, timeout)
+        polling = EngineGrpcSource(where, config.source, timeout)
+        if config.engine_stream == "off":
+            return polling
+        from scheduler_agent.sources.smg_stream import SmgStreamSource
+
+        return SmgStreamSource(polling, config.stream_silence_ms / 1000)
     if config.source == "sglang":
         from scheduler_agent.sources.sglang_http import SglangHttpSource
 
-        return SglangHttpSource(where, timeout, api_key=config.engine_api_key)
+        http = SglangHttpSource(where, timeout, api_key=config.engine_api_key)
+        if config.sglang_load_endpoint == "off":
+            return http
+        from scheduler_agent.sources.sglang_feed import SglangFeedSource
+
+        return SglangFeedSource(http, config.sglang_load_endpoint, silence_s=config.feed_silence_ms / 1000,
+                                detail_interval_s=config.detail_interval_ms / 1000)
     from scheduler_agent.sources.vllm_metrics import VllmMetricsSource
 
     return VllmMetricsSource(where, timeout, api_key=config.engine_api_key)
@@ -49,11 +64,19 @@ def _with_gpu(config: AgentConfig, source: LoadSource) -> LoadSource:
     return WithGpuTelemetry(source, NvmlTelemetry(required=config.gpu == "on"), parse_gpu_devices(config.gpu_devices))
 
 
+def _shm_source(config: AgentConfig) -> LoadSource:
+    from scheduler_agent.sources.sglang_shm import SglangShmSource
+
+    return SglangShmSource(config.shm_path, config.shm_watch_ms / 1000)
+
+
 def build_source(config: AgentConfig) -> LoadSource:
     if config.source == "simulator":
         source: LoadSource = SimulatedSource(seed=config.seed, collect_latency_ms=config.collect_latency_ms)
         # The simulator invents its own GPU figures: real telemetry only when asked for.
         return _with_gpu(config, source) if config.gpu == "on" else source
+    if config.source == "sglang-shm":
+        return _with_gpu(config, _shm_source(config))
     if config.source in ENGINE_SOURCES:
         return _with_gpu(config, _engine_source(config))
     raise ValueError(f"unknown source {config.source!r}; choose one of: {', '.join(SOURCE_NAMES)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from loadagg.v1 import loadagg_pb2 as pb
@@ -81,6 +81,15 @@ class LoadSource(abc.ABC):
     """Reads one RankLoad per dp rank. Fields the source does not know stay unset."""
 
     name: str = "source"
+    # A push source holds the figures its engine publishes: a read is answered from memory (no engine
+    # request) and its listeners are called when a figure changed, so the agent pushes it at once.
+    pushes: bool = False
+
+    def add_listener(self, listener: Callable[[], None]) -> None:  # noqa: B027 (only push sources call it)
+        """Call `listener()` whenever held figures changed (push sources; others never call it)."""
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:  # noqa: B027 (only push sources call it)
+        """Stop calling `listener`."""
 
     async def start(self) -> None:  # noqa: B027 (an optional hook: most sources open nothing)
         """Open connections; called once before the first read."""
@@ -102,3 +111,19 @@ class LoadSource(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release what start() opened."""
+
+
+class WrappedSource(LoadSource):
+    """A source around another one (shared by several links, or with GPU figures added): pushes pass through."""
+
+    inner: LoadSource
+
+    @property
+    def pushes(self) -> bool:  # type: ignore[override]
+        return self.inner.pushes
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self.inner.add_listener(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        self.inner.remove_listener(listener)

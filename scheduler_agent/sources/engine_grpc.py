@@ -1,8 +1,9 @@
 """EngineGrpcSource: an engine in gRPC mode, read through its own `GetLoads` RPC.
 
 sglang (`--grpc-mode`) serves `sglang.grpc.scheduler.SglangScheduler/GetLoads`, vLLM's gRPC entrypoint
-`vllm.grpc.engine.VllmEngine/GetLoads`. Both answer every dp rank in one `GetLoadsResponse` of
-per-rank `SchedulerLoad`s. The stubs come from the PyPI package `smg-grpc-proto`; no proto is copied.
+`vllm.grpc.engine.VllmEngine/GetLoads`, TokenSpeed (behind SMG's servicer)
+`tokenspeed.grpc.scheduler.TokenSpeedScheduler/GetLoads`. Each answers every dp rank in one `GetLoadsResponse`
+of per-rank `SchedulerLoad`s. The stubs come from the PyPI package `smg-grpc-proto`; no proto is copied.
 
 Those protos give the core scalars no presence (0 is both "zero" and "not known"), so the mapping is:
 * request counts (running, waiting, total) are always known to a scheduler: copied, 0 included;
@@ -12,8 +13,9 @@ Those protos give the core scalars no presence (0 is both "zero" and "not known"
   some sglang servicers never set: a 0 there beside waiting requests is left unset (with none waiting it
   is a true 0). vLLM documents "unset fields are 0", so a 0 from vLLM in any other figure is left unset;
 * `utilization` -1 is sglang's "does not apply" (PD prefill servers): left unset, the rank still read;
-* the sections (sglang only) do have presence: a section the engine sent is copied, one it left out
-  stays out; an empty disaggregation `mode` stays unset.
+* TokenSpeed reads as vLLM does (a 0 it may leave unset stays unset), plus its optional `active_token_usage`;
+* the sections (sglang; TokenSpeed's memory and queues) do have presence: a section the engine sent is
+  copied, one it left out stays out; an empty disaggregation `mode` stays unset.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from smg_grpc_proto import sglang_scheduler_pb2, sglang_scheduler_pb2_grpc, vllm_engine_pb2, vllm_engine_pb2_grpc
+from smg_grpc_proto import (
+    sglang_scheduler_pb2,
+    sglang_scheduler_pb2_grpc,
+    tokenspeed_scheduler_pb2,
+    tokenspeed_scheduler_pb2_grpc,
+    vllm_engine_pb2,
+    vllm_engine_pb2_grpc,
+)
 
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.base import EngineRanks, LoadSource, SourceError, not_applicable, read_ranks
@@ -31,6 +40,7 @@ from scheduler_agent.sources.http_client import DEFAULT_TIMEOUT_S, MIN_TIMEOUT_S
 _FLAVORS = {
     "sglang": (sglang_scheduler_pb2, sglang_scheduler_pb2_grpc.SglangSchedulerStub),
     "vllm": (vllm_engine_pb2, vllm_engine_pb2_grpc.VllmEngineStub),
+    "tokenspeed": (tokenspeed_scheduler_pb2, tokenspeed_scheduler_pb2_grpc.TokenSpeedSchedulerStub),
 }
 # An engine that restarts should be read again within about a second, not after gRPC's default
 # backoff (which grows to two minutes).
@@ -86,6 +96,9 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
         _check(f"{where} {field}", value)
         if value or flavor == "sglang":
             setattr(load, field, value)
+    if "active_token_usage" in src.DESCRIPTOR.fields_by_name and src.HasField("active_token_usage"):
+        _check(f"{where} active_token_usage", src.active_token_usage)
+        load.active_token_usage = src.active_token_usage
     for engine_name, (section, fields) in _SECTIONS.items():
         if engine_name not in src.DESCRIPTOR.fields_by_name or not src.HasField(engine_name):
             continue
@@ -125,6 +138,12 @@ class EngineGrpcSource(LoadSource):
         # down engine fails fast (UNAVAILABLE) instead of eating the round's deadline.
         self._channel = grpc.aio.insecure_channel(self.target, options=_RECONNECT)
         self._stub = self._stub_class(self._channel)
+
+    async def engine_stub(self):
+        """The engine's stub (its channel opened if need be), for the load stream beside GetLoads."""
+        if self._stub is None:
+            await self.start()
+        return self._stub
 
     async def _get_loads(self, include: list[str]):
         if self._stub is None:

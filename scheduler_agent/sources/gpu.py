@@ -28,7 +28,7 @@ from typing import TypeVar
 import pynvml
 
 from loadagg.v1 import loadagg_pb2 as pb
-from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead
+from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, WrappedSource
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
         future.set_exception(error)
 
 
-class WithGpuTelemetry(LoadSource):
+class WithGpuTelemetry(WrappedSource):
     """A scheduler source whose ranks also carry their GPUs' NVML figures."""
 
     def __init__(self, inner: LoadSource, telemetry: NvmlTelemetry,

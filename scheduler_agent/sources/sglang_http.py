@@ -28,6 +28,7 @@ from scheduler_agent.sources.base import (
     set_figure,
 )
 from scheduler_agent.sources.http_client import EngineHttp, NotFound
+from scheduler_agent.sources.sglang_wire import PrefillRate
 
 V1_LOADS = "/v1/loads?include=all"
 V1_LOADS_CORE = "/v1/loads?include=core"
@@ -49,6 +50,11 @@ _CORE = {
     "cache_hit_rate": _FLOAT,
     "utilization": _FLOAT,
     "max_running_requests": _INT,
+    # sglang 0.5.23
+    "num_active_tokens": _INT,
+    "num_prealloc_ready_tokens": _INT,
+    "total_prefill_uncached_tokens": _INT,
+    "total_prefill_busy_us": _INT,
 }
 # JSON section -> (RankLoad section, {JSON key: (proto field, kind)}).
 _SECTIONS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
@@ -76,6 +82,7 @@ _SECTIONS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "queues": ("queues", {
         "waiting": ("waiting", _INT), "grammar": ("grammar", _INT),
         "paused": ("paused", _INT), "retracted": ("retracted", _INT),
+        "prealloc_ready": ("prealloc_ready", _INT),
     }),
 }
 
@@ -159,6 +166,28 @@ def load_from_legacy(entry: dict, now_ms: int, single: bool) -> pb.RankLoad:
     return load
 
 
+def engine_facts(body: Any) -> dict[str, Any]:
+    """sglang 0.5.23's engine-wide keys, as RankLoad fields: `accelerator` and `num_accelerators` (per rank)."""
+    facts: dict[str, Any] = {}
+    if not isinstance(body, dict):
+        return facts
+    name, count = body.get("accelerator"), body.get("num_accelerators")
+    if isinstance(name, str) and name:
+        facts["accelerator"] = name[:256]
+    if isinstance(count, int) and not isinstance(count, bool) and 0 < count < 2**31:
+        facts["num_accelerators"] = count
+    return facts
+
+
+def with_prefill_rate(load: pb.RankLoad, rates) -> pb.RankLoad:
+    """Set `prefill_throughput` from the cumulative prefill counters' change since the rank's last read."""
+    if load.HasField("total_prefill_uncached_tokens") and load.HasField("total_prefill_busy_us"):
+        rate = rates.update(load.dp_rank, load.total_prefill_uncached_tokens, load.total_prefill_busy_us)
+        if rate is not None:
+            load.prefill_throughput = rate
+    return load
+
+
 def _entries(body: Any, path: str) -> list:
     entries = body.get("loads") if isinstance(body, dict) else body
     if not isinstance(entries, list):
@@ -176,6 +205,7 @@ class SglangHttpSource(LoadSource):
         self.legacy = False  # switched on by a 404 on /v1/loads, off again by a 404 on /get_load
         self._legacy_since = 0.0
         self.reads = 0
+        self.rates = PrefillRate()
 
     def set_round_timeout(self, round_timeout_ms: int) -> None:
         self.http.set_round_timeout(round_timeout_ms)
@@ -208,10 +238,15 @@ class SglangHttpSource(LoadSource):
                 ranked.append((_rank_of(entry, path, single), entry))
             except SourceError as error:
                 unranked.append(str(error))
+        facts = engine_facts(body)
         if legacy:
             convert = lambda _rank, e: load_from_legacy(e, now_ms, single)  # noqa: E731
         else:
-            convert = lambda _rank, e: load_from_v1(e, now_ms, single=single)  # noqa: E731
+            def convert(_rank: int, entry: Any) -> pb.RankLoad:
+                load = load_from_v1(entry, now_ms, single=single)
+                for name, value in facts.items():
+                    setattr(load, name, value)
+                return with_prefill_rate(load, self.rates)
         try:
             loads = read_ranks(ranks, ranked, convert, f"GET {path}")
         except PartialRead as partial:
