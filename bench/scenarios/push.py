@@ -33,8 +33,8 @@ def _cpu_s(pid: int) -> float:
 
 async def _measure(name: str, changes: int, gap_s: float, make) -> dict:
     """Start the engine (`make`), an agent process in front of it, then change and time."""
-    from loadagg.config import AggregatorConfig
-    from loadagg.server import Aggregator
+    from loadagg.server.aggregator import Aggregator
+    from loadagg.server.config import AggregatorConfig
 
     agg = Aggregator(AggregatorConfig(host="127.0.0.1", port=0, dp_size=2, round_timeout_ms=1000))
     await agg.start()
@@ -46,16 +46,17 @@ async def _measure(name: str, changes: int, gap_s: float, make) -> dict:
     seen: dict[int, float] = {}
     store = agg.registry.store
 
-    def noting(loads, now=None):
-        for load in loads:
-            if load.dp_rank == 1 and load.num_running_reqs not in seen:
-                seen[load.num_running_reqs] = time.perf_counter()
-        return store(loads, now)
+    def noting(snapshots, *args, **kwargs):
+        snapshots = list(snapshots)
+        for snap in snapshots:
+            if snap.load.dp_rank == 1 and snap.load.num_running_reqs not in seen:
+                seen[snap.load.num_running_reqs] = time.perf_counter()
+        return store(snapshots, *args, **kwargs)
 
     agg.registry.store = noting
     try:
         deadline = time.monotonic() + 60
-        while 1 not in {load.dp_rank for s in [agg.registry.snapshots()] for load in (x.load for x in s.values())}:
+        while agg.registry.snapshot(1) is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: the agent never reported rank 1")
             await asyncio.sleep(0.05)
