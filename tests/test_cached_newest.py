@@ -36,6 +36,7 @@ async def test_a_push_after_a_young_round_wins_for_its_rank(start_aggregator, ch
         answer = await get_loads(channel, **CACHED)
         assert [x.num_running_reqs for x in answer.loads] == [1, 9] and answer.source == pb.ANSWER_SOURCE_SNAPSHOTS
         assert answer.loads[1].age_ms >= 7  # the agent's age, plus the aggregator's holding time
+        assert answer.loads[0].age_ms >= 7  # the round's rank, aged as of this answer
         assert agg.communicator.stats.rounds_started == rounds
 
         failing.add(0)  # a round finds rank 0 gone: the pushed figure from before does not overrule it

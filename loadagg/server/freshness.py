@@ -65,9 +65,12 @@ class CachedAnswers:
         return newer
 
     def _merged(self, last: RoundResult, newer: dict[int, Snapshot]) -> RoundResult:
-        """`last` with the newer pushed figures of `newer`'s ranks."""
+        """`last` with the newer pushed figures of `newer`'s ranks, every rank aged as of now (this answer's
+        time, not the round's end)."""
         now = time.monotonic()
-        fresh = dict(last.fresh)
+        held = self.registry.snapshots()
+        fresh = {rank: _aged_copy(snap, now) if (snap := held.get(rank)) is not None and snap.load is load else load
+                 for rank, load in last.fresh.items()}
         for rank, snap in newer.items():
             fresh[rank] = _aged_copy(snap, now)
         return self._from(fresh, {r: s for r, s in last.stale.items() if r not in fresh}, now)
