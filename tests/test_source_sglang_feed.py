@@ -233,3 +233,21 @@ async def test_agent_process_polls_a_silent_feed_and_stops_when_it_resumes(engin
     answer = await get_loads(channel, **CACHED)
     assert answer.loads[0].num_running_reqs == 13
     assert e.hits["/v1/loads"] == asked and agg.communicator.stats.rounds_started == rounds
+
+
+async def test_a_detail_read_that_keeps_failing_a_rank_waits_for_the_interval(engine):
+    """A rank `/v1/loads` does not list (or an engine whose /v1/loads fails) is asked again at the detail
+    interval, not at every 50 ms check while its detail is missing."""
+    e = await engine(2)
+    source = await _source(e.url, detail_s=0.5)
+    full = e.v1_body
+    e.v1_body = lambda request: {**(body := full(request)), "loads": body["loads"][:1]}  # rank 1 left out
+    try:
+        await wait_for(lambda: all(source._feeding(r) for r in (0, 1)), what="first frames")
+        await wait_for(lambda: source.held.ranks[0].detail is not None, what="rank 0's detail")
+        before = e.hits["/v1/loads"]
+        await asyncio.sleep(1.2)
+        assert e.hits["/v1/loads"] - before <= 4  # every 0.5 s (was: every check, ~20 in this time)
+        assert source.held.ranks[1].detail is None and (await source.read([1]))[1].num_running_reqs == 3
+    finally:
+        await source.close()

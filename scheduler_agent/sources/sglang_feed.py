@@ -73,6 +73,7 @@ class SglangFeedSource(HeldSource):
         self._last_frame: dict[int, float] = {}
         self._last_seq: dict[int, int] = {}
         self._silent: set[int] = set()
+        self._detail_asked: set[int] = set()  # ranks a detail read asked for since they began feeding
         self._detail: asyncio.Task | None = None
         self._said_no_feed = False
 
@@ -178,6 +179,7 @@ class SglangFeedSource(HeldSource):
                      rank, sequence, last)
             self.held.forget(rank)
             self.rates.reset(rank)
+            self._detail_asked.discard(rank)
         self.frames += 1
         self.held.take(rank, lambda: (load_from_stat(decode_stat(frames[2]), rank, time.time_ns() // 1_000_000,
                                                      self.rates), received), "sent a LoadStat")
@@ -189,13 +191,15 @@ class SglangFeedSource(HeldSource):
                 and (held.core is not None or bool(held.problem)))
 
     async def _read_details(self) -> None:
-        """Every detail interval: `/v1/loads` for the figures a LoadStat lacks (a failure only ages them)."""
+        """Every detail interval: `/v1/loads` for the figures a LoadStat lacks (a failure only ages them). A rank
+        that begins feeding is read at once, once: a read that gives it nothing waits for the interval."""
         last_read = -self.detail_interval_s
         while True:
             ranks = [r for r in self._listeners if self._feeding(r)]
-            new = any(self.held.ranks[r].detail is None for r in ranks)  # a rank just fed: its detail now
+            new = any(r not in self._detail_asked for r in ranks)
             if ranks and (new or now_s() - last_read >= self.detail_interval_s):
                 last_read = now_s()
+                self._detail_asked.update(ranks)
                 try:
                     loads = await self.http.read(ranks)
                 except PartialRead as partial:
