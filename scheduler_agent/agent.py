@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -251,18 +252,26 @@ class SchedulerAgent:
     async def _push_changes(self, call) -> None:
         """While the source pushes (a feed, snapshot or stream it holds): push the ranks that changed as soon as
         it says so, gathering one coalescing window's changes into one report; re-send unchanged ranks every
-        refresh. A source that does not push (now) is left to rounds and the push interval."""
+        refresh. A change pushes only the ranks the source holds; the ranks it polls (a silent feed rank, a
+        rank without records yet) are read at most once a refresh, never once per change of another rank. A
+        source that does not push (now) is left to rounds and the push interval."""
         changed = asyncio.Event()
         self.source.add_listener(changed.set)
         window = self.config.push_coalesce_ms / 1000
         refresh = (self.config.push_refresh_ms or PUSH_SOURCE_REFRESH_MS) / 1000
+        loop = asyncio.get_running_loop()
+        every_rank_at = -refresh  # when a push last read every rank, the polled ones too
         try:
             with contextlib.suppress(*_LINK_ENDED):
                 while True:
                     changed.clear()
                     if self.source.pushes:
                         self.pushes.refresh_s = refresh
-                        await self.report(call, 0)
+                        if loop.time() - every_rank_at >= refresh:
+                            every_rank_at = loop.time()
+                            await self.report(call, 0)
+                        else:
+                            await self.report(call, 0, self.source.held_ranks(self.source_ranks))
                     else:
                         self.pushes.refresh_s = self.config.push_refresh_ms / 1000
                     with contextlib.suppress(TimeoutError):
@@ -303,9 +312,13 @@ class SchedulerAgent:
             self._last_rejection = r.reason
             log.log(level, "aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
 
-    async def report(self, call, round_id: int) -> None:
-        """Read the source and send one report for `round_id` (0: a push, only of ranks that changed)."""
-        ranks = self.source_ranks
+    async def report(self, call, round_id: int, ranks: Sequence[int] | None = None) -> None:
+        """Read the source and send one report for `round_id` (0: a push, only of ranks that changed); `ranks`:
+        a push of only these (the source's health is judged on reads of every rank)."""
+        whole = ranks is None
+        ranks = self.source_ranks if ranks is None else ranks
+        if not ranks:
+            return
         try:
             loads = await self.source.read(ranks)
             error = ""
@@ -318,7 +331,8 @@ class SchedulerAgent:
             if error != self.health.state[0]:  # with its traceback, once per kind of failure
                 log.exception("source %s failed", self.source.name)
         failed = [r for r in ranks if r not in loads]
-        self.health.observe(error, failed)
+        if whole:
+            self.health.observe(error, failed)
         answered = [loads[r] for r in ranks if r in loads]
         if round_id == 0:
             answered = self.pushes.changed(answered)

@@ -251,3 +251,27 @@ async def test_a_detail_read_that_keeps_failing_a_rank_waits_for_the_interval(en
         assert source.held.ranks[1].detail is None and (await source.read([1]))[1].num_running_reqs == 3
     finally:
         await source.close()
+
+
+async def test_agent_process_pushes_a_busy_ranks_changes_without_polling_a_silent_one_each_time(
+        engine, start_aggregator, processes):
+    """Rank 1's scheduler goes silent (it is polled), rank 0's changes keep coming: each push carries rank 0
+    from memory; rank 1 is read with /v1/loads at most once a refresh (1 s), not once per push."""
+    e = await engine(2)
+    agg = await start_aggregator(dp_size=2, round_timeout_ms=1000)
+    processes.start("scheduler_agent", "--source", "sglang", "--engine-url", e.url, "--no-gpu",
+                    "--aggregator", f"127.0.0.1:{agg.port}", "--detail-interval-ms", "60000",
+                    "--feed-silence-ms", "1000", env={"LOADAGG_INSTANCE_ID": "feed-busy-silent"})
+    await wait_for(lambda: all((s := agg.registry.snapshot(r)) is not None and s.load.HasField("detail_age_ms")
+                               for r in (0, 1)), timeout=30, what="pushes from the feed")
+    e.publishers.pop(1).close()  # rank 1's scheduler stops publishing
+    e.set(1, num_running_reqs=8)
+    await wait_for(lambda: agg.registry.snapshot(1).load.num_running_reqs == 8, timeout=10,
+                   what="rank 1 read through /v1/loads")
+    asked, pushes = e.hits["/v1/loads"], agg.registry.snapshot(0).received
+    for running in range(10, 60):  # 50 changes on rank 0 in about 2 s
+        e.set(0, num_running_reqs=running)
+        await asyncio.sleep(0.04)
+    await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 59, what="rank 0's last change")
+    assert agg.registry.snapshot(0).received > pushes
+    assert e.hits["/v1/loads"] - asked <= 5  # about one a second (was: one per push, ~50)

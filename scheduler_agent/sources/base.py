@@ -91,6 +91,10 @@ class LoadSource(abc.ABC):
     def remove_listener(self, listener: Callable[[], None]) -> None:  # noqa: B027 (only push sources call it)
         """Stop calling `listener`."""
 
+    def held_ranks(self, ranks: Sequence[int]) -> list[int]:
+        """Those of `ranks` a read answers from memory now, without an engine request (push sources)."""
+        return list(ranks) if self.pushes else []
+
     async def start(self) -> None:  # noqa: B027 (an optional hook: most sources open nothing)
         """Open connections; called once before the first read."""
 
@@ -127,3 +131,6 @@ class WrappedSource(LoadSource):
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
         self.inner.remove_listener(listener)
+
+    def held_ranks(self, ranks: Sequence[int]) -> list[int]:
+        return self.inner.held_ranks(ranks)

@@ -212,6 +212,9 @@ class SglangFeedSource(HeldSource):
                     self.held.set_detail(rank, load, taken)
             await asyncio.sleep(min(self.detail_interval_s, _DETAIL_CHECK_S))
 
+    def held_ranks(self, ranks: Sequence[int]) -> list[int]:
+        return [r for r in ranks if self._feeding(r)]
+
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         """Feed ranks from memory; the others (no feed, silent, no frame yet) with one `/v1/loads` request."""
         return await read_held_or_polled(self.held, ranks, self._feeding, self.http.read)

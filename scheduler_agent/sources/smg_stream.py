@@ -200,10 +200,16 @@ class SmgStreamSource(HeldSource):
             self.held.set_detail(rank, telemetry, taken)
         self.held.set_core(rank, core, taken)
 
+    def _streamed(self, rank: int) -> bool:
+        """Whether `rank` is answered from the stream now (else with `GetLoads`)."""
+        return self.state == "live" and rank in self._ranks
+
+    def held_ranks(self, ranks: Sequence[int]) -> list[int]:
+        return [r for r in ranks if self._streamed(r)]
+
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         """Ranks with a record on the live stream from memory; the rest with one `GetLoads`."""
-        return await read_held_or_polled(self.held, ranks, lambda r: self.state == "live" and r in self._ranks,
-                                         self.polling.read)
+        return await read_held_or_polled(self.held, ranks, self._streamed, self.polling.read)
 
     async def close(self) -> None:
         await stop_task(self._task)
