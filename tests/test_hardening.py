@@ -17,6 +17,7 @@ from figures import record
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raw_agent import RawAgent
 
+from loadagg.server.guard import MAX_ROUTER_REQUEST_BYTES
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.sglang_shape import INT64_MAX
 from loadagg.server.validation import MAX_GPU_DEVICES_PER_RANK, MAX_STRING_CHARS
@@ -134,6 +135,47 @@ async def test_hostile_agent_messages_are_refused_without_holding_the_loop(start
     assert agg.guard.agent_link_messages_refused == 3
     record("hostile_agent_messages", probes=len(answered), slowest_probe_ms=round(max(answered) * 1000, 1),
            longest_loop_hold_ms=round(max(lags) * 1000, 1))
+
+
+async def test_oversized_router_requests_are_refused_unparsed(start_aggregator, channel_to):
+    """A GetLoads, WatchLoads or sglang GetLoads of --max-message-bytes packed with empty `include` entries
+    (2,000,000 of them) is refused RESOURCE_EXHAUSTED before it is parsed (parsed, each held the loop ~0.1 s and
+    was then refused INVALID_ARGUMENT), while one at the limit is still parsed and answered."""
+    agg = await start_aggregator(dp_size=1)
+    channel = channel_to(agg.port)
+    hostile = b"\x12\x00" * ((agg.config.limits.max_message_bytes - 64) // 2)
+    largest = pb.GetLoadsRequest(include=["x" * 12] * (MAX_ROUTER_REQUEST_BYTES // 14)).SerializeToString()
+    assert len(largest) <= MAX_ROUTER_REQUEST_BYTES < len(largest) + 14
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def lag() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.001)
+            lags.append(time.monotonic() - started - 0.001)
+
+    lagger = asyncio.create_task(lag())
+    try:
+        for method in ("/loadagg.v1.LoadAggregator/GetLoads", "/sglang.grpc.scheduler.SglangScheduler/GetLoads",
+                       "/loadagg.v1.LoadAggregator/WatchLoads"):
+            streaming = "Watch" in method
+            call = (channel.unary_stream if streaming else channel.unary_unary)(method, request_serializer=None,
+                                                                                 response_deserializer=None)
+            for request, code, words in ((hostile, grpc.StatusCode.RESOURCE_EXHAUSTED, "refused unparsed"),
+                                         (largest, grpc.StatusCode.INVALID_ARGUMENT, "include is too long")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    if streaming:
+                        async for _ in call(request, timeout=10):
+                            pass
+                    else:
+                        await call(request, timeout=10)
+                assert refused.value.code() == code and words in refused.value.details(), refused.value.details()
+    finally:
+        stop.set()
+        await lagger
+    assert agg.guard.refused["RESOURCE_EXHAUSTED"] == 3
+    record("oversized_router_requests", longest_loop_hold_ms=round(max(lags) * 1000, 1))
 
 
 async def test_strings_past_the_limit_are_refused_per_rank(start_aggregator, channel_to):

@@ -36,6 +36,11 @@ from loadagg.server.errors import (
 log = logging.getLogger(__name__)
 
 _OVERSIZE_WARNING_INTERVAL_S = 10.0
+# The most bytes a router's request (GetLoads, WatchLoads, the engines' GetLoads) may take, checked before it is
+# parsed: a valid one takes well under 2 KB (`include` names at most MAX_INCLUDE_ITEMS sections in
+# MAX_INCLUDE_CHARS), while one of --max-message-bytes packed with empty `include` entries would hold the event
+# loop for the whole parse (docs/operations.md, Limits).
+MAX_ROUTER_REQUEST_BYTES = 64 * 1024
 _REFUSAL_READ_S = 1.0  # how long a refused agent link may take to send its hello before the refusal
 
 
@@ -138,10 +143,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         streaming_in, streaming_out = _shape(handler)
         if parse is None:
             return handler
-        decode_one = self._decoder(method, parse)
+        decode_one = self._decoder(method, parse, None if streaming_in else MAX_ROUTER_REQUEST_BYTES)
 
         if not streaming_in and not streaming_out and inspect.iscoroutinefunction(inner):
             async def unary_unary(raw, context):
+                if len(raw) > MAX_ROUTER_REQUEST_BYTES:
+                    await decode_one(raw, context)  # aborts with RESOURCE_EXHAUSTED, unparsed
                 try:
                     request = parse(raw)  # the hot path: no extra coroutine per call
                 except Exception:
@@ -170,10 +177,18 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             behaviour = self._wrap_streaming_in(method, service, parse, inner, streaming_out)
         return _make_handler((streaming_in, streaming_out), behaviour, handler.response_serializer)
 
-    def _decoder(self, method: str, parse: Callable[[bytes], object]) -> Callable:
+    def _decoder(self, method: str, parse: Callable[[bytes], object], most: int | None) -> Callable:
+        """A coroutine parsing one request, ending the call with the refusal when it is larger than `most`
+        bytes (before parsing it) or malformed."""
         refused = self.refused
 
         async def decode_one(raw: bytes, context):
+            if most is not None and len(raw) > most:
+                refusal = ResourceExhausted(
+                    f"a {method} request of {len(raw)} bytes, above the {most} a router's request may take (it "
+                    "names a rank and at most a few sections in `include`); refused unparsed")
+                refused[refusal.code.name] += 1
+                await abort_with(context, refusal)
             try:
                 return parse(raw)
             except Exception as error:  # DecodeError, or whatever a deserializer raises on garbage
@@ -200,7 +215,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_streaming_in(self, method, service, parse, inner, streaming_out) -> Callable:
         capped = service == AGENT_SERVICE
-        decode_one = self._decoder(method, parse)
+        decode_one = self._decoder(method, parse, None)
 
         async def decoded(_raw_requests: AsyncIterator[bytes], context):
             # One stream message per agent report: read with context.read() (what gRPC's own request
