@@ -217,3 +217,26 @@ async def test_agent_process_through_an_engine_restart(start_aggregator, channel
         assert answer.loads[0].num_running_reqs == 17 and agg.communicator.stats.rounds_started == rounds
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize("capacity, estimate", [(0, (0, 0.0, 0.0)), (262144, (300, 850.0, 0.4))])
+def test_a_vllm_record_shows_what_getloads_shows_of_the_same_figures(capacity, estimate):
+    """smg-grpc-servicer's vLLM servicer builds its record and its GetLoads entry from the same figures
+    (`load_record`, `scheduler_load_fields`); the record fills its hit rate, rate and tokens in use even when it
+    knows none (a 0): the stream must not show a 0 that GetLoads leaves unset."""
+    from smg_grpc_proto import vllm_engine_pb2
+    from smg_grpc_proto.generated import common_pb2
+    from smg_grpc_servicer.vllm.loads import LoadEstimate, load_record, scheduler_load_fields
+
+    from scheduler_agent.sources.engine_grpc import load_from_scheduler_load
+
+    figures = (3, 1, 0.25, LoadEstimate(*estimate))
+    source = SmgStreamSource(EngineGrpcSource("127.0.0.1:1", "vllm"))
+    source._take(common_pb2.KvEventBatch(dp_rank=0, load=load_record(*figures, max_total_num_tokens=capacity)))
+    streamed = source.held.load(0)
+    polled = load_from_scheduler_load(
+        vllm_engine_pb2.SchedulerLoad(**scheduler_load_fields(*figures, max_total_num_tokens=capacity)), "vllm", 0)
+    for field in ("num_running_reqs", "num_waiting_reqs", "num_total_reqs", "token_usage", "gen_throughput",
+                  "cache_hit_rate", "num_used_tokens", "max_total_num_tokens", "max_running_requests"):
+        shown = [(load.HasField(field), getattr(load, field)) for load in (streamed, polled)]
+        assert shown[0] == shown[1], field

@@ -51,14 +51,19 @@ def _check(where: str, value: float) -> None:
         raise SourceError(f"{where} = {value} is not a figure")
 
 
-def core_from(record: common_pb2.EngineLoad, rank: int, now_ms: int) -> pb.RankLoad:
-    """The routing core every record carries."""
+def core_from(record: common_pb2.EngineLoad, rank: int, now_ms: int, flavor: str = "sglang",
+              capacity_known: bool = True) -> pb.RankLoad:
+    """The routing core every record carries, under GetLoads' presence rules (engine_grpc): the record's
+    scalars have no presence, so a 0 KV usage counts only with a known capacity and a 0 rate only from sglang."""
     _check("token_usage", record.token_usage)
     _check("gen_throughput", record.gen_throughput)
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms - record.age_ms, num_running_reqs=record.running_requests,
                        num_waiting_reqs=record.waiting_requests,
-                       num_total_reqs=record.running_requests + record.waiting_requests,
-                       token_usage=record.token_usage, gen_throughput=record.gen_throughput)
+                       num_total_reqs=record.running_requests + record.waiting_requests)
+    if record.token_usage or capacity_known:
+        load.token_usage = record.token_usage
+    if record.gen_throughput or flavor == "sglang":
+        load.gen_throughput = record.gen_throughput
     if record.HasField("waiting_uncached_tokens"):
         load.num_waiting_uncached_tokens = record.waiting_uncached_tokens
     if record.HasField("active_token_usage"):
@@ -71,16 +76,22 @@ def core_from(record: common_pb2.EngineLoad, rank: int, now_ms: int) -> pb.RankL
     return load
 
 
-def telemetry_from(record: common_pb2.EngineLoad, rank: int) -> pb.RankLoad | None:
-    """The telemetry of a heartbeat or a first record; None when the record carries none (an event batch)."""
+def telemetry_from(record: common_pb2.EngineLoad, rank: int, flavor: str = "sglang") -> pb.RankLoad | None:
+    """The telemetry of a heartbeat or a first record; None when the record carries none (an event batch).
+    smg's servicers fill the hit rate and token counts on every such record, known or not: a 0 counts as in
+    GetLoads (tokens in use with a known capacity, a hit rate from sglang)."""
     load = pb.RankLoad(dp_rank=rank)
     found = False
     if record.HasField("cache_hit_rate"):
         _check("cache_hit_rate", record.cache_hit_rate)
-        load.cache_hit_rate, found = record.cache_hit_rate, True
+        found = True
+        if record.cache_hit_rate or flavor == "sglang":
+            load.cache_hit_rate = record.cache_hit_rate
     if record.HasField("num_used_tokens"):
         _check("num_used_tokens", record.num_used_tokens)
-        load.num_used_tokens, found = record.num_used_tokens, True
+        found = True
+        if record.num_used_tokens or record.max_total_num_tokens > 0:
+            load.num_used_tokens = record.num_used_tokens
     if record.HasField("max_total_num_tokens") and record.max_total_num_tokens > 0:
         load.max_total_num_tokens, found = record.max_total_num_tokens, True
     for name, section in _SECTIONS.items():
@@ -186,9 +197,13 @@ class SmgStreamSource(HeldSource):
         rank = batch.dp_rank if batch.HasField("dp_rank") else 0
         self.records += 1
         taken = received - record.age_ms / 1000
+        flavor = self.polling.flavor
+        held = self.held.ranks.get(rank)
+        capacity_known = record.max_total_num_tokens > 0 or (
+            held is not None and held.detail is not None and held.detail.max_total_num_tokens > 0)
         try:
-            core = core_from(record, rank, time.time_ns() // 1_000_000)
-            telemetry = telemetry_from(record, rank)
+            core = core_from(record, rank, time.time_ns() // 1_000_000, flavor, capacity_known)
+            telemetry = telemetry_from(record, rank, flavor)
         except SourceError as error:
             self.held.fail(rank, f"a load record with {error}")
             return
