@@ -177,3 +177,30 @@ async def test_agent_process_carries_a_snapshot_change_to_a_cached_answer_withou
         assert agg.registry.owner(0).source == "sglang-shm"
     finally:
         await engine.stop_all()
+
+
+async def test_a_restarted_engines_new_file_is_followed_once_the_old_one_is_quiet(tmp_path, monkeypatch):
+    """sglang names each launch's file afresh (`sglang_loads_<instance id>_<hash>.shm`) and never removes the
+    last one: after a restart the old file stays, quiet, beside the new one. A discovering agent follows the
+    file that appeared once its own has not changed for the quiet bound."""
+    monkeypatch.setattr("scheduler_agent.sources.sglang_shm.QUIET_S", 0.3)
+    monkeypatch.setattr("scheduler_agent.sources.sglang_shm.REOPEN_CHECK_S", 0.1)
+    old = [ShmLoadSnapshotWriter(str(tmp_path / "sglang_loads_aaa_1.shm"), 2, r) for r in range(2)]
+    for rank, writer in enumerate(old):
+        writer.write(snapshot(rank))
+    source = SglangShmSource("", watch_s=0.002, directory=str(tmp_path))
+    await source.discover()
+    try:
+        assert (await source.read([1]))[1].num_running_reqs == 3
+        new = [ShmLoadSnapshotWriter(str(tmp_path / "sglang_loads_bbb_2.shm"), 2, r) for r in range(2)]
+        for rank, writer in enumerate(new):
+            writer.write(snapshot(rank, running=40 + rank))
+        await wait_for(lambda: (source.held.load(1) or pb.RankLoad()).num_running_reqs == 41, timeout=5,
+                       what="the new file followed")
+        assert source.file.path.endswith("sglang_loads_bbb_2.shm")
+        for writer in new:
+            writer.close()
+    finally:
+        for writer in old:
+            writer.close()
+        await source.close()

@@ -10,8 +10,9 @@ bytes change, so a change costs the engine nothing (no request, no socket).
 
 A header that is not sglang's (magic, version, a slot or file size that does not fit dp_size) is refused
 with what was found; a slot whose length does not fit, or whose bytes are not a LoadSnapshot, fails that
-rank with the reason until a good snapshot replaces it. A file replaced by a restarted engine is opened
-again and the older figures are dropped.
+rank with the reason until a good snapshot replaces it. A restarted engine writes a new file (sglang names
+each launch's afresh and never removes the last): a discovering source follows the file that appeared once its
+own has gone quiet, and a file replaced at the same path is opened again; the older figures are dropped.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SLOT_LEN = struct.Struct("<I")
 MAX_SLOT_BYTES = 1 << 20  # sglang's slots are 16 KiB; past 1 MiB per rank it is not its file
 MAX_DP_SIZE = 4096
 REOPEN_CHECK_S = 1.0  # how often the path is checked for a new file (an engine restarted)
+QUIET_S = 3.0  # a file unchanged this long, beside one that appeared after it, is a stopped engine's
 
 
 def _several(candidates: list[str], directory: str) -> str:
@@ -154,10 +156,18 @@ class SglangShmSource(HeldSource):
         self._last: dict[int, bytes] = {}
         self._watcher: asyncio.Task | None = None
         self._checked = 0.0
+        self._changed_at = 0.0  # when a slot of the open file last changed
+        self._known: set[str] = set()  # the candidates there when it was opened
+        self._followed = ""  # the file a restart was followed to: discovery would find two
+
+    def _candidates(self) -> set[str]:
+        return set(glob.glob(os.path.join(self.directory, SHM_PATTERN)))
 
     def _open(self) -> ShmFile:
         if self.file is None:
-            self.file = ShmFile(find_shm(self.configured, self.directory))
+            followed = self._followed if self._followed and os.path.exists(self._followed) else ""
+            self.file = ShmFile(followed or find_shm(self.configured, self.directory))
+            self._known, self._changed_at = self._candidates(), now_s()
             log.info("sglang-shm: reading %s (dp_size %d, %d-byte slots) every %.1f ms", self.file.path,
                      self.file.dp_size, self.file.slot_size, self.watch_s * 1000)
         return self.file
@@ -202,6 +212,8 @@ class SglangShmSource(HeldSource):
             if replaced:
                 log.info("sglang-shm: %s was replaced (the engine restarted): opening it again", self.file.path)
                 self._drop("the snapshot file was replaced")
+            elif not self.configured and now - self._changed_at >= QUIET_S:
+                self._follow_restart()
         shm = self._open()
         slots = shm.slots()
         if slots is None:
@@ -209,8 +221,24 @@ class SglangShmSource(HeldSource):
             return
         for rank, raw in enumerate(slots):
             if raw != self._last.get(rank):
-                self._last[rank] = raw
+                self._last[rank], self._changed_at = raw, now
                 self._take(rank, raw, shm)
+
+    def _follow_restart(self) -> None:
+        """Our file is quiet: open the newest file that appeared since (a restarted engine's), if any."""
+        assert self.file is not None
+        appeared = []
+        for path in self._candidates() - self._known:
+            with contextlib.suppress(OSError):
+                appeared.append((os.stat(path).st_mtime, path))
+        if not appeared:
+            return
+        newest = max(appeared)[1]
+        log.info("sglang-shm: %s has not changed for %.0f s and %s appeared since (the engine restarted): "
+                 "reading it", self.file.path, now_s() - self._changed_at, newest)
+        self._drop("the engine restarted into another snapshot file")
+        self._followed = newest
+        self._open()
 
     def _take(self, rank: int, raw: bytes, shm: ShmFile) -> None:
         (length,) = SLOT_LEN.unpack_from(raw, 0)
