@@ -13,6 +13,7 @@ import time
 import grpc
 from conftest import free_port, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from raw_agent import RawAgent
 
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -108,3 +109,45 @@ async def test_idle_and_half_sent_http_connections_are_closed(start_aggregator):
     finally:
         idle.close()
         half.close()
+
+
+def _largest_load(rank: int, share: int) -> pb.RankLoad:
+    """Every figure set, and the strings as long as the rank's share of an answer allows (a big JSON entry)."""
+    load = pb.RankLoad(dp_rank=rank)
+    for section in ("", "memory", "spec", "lora", "disagg", "queues"):
+        message = getattr(load, section) if section else load
+        message.SetInParent()
+        for field in message.DESCRIPTOR.fields:
+            if field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+                setattr(message, field.name, 0.123456789012345)
+            elif field.type in (field.TYPE_INT32, field.TYPE_INT64) and field.name != "dp_rank":
+                setattr(message, field.name, 2**31 - 1)
+    for chars in range(256, 0, -1):
+        load.disagg.mode, load.accelerator = "m" * chars, f"{rank:05d}" + "a" * (chars - 5)
+        if load.ByteSize() <= share:
+            return load
+    raise AssertionError("no load fits the share")
+
+
+async def test_an_answer_its_client_never_reads_is_dropped(start_aggregator):
+    """A client asks for a multi-megabyte answer and never reads it: once the idle timeout has passed, the
+    connection is aborted and its slot and the answer's bytes are back (aiohttp alone waited for ever)."""
+    from loadagg.server.limits import LimitsConfig
+
+    dp_size = 4096
+    agg = await start_aggregator(dp_size=dp_size, http_port=0, limits=LimitsConfig(http_idle_timeout_s=0.5))
+    agent = RawAgent(agg.port, "wide", list(range(dp_size)), own_connection=True)
+    sock = socket.socket()
+    try:
+        await agent.connect()
+        await agent.report(0, [_largest_load(rank, agg.agents.rank_share) for rank in range(dp_size)])
+        await wait_for(lambda: len(agg.registry.snapshots()) == dp_size, 10, "every rank's pushed load")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", agg.http_port))
+        sock.sendall(b"GET /v1/loads?max_staleness_ms=60000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_for(lambda: agg.http.listener.open == 1, 10, "the gateway to take the request")
+        await wait_for(lambda: agg.http.listener.open == 0, 10, "the unread answer's connection to be aborted")
+        assert agg.http.sends_timed_out == 1
+    finally:
+        sock.close()
+        await agent.close()

@@ -19,7 +19,7 @@ from aiohttp import web
 from loadagg.server.answers import check_rank, shared_view
 from loadagg.server.auth import TokenPolicy, http_middleware
 from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
-from loadagg.server.http_limits import CappedListener, connection_cap
+from loadagg.server.http_limits import CappedListener, connection_cap, send_within
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
@@ -92,9 +92,13 @@ class HttpGateway:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.draining = False  # set by the aggregator's graceful shutdown: new /v1/loads calls get 503
+        self.sends_timed_out = 0  # answers not taken by their client within idle_timeout_s (connection aborted)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[http_middleware(self.tokens)] if self.tokens and self.tokens.enabled else [])
+        middlewares = [send_within(self.idle_timeout_s, self._send_timed_out)]  # outermost: every answer
+        if self.tokens and self.tokens.enabled:
+            middlewares.append(http_middleware(self.tokens))
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/v1/loads", self.loads)
         app.router.add_get("/metrics", self.metrics_page)
         return app
@@ -102,7 +106,8 @@ class HttpGateway:
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a port, returned). A connection without a complete request for
         idle_timeout_s is closed (aiohttp's keep-alive timer runs from the connection's start and from each
-        answer, so it bounds half-sent requests too); connections past the cap get 503."""
+        answer, so it bounds half-sent requests too), and so is one whose answer is not taken within it;
+        connections past the cap get 503."""
         self.runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.idle_timeout_s)
         await self.runner.setup()
         self.listener = CappedListener(self.runner, connection_cap(self.max_connections))
@@ -113,6 +118,9 @@ class HttpGateway:
             self.runner = None
             raise
         return self.port
+
+    def _send_timed_out(self) -> None:
+        self.sends_timed_out += 1
 
     async def stop(self) -> None:
         if self.listener is not None:

@@ -4,7 +4,8 @@ Every open connection is a file descriptor, and gRPC (agent links, routers) need
 per-process limit. Idle or half-sent HTTP connections are closed after the idle timeout (aiohttp's own
 default is about an hour), and the gateway never holds more than its cap: a connection beyond it gets
 503 and is closed at once, so 500 idle HTTP clients can no longer leave a restarted agent or a new router
-with "File descriptor limit reached".
+with "File descriptor limit reached". An answer its client does not take within the same timeout is dropped
+and its connection aborted.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import json
 import logging
 import resource
+from collections.abc import Callable
 from http import HTTPStatus
 
 from aiohttp import web
@@ -54,6 +56,29 @@ _FULL = AtCapacity("the HTTP gateway has as many connections open as it accepts 
 _REFUSAL_BODY = json.dumps(http_body(_FULL)).encode()
 _REFUSAL = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (http_status(_FULL), HTTPStatus(http_status(_FULL)).phrase.encode(), len(_REFUSAL_BODY), _REFUSAL_BODY))
+
+
+def send_within(timeout_s: float, on_timeout: Callable[[], None] = lambda: None):
+    """aiohttp middleware: an answer its client has not taken within `timeout_s` is dropped and the connection
+    aborted. aiohttp itself waits for a client's socket to drain without limit, so a client that asks for a
+    large answer and never reads it would hold a connection (one of the capped ones) and the answer for ever."""
+
+    @web.middleware
+    async def send(request: web.Request, handler) -> web.StreamResponse:
+        response = await handler(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            on_timeout()
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait for the unsent bytes to drain
+        except ConnectionError:
+            pass  # the client left: aiohttp, finishing the response, sees it too and lets it go
+        return response
+
+    return send
 
 
 class _Refused(asyncio.Protocol):
