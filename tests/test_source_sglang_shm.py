@@ -204,3 +204,41 @@ async def test_a_restarted_engines_new_file_is_followed_once_the_old_one_is_quie
         for writer in old:
             writer.close()
         await source.close()
+
+
+_CUT_UNDER_THE_MAP = """
+import asyncio, os, sys
+from sglang_engine import ShmLoadSnapshotWriter, snapshot
+from conftest import wait_for
+from scheduler_agent.sources.sglang_shm import SglangShmSource
+
+async def main(path):
+    writers = [ShmLoadSnapshotWriter(path, 2, r) for r in range(2)]
+    for rank, writer in enumerate(writers):
+        writer.write(snapshot(rank))
+    source = SglangShmSource(path, 0.002)
+    await source.discover()
+    os.truncate(path, 100)  # cut short while mapped: a read past the end is SIGBUS
+    await wait_for(lambda: "truncated" in source.held.rank(1).problem, what="the cut noticed")
+    again = [ShmLoadSnapshotWriter(path, 2, r) for r in range(2)]  # written again, whole
+    for rank, writer in enumerate(again):
+        writer.write(snapshot(rank, running=7))
+    await wait_for(lambda: (source.held.load(1) or snapshot(1, running=0)).num_running_reqs == 7, timeout=5,
+                   what="recovered")
+    print("served on")
+    await source.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_file_cut_short_under_the_map_fails_its_ranks_and_never_kills_the_agent(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    done = subprocess.run([sys.executable, "-c", _CUT_UNDER_THE_MAP, str(tmp_path / "sglang_loads_cut_1.shm")],
+                          cwd=tests, env={**os.environ, "PYTHONPATH": str(tests)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "served on" in done.stdout, (done.returncode, done.stderr[-2000:])

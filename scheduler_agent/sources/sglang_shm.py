@@ -105,15 +105,20 @@ class ShmFile:
             os.close(fd)
             raise
         self.path, self.fd, self.inode = path, fd, stat.st_ino
-        self.dp_size, self.slot_size = dp_size, slot_size
+        self.dp_size, self.slot_size, self.needed = dp_size, slot_size, needed
 
     def slots(self) -> list[bytes] | None:
-        """Every slot's length prefix and payload, read under a shared lock; None while a writer holds it."""
+        """Every slot's length prefix and payload, read under a shared lock; None while a writer holds it.
+        SourceError when the file was cut short under the map (reading past its end would kill the process)."""
         try:
             fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
         try:
+            size = os.fstat(self.fd).st_size
+            if size < self.needed:
+                raise SourceError(f"{self.path}: cut to {size} bytes while read (dp_size {self.dp_size} needs "
+                                  f"{self.needed}): truncated")
             out = []
             for rank in range(self.dp_size):
                 offset = HEADER.size + rank * self.slot_size
