@@ -172,7 +172,7 @@ class HttpGateway:
         return shared_view(result, dp_rank, sections, False, _prometheus, "http-prometheus")
 
     def _json(self, view: pb.GetLoadsResponse) -> bytes:
-        return json.dumps(response_dict(view, self.version)).encode()
+        return json.dumps(response_dict(view, self.version), ensure_ascii=False).encode()
 
 
 def _prometheus(view: pb.GetLoadsResponse) -> bytes:
