@@ -275,3 +275,23 @@ async def test_agent_process_pushes_a_busy_ranks_changes_without_polling_a_silen
     await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 59, what="rank 0's last change")
     assert agg.registry.snapshot(0).received > pushes
     assert e.hits["/v1/loads"] - asked <= 5  # about one a second (was: one per push, ~50)
+
+
+async def test_an_engine_restarted_on_another_load_port_is_followed_at_the_next_rank_check(engine):
+    """Every rank silent and /server_info advertising another range (an engine restarted with another
+    --load-publish-endpoint): the agent's rank check (discover) subscribes there, not polling forever."""
+    e = await engine(2)
+    source = await _source(e.url, silence_s=0.5)
+    try:
+        await wait_for(lambda: all(source._feeding(r) for r in (0, 1)), what="first frames")
+        for publisher in e.publishers.values():
+            publisher.close()
+        e.feed_base = free_port_range(2)  # the restarted engine publishes (and advertises) elsewhere
+        e.publishers = {r: e._publisher(r) for r in range(2)}
+        e.set(1, num_running_reqs=31)
+        await wait_for(lambda: not source._feeding(0) and not source._feeding(1), timeout=5, what="silence")
+        await source.discover()  # the agent's periodic rank check
+        await wait_for(lambda: all(source._feeding(r) for r in (0, 1)), timeout=5, what="the new range's frames")
+        assert source.feed[1] == e.feed_base and source.held.load(1).num_running_reqs == 31
+    finally:
+        await source.close()

@@ -85,9 +85,25 @@ class SglangFeedSource(HeldSource):
         self.http.set_round_timeout(round_timeout_ms)
 
     async def discover(self) -> EngineRanks:
+        """The engine's ranks; the feed found (or, every rank silent, asked again: a restarted engine may
+        publish elsewhere) and subscribed to for each rank."""
         engine = await self.http.discover()
         if self.feed is None and self.manual != "off":
             self.feed = await self._find_feed()
+        elif self.feed is not None and not self.manual and self._listeners and self._silent >= set(self._listeners):
+            found = await self._find_feed()
+            if found != self.feed:
+                log.info("sglang load feed: every rank silent and the engine advertises %s now: following it",
+                         "no feed" if found is None else _tcp(found[0], found[1]))
+                for rank, task in self._listeners.items():
+                    task.cancel()
+                    self.held.forget(rank)  # the old engine's: polled until the new range's first frame
+                    self.rates.reset(rank)
+                self._listeners.clear()
+                self._silent.clear()
+                self._last_seq.clear()
+                self._detail_asked.clear()
+                self.feed = found
         if self.feed is not None:
             self._listen_to(engine.dp_ranks)
         return engine
