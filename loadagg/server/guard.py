@@ -199,8 +199,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return decode_one
 
     async def _refuse_oversized(self, context, size: int, most: int) -> None:
-        """End an agent link whose message is larger than anything its hello allows, before parsing it (parsing
-        alone costs ~0.1 s for 4 MB of empty entries, all of it holding the event loop)."""
+        """End an agent link whose message is larger than anything its hello allows, before parsing it: the parse
+        alone would hold the event loop for as long as its entries take to read."""
         self.refused["RESOURCE_EXHAUSTED"] += 1
         self.agent_link_messages_refused += 1
         now = time.monotonic()

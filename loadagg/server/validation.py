@@ -139,8 +139,8 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     plausible) is read a message at a time by attrgetter, each section's wrapper made once, and the checks run
     in C over the gathered figures: the sum of non-negative figures is below MAX_FLOAT_FIGURE only when none is NaN,
     infinite or past that bound (a large integer count also goes to the detailed check, which allows it).
-    Linear in the figures: the GPU devices' are gathered into one list (a tuple grown per device copied
-    everything gathered so far: 30,000 devices took 7.5 s), after load_problem capped their number.
+    Linear in the figures: the GPU devices' are gathered into one list (a tuple grown per device would copy
+    everything gathered so far, quadratic in the devices), after load_problem capped their number.
     """
     if load.stale or max(load.age_ms, load.detail_age_ms) > MAX_REPORTED_AGE_MS:
         return False
@@ -232,8 +232,8 @@ def _largest(message_type) -> int:
     return message.ByteSize()
 
 
-# The most bytes a rank's load can take within the limits above (~90 KB), and a hello: what a link's
-# messages are measured against before they are parsed (parsing costs ~0.1 µs per byte of empty entries).
+# The most bytes a rank's load can take within the limits above, and a hello: what a link's messages are
+# measured against before they are parsed (a parse holds the event loop for as long as its entries take).
 MAX_RANK_LOAD_BYTES = _largest(pb.RankLoad)
 _MAX_HELLO_LABELS_BYTES = _largest(pb.AgentHello)
 
