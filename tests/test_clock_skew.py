@@ -17,7 +17,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
-from scheduler_agent.sources.inprocess import CallbackSource
+from scheduler_agent.sources.inprocess import CallbackSource, PublishedSource
 
 HOUR_S = 3600
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -113,6 +113,28 @@ async def test_a_callback_rank_updated_in_place_keeps_a_fresh_age(start_aggregat
         assert all(loads.age_ms(0) < FRESH_MS for loads in answers)
         stamps = [loads.rank(0).timestamp_ms for loads in answers]
         assert stamps[2] - stamps[0] >= 500, stamps  # a new stamp each read, not the first one for ever
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_load_published_once_ages_while_it_is_held(start_aggregator, channel_to):
+    """A scheduler that published once and went quiet: each read reports how long the agent has held the figures,
+    so routers see them age (they were reported as just read, age 0, for as long as the agent kept them)."""
+    source = PublishedSource()
+    source.publish(pb.RankLoad(dp_rank=0, num_running_reqs=4, age_ms=100))
+    await asyncio.sleep(0.3)
+    assert (await source.read([0]))[0].age_ms >= 400
+    agg = await start_aggregator(dp_size=1)
+    agent = SchedulerAgent(AgentConfig(aggregator=f"127.0.0.1:{agg.port}", dp_ranks=(0,), dp_size=1,
+                                       instance_id="published", backoff_initial_ms=20, backoff_max_ms=200), source)
+    task = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agg.registry.live_ranks() == {0}, what="the agent to link")
+        await asyncio.sleep(0.7)
+        stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+        loads = Loads(await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_NEW_ROUND), timeout=10))
+        assert loads.rank(0).num_running_reqs == 4 and loads.age_ms(0) >= 1_000, loads.response
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -66,6 +66,8 @@ class PublishedSource(LoadSource):
                 continue
             copy = pb.RankLoad()
             copy.CopyFrom(load)
+            # Held since it was published: its age grows (the aggregator measures ages from the one reported).
+            copy.age_ms = load.age_ms + max(0, int((now - at) * 1000))
             out[rank] = copy
         return out
 
