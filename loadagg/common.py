@@ -31,6 +31,9 @@ FALSE_WORDS = ("0", "false", "no", "off")
 DEFAULT_KEEPALIVE_S = 20.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 10.0
 MIN_PING_INTERVAL_S = 5.0  # the aggregator accepts pings this often; a peer pinging more often is dropped
+# The oldest figures a report may carry (RankLoad.age_ms, detail_age_ms): the aggregator refuses a load older than
+# this, and push sources leave out detail figures older than it rather than lose their rank's fresh core with them.
+MAX_REPORTED_AGE_MS = 3_600_000
 
 
 def env(name: str, default: str | None = None) -> str | None:

@@ -13,10 +13,13 @@ import sys
 from conftest import ROOT, wait_for
 
 from loadagg.client import Loads
+from loadagg.common import MAX_REPORTED_AGE_MS
+from loadagg.server.validation import load_problem
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
+from scheduler_agent.sources.held import HeldLoads
 from scheduler_agent.sources.inprocess import CallbackSource, PublishedSource
 
 HOUR_S = 3600
@@ -138,3 +141,18 @@ async def test_a_load_published_once_ages_while_it_is_held(start_aggregator, cha
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_detail_figures_past_the_age_bound_are_left_out_not_the_rank():
+    """A push source whose detail read has failed for over an hour still reports its rank's fresh core: with the
+    old detail in, the whole load was refused (detail_age_ms past the bound) and the rank went missing."""
+    held = HeldLoads("feed", core_fields=("num_running_reqs",))
+    now = 10_000.0
+    held.set_detail(0, pb.RankLoad(token_usage=0.5), taken_at=now - MAX_REPORTED_AGE_MS / 1000 - 1)
+    held.set_core(0, pb.RankLoad(num_running_reqs=3), taken_at=now - 0.2)
+    load = held.load(0, now)
+    assert load.num_running_reqs == 3 and load.age_ms == 200
+    assert not load.HasField("token_usage") and not load.HasField("detail_age_ms")
+    assert load_problem(load) is None
+    held.set_detail(0, pb.RankLoad(token_usage=0.5), taken_at=now - 5)
+    assert held.load(0, now).detail_age_ms == 5_000 and held.load(0, now).token_usage == 0.5

@@ -11,6 +11,7 @@ from operator import attrgetter
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from loadagg.common import MAX_REPORTED_AGE_MS
 from loadagg.server.errors import InvalidRequest, listed
 from loadagg.v1 import loadagg_pb2 as pb
 
@@ -44,8 +45,6 @@ MAX_STRING_CHARS = 256
 # GPUs in one rank's `gpu` section: a DP rank's tensor-parallel group as one node's NVML sees it (8 on most
 # nodes). Checked before a device is read, so a report listing 30,000 of them costs nothing.
 MAX_GPU_DEVICES_PER_RANK = 32
-# A rank's figures may be this old when its agent sends them (RankLoad.age_ms): older ones are not a load.
-MAX_REPORTED_AGE_MS = 3_600_000
 # Above any real float figure (tokens/s, GB, W, ratios past an SLO) by orders of magnitude, and far enough
 # below the largest double that sums and means over any number of ranks stay finite (1e308 + 1e308 = inf,
 # which JSON cannot even carry). Integer counts are bounded by their int64 field (totals saturate).

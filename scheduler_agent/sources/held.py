@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+from loadagg.common import MAX_REPORTED_AGE_MS
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.base import LoadSource, PartialRead, SourceError
 
@@ -137,16 +138,20 @@ class HeldLoads:
         held.core = held.detail = None
 
     def load(self, rank: int, now: float | None = None) -> pb.RankLoad | None:
-        """The rank's figures as held now, with their ages; None when failed or never read."""
+        """The rank's figures as held now, with their ages; None when failed or never read. Detail figures
+        older than MAX_REPORTED_AGE_MS (their read failing for an hour) are left out: the core is still news."""
         held = self.ranks.get(rank)
         if held is None or held.problem or held.core is None:
             return None
         now = now_s() if now is None else now
-        load = merged(held.core, held.detail, self.core_fields)
+        detail, detail_age_ms = held.detail, max(0, int((now - held.detail_at) * 1000))
+        if detail_age_ms > MAX_REPORTED_AGE_MS:  # the aggregator would refuse the whole load, fresh core and all
+            detail = None
+        load = merged(held.core, detail, self.core_fields)
         load.dp_rank = rank
         load.age_ms = max(0, int((now - held.core_at) * 1000))
-        if held.detail is not None and held.detail_at != held.core_at:  # (one read: one age)
-            load.detail_age_ms = max(0, int((now - held.detail_at) * 1000))
+        if detail is not None and held.detail_at != held.core_at:  # (one read: one age)
+            load.detail_age_ms = detail_age_ms
         return load
 
     def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
