@@ -242,3 +242,17 @@ def test_a_file_cut_short_under_the_map_fails_its_ranks_and_never_kills_the_agen
                           cwd=tests, env={**os.environ, "PYTHONPATH": str(tests)}, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and "served on" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+async def test_opening_never_waits_on_a_lock_a_writer_keeps(shm_file):
+    """The open takes its shared lock without waiting (it runs on the event loop): a lock a writer keeps
+    is a SourceError, opened again later, never a loop stuck in flock."""
+    path, _ = shm_file
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(SourceError, match="holds the file's lock"):
+                await asyncio.wait_for(asyncio.to_thread(ShmFile, path), 2)
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    ShmFile(path).close()

@@ -43,6 +43,7 @@ HEADER = struct.Struct("<4sHHI")
 SLOT_LEN = struct.Struct("<I")
 MAX_SLOT_BYTES = 1 << 20  # sglang's slots are 16 KiB; past 1 MiB per rank it is not its file
 MAX_DP_SIZE = 4096
+LOCK_TRIES = 20  # 0.1 ms apart: an open never holds the event loop for more than ~2 ms waiting on a writer
 REOPEN_CHECK_S = 1.0  # how often the path is checked for a new file (an engine restarted)
 QUIET_S = 3.0  # a file unchanged this long, beside one that appeared after it, is a stopped engine's
 
@@ -84,7 +85,7 @@ class ShmFile:
             stat = os.fstat(fd)
             if stat.st_size < HEADER.size:
                 raise SourceError(f"{path}: {stat.st_size} bytes, shorter than a header: not an sglang snapshot file")
-            with _shared(fd):
+            with _shared(fd, path):
                 self.map = mmap.mmap(fd, stat.st_size, access=mmap.ACCESS_READ)
             magic, version, dp_size, slot_size = HEADER.unpack_from(self.map, 0)
             if magic != MAGIC:
@@ -135,8 +136,17 @@ class ShmFile:
 
 
 @contextlib.contextmanager
-def _shared(fd: int):
-    fcntl.flock(fd, fcntl.LOCK_SH)
+def _shared(fd: int, path: str):
+    """The shared lock, taken without waiting on the event loop: a writer holds its lock for microseconds, so a
+    few tries cover it; one kept longer is a SourceError (the file is opened again later)."""
+    for _ in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            time.sleep(0.0001)
+    else:
+        raise SourceError(f"{path}: a writer holds the file's lock: opened again shortly")
     try:
         yield
     finally:
