@@ -9,11 +9,15 @@ import logging
 import os
 import signal
 import sys
+from types import MappingProxyType
 
 from conftest import ROOT, wait_for
 
 from loadagg.client import Loads
 from loadagg.common import MAX_REPORTED_AGE_MS
+from loadagg.server.answers import build_response
+from loadagg.server.registry import Snapshot
+from loadagg.server.rounds import RoundResult
 from loadagg.server.validation import load_problem
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -156,3 +160,18 @@ def test_detail_figures_past_the_age_bound_are_left_out_not_the_rank():
     assert load_problem(load) is None
     held.set_detail(0, pb.RankLoad(token_usage=0.5), taken_at=now - 5)
     assert held.load(0, now).detail_age_ms == 5_000 and held.load(0, now).token_usage == 0.5
+
+
+def test_a_later_answer_never_re_ages_an_earlier_rounds_figures():
+    """A round's answer, built for a new view after a later answer (a stale entry, pushed snapshots) aged the
+    same snapshot, still shows each rank's age at that round's end: the later answers age copies of their own."""
+    def result(finished: float, fresh: dict, stale: dict) -> RoundResult:
+        return RoundResult(round_id=1, dp_size=1, timestamp_ms=0, finished=finished, started=finished, duration_ms=0,
+                           fresh=MappingProxyType(fresh), stale=MappingProxyType(stale),
+                           missing=() if fresh else (0,), callers=1)
+
+    snap = Snapshot(pb.RankLoad(dp_rank=0, num_running_reqs=1), received=100.0, taken=100.0)
+    first = result(100.5, {0: snap.aged(100.5)}, {})  # what Round.result does at the round's end
+    later = result(103.0, {}, {0: snap})
+    assert build_response(later, None, frozenset(), allow_stale=True).loads[0].age_ms == 3_000
+    assert build_response(first, 0, frozenset(), allow_stale=False).loads[0].age_ms == 500

@@ -83,8 +83,7 @@ def build_response(
         missing.append(rank)
         snap = result.stale.get(rank) if allow_stale else None
         if snap is not None:
-            stale = pb.RankLoad()
-            stale.CopyFrom(trim(snap.aged(result.finished), sections))  # (the snapshot's load is shared)
+            stale = trim(snap.aged_copy(result.finished), sections)  # a copy (the snapshot's load is shared)
             stale.stale = True
             loads.append(stale)
     return pb.GetLoadsResponse(

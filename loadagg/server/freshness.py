@@ -16,13 +16,6 @@ from loadagg.server.rounds import RoundResult, unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
 
 
-def _aged_copy(snap: Snapshot, now: float) -> pb.RankLoad:
-    """The snapshot's load with its ages as of `now`, as this answer's own (a later answer ages it again)."""
-    load = pb.RankLoad()
-    load.CopyFrom(snap.aged(now))
-    return load
-
-
 class CachedAnswers:
     """Finds an answer not older than a caller's `max_staleness_ms`, or None when a round is needed."""
 
@@ -69,10 +62,10 @@ class CachedAnswers:
         time, not the round's end)."""
         now = time.monotonic()
         held = self.registry.snapshots()
-        fresh = {rank: _aged_copy(snap, now) if (snap := held.get(rank)) is not None and snap.load is load else load
+        fresh = {rank: snap.aged_copy(now) if (snap := held.get(rank)) is not None and snap.load is load else load
                  for rank, load in last.fresh.items()}
         for rank, snap in newer.items():
-            fresh[rank] = _aged_copy(snap, now)
+            fresh[rank] = snap.aged_copy(now)
         return self._from(fresh, {r: s for r, s in last.stale.items() if r not in fresh}, now)
 
     def _from(self, fresh: dict[int, pb.RankLoad], stale: dict[int, Snapshot], now: float) -> RoundResult:
@@ -115,6 +108,6 @@ class CachedAnswers:
         version = self.registry.snapshot_version
         if self._snapshots is not None and self._snapshots[0] == version:
             return self._snapshots[1]
-        result = self._from({rank: _aged_copy(snap, now) for rank, snap in snapshots.items()}, {}, now)
+        result = self._from({rank: snap.aged_copy(now) for rank, snap in snapshots.items()}, {}, now)
         self._snapshots = (version, result)
         return result

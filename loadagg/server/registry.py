@@ -102,12 +102,23 @@ class Snapshot:
         return max(0, int((now - self.taken) * 1000))
 
     def aged(self, now: float) -> pb.RankLoad:
-        """Its load with `age_ms` as of `now`. The load is the aggregator's own (parsed from the agent's
-        report); only answers read age_ms, and each sets it when it is built."""
-        self.load.age_ms = self.age_ms(now)
-        if self.detail_taken is not None:
-            self.load.detail_age_ms = max(0, int((now - self.detail_taken) * 1000))
+        """Its load with `age_ms` as of `now`, set on the load itself: only for the round it answers, at that
+        round's end (the load is the aggregator's own, parsed from the agent's report). Any later answer takes
+        `aged_copy`, so that a view of the round built later still shows the ages at the round's end."""
+        self._set_ages(self.load, now)
         return self.load
+
+    def aged_copy(self, now: float) -> pb.RankLoad:
+        """A copy of its load with the ages as of `now`, for an answer of its own (cached, snapshots, stale)."""
+        load = pb.RankLoad()
+        load.CopyFrom(self.load)
+        self._set_ages(load, now)
+        return load
+
+    def _set_ages(self, load: pb.RankLoad, now: float) -> None:
+        load.age_ms = self.age_ms(now)
+        if self.detail_taken is not None:
+            load.detail_age_ms = max(0, int((now - self.detail_taken) * 1000))
 
 
 class AgentRegistry:
