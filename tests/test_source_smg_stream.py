@@ -240,3 +240,21 @@ def test_a_vllm_record_shows_what_getloads_shows_of_the_same_figures(capacity, e
                   "cache_hit_rate", "num_used_tokens", "max_total_num_tokens", "max_running_requests"):
         shown = [(load.HasField(field), getattr(load, field)) for load in (streamed, polled)]
         assert shown[0] == shown[1], field
+
+
+def test_a_rank_quiet_past_the_age_bound_is_failed_with_a_stable_reason():
+    """A quiet rank keeps its last record, its age growing, up to the age bound the aggregator takes
+    (MAX_REPORTED_AGE_MS): past it the rank is failed with one stable reason, not sent each second to be refused
+    with a message that changes with every age (a warning a second in the agent's log)."""
+    from smg_grpc_proto.generated import common_pb2
+
+    from loadagg.common import MAX_REPORTED_AGE_MS
+    from scheduler_agent.sources.base import PartialRead as Partial
+
+    source = SmgStreamSource(EngineGrpcSource("127.0.0.1:1", "sglang"))
+    for rank, age_ms in ((0, 1000), (1, MAX_REPORTED_AGE_MS + 5000)):
+        source._take(common_pb2.KvEventBatch(dp_rank=rank, load=common_pb2.EngineLoad(running_requests=2,
+                                                                                      age_ms=age_ms)))
+    with pytest.raises(Partial, match=r"^rank 1: its last figures are over 3600 s old$") as quiet:
+        source.held.read([0, 1])
+    assert quiet.value.loads[0].num_running_reqs == 2 and list(quiet.value.loads) == [0]

@@ -155,12 +155,17 @@ class HeldLoads:
         return load
 
     def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
-        """Every asked rank held and healthy; PartialRead naming the others' problems."""
+        """Every asked rank held and healthy; PartialRead naming the others' problems. A rank whose core is past
+        the age bound the aggregator takes (quiet that long) is failed with one stable reason, not sent to be
+        refused at every push."""
         now = now_s()
         loads: dict[int, pb.RankLoad] = {}
         problems: list[str] = []
         for rank in ranks:
             load = self.load(rank, now)
+            if load is not None and load.age_ms > MAX_REPORTED_AGE_MS:
+                problems.append(f"rank {rank}: its last figures are over {MAX_REPORTED_AGE_MS // 1000} s old")
+                continue
             if load is not None:
                 loads[rank] = load
                 continue
