@@ -256,3 +256,21 @@ async def test_opening_never_waits_on_a_lock_a_writer_keeps(shm_file):
         finally:
             fcntl.flock(held, fcntl.LOCK_UN)
     ShmFile(path).close()
+
+
+async def test_a_snapshot_an_hour_old_is_not_presented_as_fresh(shm_file):
+    """The age is the scheduler's own stamp's (same host clock), however old: a dead engine's file found
+    later is failed as past the age bound, never read as figures taken now. A stamp of 0 (the writer's
+    first, empty snapshot) counts as taken now."""
+    import time
+
+    path, writers = shm_file
+    writers[1].write(snapshot(1, timestamp=time.time() - 7200))
+    writers[0].write(snapshot(0, timestamp=0.0))
+    source = await _source(path)
+    try:
+        with pytest.raises(PartialRead, match=r"^rank 1: its last figures are over 3600 s old$") as old:
+            await source.read([0, 1])
+        assert old.value.loads[0].age_ms < 1000
+    finally:
+        await source.close()

@@ -269,9 +269,11 @@ class SglangShmSource(HeldSource):
         snapshot = decode_snapshot(raw[SLOT_LEN.size:])
         if snapshot.dp_rank != rank:
             raise SourceError(f"slot {rank} holds a snapshot of dp_rank {snapshot.dp_rank}")
-        lag = time.time() - snapshot.timestamp  # the scheduler's own stamp, same host clock
+        # The scheduler's own stamp, same host clock, however old (a dead engine's file); 0 is the writer's
+        # first, empty snapshot, and a stamp ahead a clock step: both count as taken now.
+        lag = time.time() - snapshot.timestamp
         return (load_from_snapshot(snapshot, time.time_ns() // 1_000_000, self.rates),
-                now_s() - lag if 0 < lag < 3600 else None)
+                now_s() - lag if snapshot.timestamp > 0 and lag > 0 else None)
 
     async def read(self, ranks: Sequence[int]) -> dict[int, pb.RankLoad]:
         return self.held.read(ranks)
