@@ -13,6 +13,7 @@ import time
 import aiohttp
 import grpc
 import pytest
+from conftest import wait_for
 from figures import record
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from raw_agent import RawAgent
@@ -135,6 +136,58 @@ async def test_hostile_agent_messages_are_refused_without_holding_the_loop(start
     assert agg.guard.agent_link_messages_refused == 3
     record("hostile_agent_messages", probes=len(answered), slowest_probe_ms=round(max(answered) * 1000, 1),
            longest_loop_hold_ms=round(max(lags) * 1000, 1))
+
+
+async def test_a_large_report_is_walked_not_parsed_whole(start_aggregator, channel_to):
+    """An agent serving 64 ranks may send 4 MB: filled with 2,000,000 empty loads (or one load of empty GPU
+    devices) its parse held the loop 0.1-0.3 s. It is refused RESOURCE_EXHAUSTED before any parse, while a valid
+    report of that size class (64 loads of 32 GPUs) is parsed a load at a time and stored whole."""
+    dp_size = 64
+    agg = await start_aggregator(dp_size=dp_size)
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def lag() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.001)
+            lags.append(time.monotonic() - started - 0.001)
+
+    device = pb.GpuMetrics.DESCRIPTOR.fields_by_name["devices"].number << 3 | 2
+    gpu = pb.RankLoad.DESCRIPTOR.fields_by_name["gpu"].number << 3 | 2
+    devices = (_varint(device) + b"\x00") * 1_000_000
+    one_load = _varint(gpu) + _varint(len(devices)) + devices
+    hostile = [_report_bytes(b"\x12\x00" * 2_000_000), _report_bytes(b"\x12" + _varint(len(one_load)) + one_load)]
+    lagger = asyncio.create_task(lag())
+    try:
+        for attempt, message in enumerate(hostile):
+            agent = RawBytesAgent(agg.port, f"many-{attempt}", list(range(dp_size)))
+            try:
+                await agent.connect()
+                assert len(message) < agg.agents.message_limit(next(iter(agg.agents._links)))
+                await agent.call.write(message)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await agent.rejection()
+                assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value.details()
+                assert "more than 64 loads" in ended.value.details() or "a load of" in ended.value.details()
+            finally:
+                await agent.close()
+        agent = RawAgent(agg.port, "valid", list(range(dp_size)))
+        await agent.connect()
+        loads = [pb.RankLoad(dp_rank=rank, num_running_reqs=rank, timestamp_ms=1, gpu=pb.GpuMetrics(devices=[
+            pb.GpuDevice(index=i, name="NVIDIA H100 80GB HBM3", uuid=f"GPU-{rank:04d}-{i:02d}", utilization=0.5)
+            for i in range(MAX_GPU_DEVICES_PER_RANK)])) for rank in range(dp_size)]
+        report = pb.AgentMessage(report=pb.LoadReport(loads=loads, failed_ranks=[])).SerializeToString()
+        assert len(report) > 64 * 1024
+        await agent.call.write(pb.AgentMessage.FromString(report))
+        await wait_for(lambda: len(agg.registry.snapshots()) == dp_size, 10, "every rank's load")
+        assert [agg.registry.snapshot(rank).load for rank in range(dp_size)] == loads
+        await agent.close()
+    finally:
+        stop.set()
+        await lagger
+    assert agg.guard.agent_link_messages_refused == 2
+    record("large_agent_reports", longest_loop_hold_ms=round(max(lags) * 1000, 1))
 
 
 async def test_oversized_router_requests_are_refused_unparsed(start_aggregator, channel_to):

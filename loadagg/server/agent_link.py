@@ -81,6 +81,12 @@ class AgentLinkService:
             return self._hello_bytes
         return session.max_message_bytes
 
+    def message_loads(self, context) -> int:
+        """How many loads the next AgentMessage of this stream may name: one per served rank (before the hello,
+        every rank, which bounds what the hello itself may list)."""
+        session = self._links.get(context)
+        return self.registry.dp_size if session is None else len(session.dp_ranks)
+
     async def _hello(self, requests: AsyncIterator[pb.AgentMessage], context) -> AgentSession:
         try:
             first = await asyncio.wait_for(anext(requests), self.hello_timeout_s)

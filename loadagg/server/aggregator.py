@@ -77,6 +77,7 @@ class Aggregator:
         self.health = health.aio.HealthServicer()
         self.guard = GuardInterceptor(self.tokens, config.limits.max_agent_links)
         self.guard.agent_message_limit = self.agents.message_limit
+        self.guard.agent_message_loads = self.agents.message_loads
         self.metrics.registry.register(GuardCollector(self.guard))
         self.metrics.registry.register(CountersCollector([
             ("loadagg_agent_clock_ahead_loads", "Loads stamped by an agent clock 5 s or more ahead of the "

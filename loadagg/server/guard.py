@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from loadagg.server.agent_wire import PIECE_BYTES, TooLarge, parse_agent_message
 from loadagg.server.auth import AGENT_SERVICE, OPEN_SERVICES, TokenPolicy, service_of
 from loadagg.server.errors import (
     InvalidRequest,
@@ -92,6 +93,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         # The most bytes the next message of an AgentLink stream may take (its ServicerContext in, bytes out),
         # checked before the message is parsed; None: gRPC's own limit only.
         self.agent_message_limit: Callable[[object], int] | None = None
+        # How many loads the next message of an AgentLink stream may name: a large message is walked and refused
+        # past that, then parsed a load at a time (agent_wire.py); None: parsed whole.
+        self.agent_message_loads: Callable[[object], int] | None = None
         self.agent_link_messages_refused = 0
         self._oversize_warned_at = -math.inf
         self.agent_links = 0  # AgentLink streams open now
@@ -198,7 +202,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         return decode_one
 
-    async def _refuse_oversized(self, context, size: int, most: int) -> None:
+    async def _refuse_oversized(self, context, size: int, most: int | None, what: str = "") -> None:
         """End an agent link whose message is larger than anything its hello allows, before parsing it: the parse
         alone would hold the event loop for as long as its entries take to read."""
         self.refused["RESOURCE_EXHAUSTED"] += 1
@@ -206,12 +210,26 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         now = time.monotonic()
         if now - self._oversize_warned_at >= _OVERSIZE_WARNING_INTERVAL_S:  # a peer may redial and resend at once
             self._oversize_warned_at = now
-            log.warning("agent link from %s sent a message of %d bytes, above the %d its ranks allow: link closed "
-                        "(%d such messages in all; this warning at most every %g s)", context.peer(), size, most,
-                        self.agent_link_messages_refused, _OVERSIZE_WARNING_INTERVAL_S)
+            log.warning("agent link from %s sent a message of %d bytes holding %s: more than its ranks allow; link "
+                        "closed (%d such messages in all; this warning at most every %g s)", context.peer(), size,
+                        what or f"more than {most} bytes", self.agent_link_messages_refused,
+                        _OVERSIZE_WARNING_INTERVAL_S)
+        held = f"holding {what}: more than" if what else f"above the {most} bytes"
         await abort_with(context, ResourceExhausted(
-            f"an AgentMessage of {size} bytes, above the {most} this link may send (a hello, or a report naming "
-            "each served rank once within the limits of docs/operations.md)"))
+            f"an AgentMessage of {size} bytes, {held} this link may send (a hello, or a report naming each served "
+            "rank once within the limits of docs/operations.md)"))
+
+    async def _parse_in_pieces(self, method: str, raw: bytes, most_loads: int, parse, context):
+        """A large agent message parsed a load at a time (agent_wire.py); ended RESOURCE_EXHAUSTED when it holds
+        more than its link may send, INVALID_ARGUMENT when malformed, neither parsed whole."""
+        try:
+            return await parse_agent_message(raw, most_loads, parse)
+        except TooLarge as error:
+            await self._refuse_oversized(context, len(raw), None, str(error))
+        except Exception as error:
+            refusal = InvalidRequest(f"malformed {method} message ({len(raw)} bytes): {error}")
+            self.refused[refusal.code.name] += 1
+            await abort_with(context, refusal)
 
     def _wrap_streaming_in(self, method, service, parse, inner, streaming_out) -> Callable:
         capped = service == AGENT_SERVICE
@@ -222,9 +240,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             # iterator wraps in two more layers) and parse inline, no coroutine each.
             read, end = context.read, grpc.aio.EOF
             limit = self.agent_message_limit if capped else None
+            loads = self.agent_message_loads if capped else None
             while (raw := await read()) is not end:
                 if limit is not None and len(raw) > (most := limit(context)):
                     await self._refuse_oversized(context, len(raw), most)
+                if loads is not None and len(raw) > PIECE_BYTES:
+                    yield await self._parse_in_pieces(method, raw, loads(context), parse, context)
+                    continue
                 try:
                     message = parse(raw)
                 except Exception:
