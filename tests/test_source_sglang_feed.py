@@ -295,3 +295,23 @@ async def test_an_engine_restarted_on_another_load_port_is_followed_at_the_next_
         assert source.feed[1] == e.feed_base and source.held.load(1).num_running_reqs == 31
     finally:
         await source.close()
+
+
+async def test_a_slow_detail_read_is_aged_from_when_it_was_asked(engine):
+    """The engine may have read its figures any time during a /v1/loads request: they are aged from its start,
+    so a slow read never shows them younger than they may be."""
+    e = await engine(1)
+    source = await _source(e.url, detail_s=60)
+    read = source.http.read
+
+    async def slow(ranks):
+        await asyncio.sleep(0.4)
+        return await read(ranks)
+
+    source.http.read = slow
+    try:
+        await wait_for(lambda: source.held.ranks.get(0) is not None and source.held.ranks[0].detail is not None,
+                       what="the detail read")
+        assert source.held.load(0).detail_age_ms >= 400
+    finally:
+        await source.close()

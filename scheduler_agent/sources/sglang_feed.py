@@ -223,9 +223,8 @@ class SglangFeedSource(HeldSource):
                 except SourceError as error:
                     log.debug("sglang detail read failed: %s", error)
                     loads = {}
-                taken = now_s()
-                for rank, load in loads.items():
-                    self.held.set_detail(rank, load, taken)
+                for rank, load in loads.items():  # aged from the ask: the engine read them during the request
+                    self.held.set_detail(rank, load, last_read)
             await asyncio.sleep(min(self.detail_interval_s, _DETAIL_CHECK_S))
 
     def held_ranks(self, ranks: Sequence[int]) -> list[int]:
