@@ -20,9 +20,11 @@ PIECE_BYTES = 64 * 1024
 _REPORT = pb.AgentMessage.DESCRIPTOR.fields_by_name["report"].number
 _LOADS = pb.LoadReport.DESCRIPTOR.fields_by_name["loads"].number
 # What a report may carry besides its loads: each failed rank (a varint of up to 11 bytes with its tag), and
-# room for the round id and the error string.
+# room for the round id and the error string; and how many fields besides its loads and failed ranks (the walk
+# costs per field, so a message of a million tiny unknown fields stops here rather than at its end).
 _REST_BYTES_PER_RANK = 11
 _REST_BYTES = 64 * 1024
+_OTHER_FIELDS = 64
 
 
 class TooLarge(ValueError):
@@ -81,18 +83,25 @@ async def parse_agent_message(raw: bytes, most_loads: int, parse: Callable[[byte
     buf = memoryview(raw)
     top = bytearray()
     report: list[memoryview] = []
-    for number, start, end in _fields(buf):
+    rest_most = _REST_BYTES + most_loads * _REST_BYTES_PER_RANK
+    fields_most = _OTHER_FIELDS + most_loads
+    for fields, (number, start, end) in enumerate(_fields(buf)):
+        if fields > fields_most:
+            raise TooLarge(f"more than {fields_most} fields")
         if number == _REPORT and buf[start] & 7 == 2:
             report.append(_payload(buf, start))
         else:
             top += buf[start:end]
-    rest_most = _REST_BYTES + most_loads * _REST_BYTES_PER_RANK
-    if len(top) > rest_most:
-        raise TooLarge(f"{len(top)} bytes besides its report")
+            if len(top) > rest_most:
+                raise TooLarge(f"more than {rest_most} bytes besides its report")
     loads: list[memoryview] = []
     rest = bytearray()
+    fields = 0
     for part in report:  # (a repeated message field is merged, as a parser would)
         for number, start, end in _fields(part):
+            fields += 1
+            if fields > fields_most + most_loads:
+                raise TooLarge(f"more than {fields_most + most_loads} fields in its report")
             if number == _LOADS and part[start] & 7 == 2:
                 loads.append(load := _payload(part, start))
                 if len(load) > MAX_RANK_LOAD_BYTES:
