@@ -45,6 +45,33 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+class LoopLag:
+    """How late a 1 ms sleep wakes, sampled while the block runs: how long something held the event loop."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._stop.set()
+        await self._task
+
+    async def _sample(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            await asyncio.sleep(0.001)
+            self.lags.append(time.monotonic() - started - 0.001)
+
+    @property
+    def longest_ms(self) -> float:
+        return round(max(self.lags, default=0.0) * 1000, 1)
+
+
 class RawBytesAgent:
     """An AgentLink peer that writes pre-serialized messages."""
 
@@ -144,23 +171,13 @@ async def test_a_large_report_is_walked_not_parsed_whole(start_aggregator, chann
     report of that size class (64 loads of 32 GPUs) is parsed a load at a time and stored whole."""
     dp_size = 64
     agg = await start_aggregator(dp_size=dp_size)
-    lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def lag() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            await asyncio.sleep(0.001)
-            lags.append(time.monotonic() - started - 0.001)
-
     device = pb.GpuMetrics.DESCRIPTOR.fields_by_name["devices"].number << 3 | 2
     gpu = pb.RankLoad.DESCRIPTOR.fields_by_name["gpu"].number << 3 | 2
     devices = (_varint(device) + b"\x00") * 1_000_000
     one_load = _varint(gpu) + _varint(len(devices)) + devices
     hostile = [_report_bytes(b"\x12\x00" * 2_000_000), _report_bytes(b"\x12" + _varint(len(one_load)) + one_load),
                b"\x78\x00" * 2_000_000, _report_bytes(b"\x78\x00" * 2_000_000)]  # unknown fields, each walked
-    lagger = asyncio.create_task(lag())
-    try:
+    async with LoopLag() as loop_lag:
         for attempt, message in enumerate(hostile):
             agent = RawBytesAgent(agg.port, f"many-{attempt}", list(range(dp_size)))
             try:
@@ -184,11 +201,8 @@ async def test_a_large_report_is_walked_not_parsed_whole(start_aggregator, chann
         await wait_for(lambda: len(agg.registry.snapshots()) == dp_size, 10, "every rank's load")
         assert [agg.registry.snapshot(rank).load for rank in range(dp_size)] == loads
         await agent.close()
-    finally:
-        stop.set()
-        await lagger
     assert agg.guard.agent_link_messages_refused == 4
-    record("large_agent_reports", longest_loop_hold_ms=round(max(lags) * 1000, 1))
+    record("large_agent_reports", longest_loop_hold_ms=loop_lag.longest_ms)
 
 
 async def test_oversized_router_requests_are_refused_unparsed(start_aggregator, channel_to):
@@ -200,17 +214,7 @@ async def test_oversized_router_requests_are_refused_unparsed(start_aggregator, 
     hostile = b"\x12\x00" * ((agg.config.limits.max_message_bytes - 64) // 2)
     largest = pb.GetLoadsRequest(include=["x" * 12] * (MAX_ROUTER_REQUEST_BYTES // 14)).SerializeToString()
     assert len(largest) <= MAX_ROUTER_REQUEST_BYTES < len(largest) + 14
-    lags: list[float] = []
-    stop = asyncio.Event()
-
-    async def lag() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            await asyncio.sleep(0.001)
-            lags.append(time.monotonic() - started - 0.001)
-
-    lagger = asyncio.create_task(lag())
-    try:
+    async with LoopLag() as loop_lag:
         for method in ("/loadagg.v1.LoadAggregator/GetLoads", "/sglang.grpc.scheduler.SglangScheduler/GetLoads",
                        "/loadagg.v1.LoadAggregator/WatchLoads"):
             streaming = "Watch" in method
@@ -225,11 +229,8 @@ async def test_oversized_router_requests_are_refused_unparsed(start_aggregator, 
                     else:
                         await call(request, timeout=10)
                 assert refused.value.code() == code and words in refused.value.details(), refused.value.details()
-    finally:
-        stop.set()
-        await lagger
     assert agg.guard.refused["RESOURCE_EXHAUSTED"] == 3
-    record("oversized_router_requests", longest_loop_hold_ms=round(max(lags) * 1000, 1))
+    record("oversized_router_requests", longest_loop_hold_ms=loop_lag.longest_ms)
 
 
 async def test_strings_past_the_limit_are_refused_per_rank(start_aggregator, channel_to):
