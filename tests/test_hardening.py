@@ -200,6 +200,10 @@ async def test_a_large_report_is_walked_not_parsed_whole(start_aggregator, chann
         await agent.call.write(pb.AgentMessage.FromString(report))
         await wait_for(lambda: len(agg.registry.snapshots()) == dp_size, 10, "every rank's load")
         assert [agg.registry.snapshot(rank).load for rank in range(dp_size)] == loads
+        # Every rank failed, with the source's long error (a line a rank): large, and valid.
+        await agent.call.write(pb.AgentMessage(report=pb.LoadReport(failed_ranks=range(dp_size), error="e" * 200_000)))
+        await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=99, timestamp_ms=1)])
+        await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 99, 10, "the link to live on")
         await agent.close()
     assert agg.guard.agent_link_messages_refused == 4
     record("large_agent_reports", longest_loop_hold_ms=loop_lag.longest_ms)

@@ -2,9 +2,9 @@
 
 Parsing costs per entry, not per byte of meaning: a report of an agent serving 128 ranks may take 4 MB, and
 4 MB of empty loads (or of empty GPU devices in one load) hold the loop for a quarter of a second in one parse.
-A message above PIECE_BYTES is walked at its top level instead: a report naming more loads than its agent
-serves, a load larger than any valid one, or more besides the loads than a valid report carries, is refused
-before anything is parsed; its loads are then parsed one by one, the loop served between them.
+A message above PIECE_BYTES is walked at its top level instead: a report naming more loads or failed ranks than
+its agent serves, a load larger than any valid one, or more fields than a valid report holds, is refused before
+anything is parsed; its loads are then parsed one by one, the loop served between them.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from loadagg.v1 import loadagg_pb2 as pb
 PIECE_BYTES = 64 * 1024
 _REPORT = pb.AgentMessage.DESCRIPTOR.fields_by_name["report"].number
 _LOADS = pb.LoadReport.DESCRIPTOR.fields_by_name["loads"].number
-# What a report may carry besides its loads: each failed rank (a varint of up to 11 bytes with its tag), and
-# room for the round id and the error string; and how many fields besides its loads and failed ranks (the walk
-# costs per field, so a message of a million tiny unknown fields stops here rather than at its end).
-_REST_BYTES_PER_RANK = 11
-_REST_BYTES = 64 * 1024
+_FAILED = pb.LoadReport.DESCRIPTOR.fields_by_name["failed_ranks"].number
+# Besides a report: a hello's bytes (each rank a varint of up to 11 bytes with its tag, and room for its labels).
+# In a report, packed failed ranks take at most 11 bytes a rank; other fields (the error string) cost their
+# parse little whatever their size. And how many fields a message may hold besides one per served rank (the
+# walk costs per field: a message of a million tiny unknown fields stops here rather than at its end).
+_BYTES_PER_RANK = 11
+_HELLO_BYTES = 64 * 1024
 _OTHER_FIELDS = 64
 
 
@@ -83,7 +85,7 @@ async def parse_agent_message(raw: bytes, most_loads: int, parse: Callable[[byte
     buf = memoryview(raw)
     top = bytearray()
     report: list[memoryview] = []
-    rest_most = _REST_BYTES + most_loads * _REST_BYTES_PER_RANK
+    top_most = _HELLO_BYTES + most_loads * _BYTES_PER_RANK
     fields_most = _OTHER_FIELDS + most_loads
     for fields, (number, start, end) in enumerate(_fields(buf)):
         if fields > fields_most:
@@ -92,11 +94,12 @@ async def parse_agent_message(raw: bytes, most_loads: int, parse: Callable[[byte
             report.append(_payload(buf, start))
         else:
             top += buf[start:end]
-            if len(top) > rest_most:
-                raise TooLarge(f"more than {rest_most} bytes besides its report")
+            if len(top) > top_most:
+                raise TooLarge(f"more than {top_most} bytes besides its report")
     loads: list[memoryview] = []
     rest = bytearray()
     fields = 0
+    failed_most = most_loads * _BYTES_PER_RANK
     for part in report:  # (a repeated message field is merged, as a parser would)
         for number, start, end in _fields(part):
             fields += 1
@@ -109,9 +112,9 @@ async def parse_agent_message(raw: bytes, most_loads: int, parse: Callable[[byte
                 if len(loads) > most_loads:
                     raise TooLarge(f"more than {most_loads} loads (its agent serves {most_loads} ranks)")
             else:
+                if number == _FAILED and part[start] & 7 == 2 and len(_payload(part, start)) > failed_most:
+                    raise TooLarge(f"failed ranks packed in more than {failed_most} bytes")
                 rest += part[start:end]
-                if len(rest) > rest_most:
-                    raise TooLarge(f"more than {rest_most} bytes besides its loads")
     message = parse(bytes(top))
     if report:
         message.report.MergeFromString(bytes(rest))
