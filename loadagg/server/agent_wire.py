@@ -25,7 +25,7 @@ _FAILED = pb.LoadReport.DESCRIPTOR.fields_by_name["failed_ranks"].number
 # parse little whatever their size. And how many fields a message may hold besides one per served rank (the
 # walk costs per field: a message of a million tiny unknown fields stops here rather than at its end).
 _BYTES_PER_RANK = 11
-_HELLO_BYTES = 64 * 1024
+_HELLO_BYTES = 72 * 1024  # at least what max_hello_bytes allows besides the ranks (labels, and 64 KiB of room)
 _OTHER_FIELDS = 64
 
 
