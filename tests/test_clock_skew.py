@@ -12,6 +12,7 @@ import sys
 from types import MappingProxyType
 
 from conftest import ROOT, wait_for
+from raw_agent import RawAgent
 
 from loadagg.client import Loads
 from loadagg.common import MAX_REPORTED_AGE_MS
@@ -175,3 +176,31 @@ def test_a_later_answer_never_re_ages_an_earlier_rounds_figures():
     later = result(103.0, {}, {0: snap})
     assert build_response(later, None, frozenset(), allow_stale=True).loads[0].age_ms == 3_000
     assert build_response(first, 0, frozenset(), allow_stale=False).loads[0].age_ms == 500
+
+
+async def test_a_cached_answer_ages_a_rank_whose_snapshot_is_gone(start_aggregator, channel_to):
+    """A young round laid under a newer push: a rank the round answered whose agent has left since (and whose
+    snapshot was dropped) keeps aging in the answer, stamped now (it showed its age at the round's end)."""
+    agg = await start_aggregator(dp_size=2, forget_rank_after_s=0.2)
+    leaving, staying = RawAgent(agg.port, "leaving", [0]), RawAgent(agg.port, "staying", [1])
+    stub = pb_grpc.LoadAggregatorStub(channel_to(agg.port))
+    try:
+        await leaving.connect()
+        await staying.connect()
+        call = asyncio.ensure_future(stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_NEW_ROUND), timeout=10))
+        for agent, rank in ((leaving, 0), (staying, 1)):
+            collect = await agent.next_collect()
+            await agent.report(collect.round_id, [pb.RankLoad(dp_rank=rank, num_running_reqs=rank + 1)])
+        assert not (await call).missing_ranks
+        await leaving.close()
+        await asyncio.sleep(0.6)
+        await staying.report(0, [pb.RankLoad(dp_rank=1, num_running_reqs=7)])  # a push: newer than the round
+        await wait_for(lambda: agg.registry.snapshot(1).load.num_running_reqs == 7, what="the push")
+        assert agg.registry.snapshot(0) is None  # forgotten
+        loads = Loads(await stub.GetLoads(pb.GetLoadsRequest(freshness=pb.FRESHNESS_CACHED, max_staleness_ms=60_000),
+                                          timeout=10))
+        assert loads.source == "snapshots" and loads.rank(1).num_running_reqs == 7
+        assert loads.rank(0).num_running_reqs == 1 and loads.age_ms(0) >= 600, loads.response
+    finally:
+        await leaving.close()
+        await staying.close()

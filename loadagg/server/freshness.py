@@ -16,6 +16,18 @@ from loadagg.server.rounds import RoundResult, unix_ms
 from loadagg.v1 import loadagg_pb2 as pb
 
 
+def _older(load: pb.RankLoad, seconds: float) -> pb.RankLoad:
+    """A copy of a round's `load` aged `seconds` past the round's end (its snapshot is gone: no receive time left
+    to age it from, but it grew that much older all the same)."""
+    out = pb.RankLoad()
+    out.CopyFrom(load)
+    more_ms = max(0, int(seconds * 1000))
+    out.age_ms += more_ms
+    if out.HasField("detail_age_ms"):
+        out.detail_age_ms += more_ms
+    return out
+
+
 class CachedAnswers:
     """Finds an answer not older than a caller's `max_staleness_ms`, or None when a round is needed."""
 
@@ -62,8 +74,8 @@ class CachedAnswers:
         time, not the round's end)."""
         now = time.monotonic()
         held = self.registry.snapshots()
-        fresh = {rank: snap.aged_copy(now) if (snap := held.get(rank)) is not None and snap.load is load else load
-                 for rank, load in last.fresh.items()}
+        fresh = {rank: snap.aged_copy(now) if (snap := held.get(rank)) is not None and snap.load is load
+                 else _older(load, now - last.finished) for rank, load in last.fresh.items()}
         for rank, snap in newer.items():
             fresh[rank] = snap.aged_copy(now)
         return self._from(fresh, {r: s for r, s in last.stale.items() if r not in fresh}, now)
