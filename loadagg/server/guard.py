@@ -1,8 +1,10 @@
 """GuardInterceptor: what every loadagg RPC passes before it reaches a servicer.
 
 In order: refuse new calls while the server drains (ShuttingDown), check the shared token
-(Unauthenticated, see auth.py), cap the agent links open at once (ResourceExhausted), and decode
-requests strictly, so that malformed bytes get InvalidRequest instead of gRPC's generic UNKNOWN.
+(Unauthenticated, see auth.py), cap the agent links open at once (ResourceExhausted), refuse a message
+larger than its sender may send before parsing it (ResourceExhausted; a large agent message is walked and
+parsed a load at a time, agent_wire.py), and decode requests strictly, so that malformed bytes get
+InvalidRequest instead of gRPC's generic UNKNOWN.
 Each refusal is an exception of errors.py, ended by its one helper (abort_with).
 Health and reflection pass untouched (probes must work while draining and without a token).
 
