@@ -8,7 +8,7 @@ import sys
 import time
 import traceback
 
-from bench.report import Outcome, plot_latency, print_outcome, write_json, write_markdown
+from bench.report import Outcome, plot_freshness, plot_latency, print_outcome, write_json, write_markdown
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         os.makedirs(out, exist_ok=True)
         plot = plot_latency(outcomes, os.path.join(out, "latency_vs_concurrency.png"))
+        freshness_plot = plot_freshness(outcomes, os.path.join(out, "freshness_vs_watchers.png"))
         command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_markdown(outcomes, os.path.join(out, "latest.md"), command, plot)
+        write_markdown(outcomes, os.path.join(out, "latest.md"), command, plot, freshness_plot)
         write_json(outcomes, os.path.join(out, "latest.json"))
-        print(f"bench: wrote {out}/latest.md" + (f" and {os.path.basename(plot)}" if plot else ""))
+        plots = [os.path.basename(p) for p in (plot, freshness_plot) if p]
+        print(f"bench: wrote {out}/latest.md" + (f" and {', '.join(plots)}" if plots else ""))
     return 1 if failed else 0
 
 

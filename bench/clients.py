@@ -21,6 +21,7 @@ import grpc
 
 from bench.child import emit, own_usage, run
 from bench.echo_proc import ECHO_METHOD
+from bench.freshness_watchers import freshness
 from bench.stats import summary_ms
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
@@ -334,7 +335,7 @@ async def routers(run_spec: dict) -> dict:
 
 
 MODES = {"burst": burst, "closed": closed, "sequential": sequential, "periodic": periodic, "watch": watch,
-         "routers": routers}
+         "routers": routers, "freshness": freshness}
 
 
 async def main(spec: dict) -> None:

@@ -94,7 +94,8 @@ def machine() -> str:
             f"grpcio {version('grpcio')}")
 
 
-def write_markdown(outcomes: list[Outcome], path: str, command: str, plot: str | None) -> None:
+def write_markdown(outcomes: list[Outcome], path: str, command: str, plot: str | None,
+                   freshness_plot: str | None = None) -> None:
     parts = [f"# loadagg benchmark results\n\n`{command}` on {machine()}. Every ratio compares runs made side by side "
              "in the same invocation (servers, agents and the load generator in separate processes, all on loopback). "
              "Every server (aggregator, echo, link floor) runs with GRPC_EXPERIMENTS="
@@ -114,6 +115,8 @@ def write_markdown(outcomes: list[Outcome], path: str, command: str, plot: str |
         parts.append("")
     if plot:
         parts.append(f"![latency vs concurrency]({os.path.basename(plot)})\n")
+    if freshness_plot:
+        parts.append(f"![freshness vs watchers]({os.path.basename(freshness_plot)})\n")
     with open(path, "w") as f:
         f.write("\n".join(parts))
 
@@ -150,6 +153,36 @@ def plot_latency(outcomes: list[Outcome], path: str) -> str | None:
     ax.set_title("GetLoads latency vs concurrency: 8 ranks, 20 ms collect latency")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_freshness(outcomes: list[Outcome], path: str) -> str | None:
+    """p99 age of a change when seen, against watchers, one line per way (freshness scenario)."""
+    fresh = next((o for o in outcomes if o.scenario == "freshness" and o.series), None)
+    if fresh is None:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for way, points in fresh.series.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [max(p[1], 0.1) for p in points], "o-", label=way)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("routers / watchers")
+    ax.set_ylabel("p99 age of a change when seen (ms)")
+    ax.set_title("Freshness: a scheduler-side change until a router sees it")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

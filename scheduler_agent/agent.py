@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -239,15 +240,34 @@ class SchedulerAgent:
                     return
 
     async def _push_loop(self, call) -> None:
-        """Every push interval: send the ranks whose load changed since the aggregator last heard of them."""
+        """Every push interval: send the ranks whose load changed since the aggregator last heard of them.
+
+        A scheduler that publishes its figures (PublishedSource) says when they change: its change is pushed
+        at once if the last push is an interval old, else one interval after it (changes meanwhile coalesce
+        into that push), so the interval bounds how often, not how late.
+        """
         interval = self.config.push_interval_ms / 1000
         loop = asyncio.get_running_loop()
+        published = self.source.changed if isinstance(self.source, PublishedSource) else None
         due = loop.time()
+        pushed_at = -math.inf  # the last push that sent something (a tick with no change sends nothing)
         with contextlib.suppress(*_LINK_ENDED):
             while True:
+                if published is not None:
+                    published.clear()  # what is published from here on is in this push or wakes the next
+                started, sent = loop.time(), self.pushes_sent
                 await self.report(call, 0)
+                if self.pushes_sent != sent:
+                    pushed_at = started
                 due = next_push_at(due, loop.time(), interval)
-                await asyncio.sleep(due - loop.time())
+                if published is None:
+                    await asyncio.sleep(due - loop.time())
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(published.wait(), max(0.0, due - loop.time()))
+                if published.is_set():  # a change: push it now, or once an interval has passed since the last
+                    await asyncio.sleep(max(0.0, pushed_at + interval - loop.time()))
+                    due = loop.time()
 
     async def _push_changes(self, call) -> None:
         """While the source pushes (a feed, snapshot or stream it holds): push the ranks that changed as soon as

@@ -14,15 +14,15 @@ import sys
 import pytest
 from conftest import ROOT
 
-SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu", "push"]
+SCENARIOS = ["storm", "throughput", "fanin", "routers", "watch", "cpu", "push", "freshness", "fleet"]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     pytest.importorskip("aiohttp")
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "bench", "all", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=220)
+                          env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outcomes = {o["scenario"]: o for o in json.loads((tmp_path / "latest.json").read_text())}
     assert list(outcomes) == SCENARIOS
@@ -55,6 +55,15 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     cpu = outcomes["cpu"]["rows"][0]
     assert cpu["rounds"] > 0 and cpu["aggregator_cores"] > 0
     assert all(row["floor_cores"] > 0 for row in outcomes["cpu"]["rows"])  # the bare link floor ran beside each
+    fresh = outcomes["freshness"]["rows"]
+    ways = {row["way"].split(",")[0].split(" every")[0] for row in fresh}
+    assert {"poll /v1/loads 50 ms", "poll /v1/loads 1 s", "WatchLoads 100 ms", "WatchLoads on change",
+            "bare relay"} <= ways
+    assert all(row["changes_seen"] > 0 and row["errors"] == 0 and row["age_p99_ms"] > 0 for row in fresh)
+    polled = [row for row in fresh if row["way"].startswith("poll")]
+    assert all(row["engine_req_per_s"] > 0 and row["server_cores"] == "-" for row in polled)
+    assert all(row["server_cores"] > 0 for row in fresh if row not in polled)
+    assert (tmp_path / "freshness_vs_watchers.png").stat().st_size > 0
 
 
 def test_failed_calls_are_errors_not_latencies_but_timeouts_stay_at_their_deadline() -> None:

@@ -138,6 +138,27 @@ async def test_pushes_arrive_only_on_change(start_aggregator):
         assert agg.agents.reports_rejected == 0
 
 
+async def test_a_published_change_is_pushed_at_once_and_changes_within_the_interval_coalesce(start_aggregator):
+    """The push interval bounds how often a publishing scheduler's changes are pushed, not how late: with a 2 s
+    interval, a change is pushed as it comes (the last push being that old) and the changes of the next
+    interval go out together, once."""
+    agg = await start_aggregator(dp_size=1)
+    agent = SchedulerAgent(agent_config(agg.port, dp_ranks=(0,), dp_size=1, push_interval_ms=2000))
+    agent.publish(RankLoad(dp_rank=0, num_running_reqs=1))
+    async with running(agent):
+        await wait_for(lambda: agg.registry.snapshot(0) is not None, what="first push stored")
+        await asyncio.sleep(2.1)  # an interval since that push: the next change goes out at once
+        pushes = agent.pushes_sent
+        published = time.monotonic()
+        agent.publish(RankLoad(dp_rank=0, num_running_reqs=2))
+        await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 2, what="the change pushed")
+        assert time.monotonic() - published < 1.5 and agent.pushes_sent == pushes + 1  # well before the interval
+        for value in range(3, 8):  # within the interval that push started: coalesced into one push
+            agent.publish(RankLoad(dp_rank=0, num_running_reqs=value))
+        await wait_for(lambda: agg.registry.snapshot(0).load.num_running_reqs == 7, what="the coalesced push")
+        assert agent.pushes_sent == pushes + 2
+
+
 async def test_a_change_first_sent_in_a_late_round_answer_still_reaches_the_aggregator(start_aggregator, channel_to):
     """The engine turns slow as its load changes (5 -> 50 running): the round's answer carries 50 but comes
     after the round's deadline. The agent counts 50 as sent and does not push it again, so that late answer

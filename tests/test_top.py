@@ -28,7 +28,7 @@ async def _top(port: int, *args: str, width: int = 160) -> tuple[int, str, str]:
 async def test_top_renders_every_rank_with_missing_ones_highlighted(start_aggregator, start_agents):
     agg = await start_aggregator(dp_size=3)
     await start_agents(agg, [[0], [1]])  # rank 2 never answers
-    code, out, err = await _top(agg.port, "--frames", "2", "--interval-ms", "100")
+    code, out, err = await _top(agg.port, "--frames", "2", "--interval-ms", "100", "--watch", "interval")
     assert code == 0, err
     frames = [f for f in out.split("loadagg top ") if f.strip()]
     assert len(frames) == 2
@@ -44,6 +44,26 @@ async def test_top_renders_every_rank_with_missing_ones_highlighted(start_aggreg
     round_ids = [int(f.split("round ")[1].split()[0]) for f in frames]
     assert round_ids[1] > round_ids[0]  # refreshed by WatchLoads
     assert agg.watch.stats.ticks >= 1
+
+
+async def test_top_watches_on_change_by_default(start_aggregator, start_agents):
+    """Its frames come from WatchLoads on change: the newest figures held (a round first fills what no agent
+    pushed yet), then a frame per change or heartbeat, never a round per frame."""
+    agg = await start_aggregator(dp_size=3)
+    agents = await start_agents(agg, [[0], [1]])
+    code, out, err = await _top(agg.port, "--frames", "2", "--interval-ms", "100")
+    assert code == 0, err
+    frames = [f for f in out.split("loadagg top ") if f.strip()]
+    assert len(frames) == 2
+    for frame in frames:
+        assert "newest figures held (on change)" in frame and "missing: 2" in frame
+        rows = {line.split("│")[1].strip(): line for line in frame.splitlines()
+                if line.count("│") > 5 and line.split("│")[1].strip().isdigit()}
+        assert " ok " in rows["0"] and " ok " in rows["1"] and "MISSING" in rows["2"]
+    assert agg.watch.stats.ticks == 0 and agg.watch.stats.change_answers >= 1
+    # Rounds: the one that filled the first frame, then at most one per heartbeat (these agents never push).
+    assert 1 <= agg.communicator.stats.rounds_started <= 3
+    assert all(a.collects_received == agg.communicator.stats.rounds_started for a in agents)
 
 
 async def test_top_at_80_columns_keeps_every_rank_state_and_count(start_aggregator, start_agents):

@@ -253,6 +253,9 @@ def test_retry_backoff_stays_capped_however_long_an_outage_lasts():
 def test_top_marks_stale_after_three_intervals_and_interval_0_is_the_servers_default():
     from loadagg.cli.top import TopConfig
 
-    assert TopConfig("t", interval_ms=200).stale_after_ms == 600
-    assert TopConfig("t", interval_ms=0).stale_after_ms == 3000  # not 3 ms: every rank would read STALE
+    assert TopConfig("t", interval_ms=200, on_change=False).stale_after_ms == 600
+    assert TopConfig("t", interval_ms=0, on_change=False).stale_after_ms == 3000  # not 3 ms: all would be STALE
+    # On change a quiet rank is confirmed once per heartbeat (the server's default interval, 1 s) at least.
+    assert TopConfig("t", interval_ms=200).stale_after_ms == 3000
+    assert TopConfig("t", interval_ms=2000).stale_after_ms == 6000
     assert TopConfig("t", interval_ms=0, stale_ms=50).stale_after_ms == 50

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.scenarios import cpu, fanin, push, routers, storm, throughput, watch
+from bench.scenarios import cpu, fanin, fleet, freshness, push, routers, storm, throughput, watch
 
 SCENARIOS = {
     "storm": storm.run,
@@ -12,4 +12,6 @@ SCENARIOS = {
     "watch": watch.run,
     "cpu": cpu.run,
     "push": push.run,
+    "freshness": freshness.run,
+    "fleet": fleet.run,
 }

@@ -121,6 +121,12 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
                    default=env_float("HTTP_IDLE_TIMEOUT_S", default(c, "http_idle_timeout_s")),
                    help="close an HTTP connection without a complete request this long (idle or half-sent) "
                         "[LOADAGG_HTTP_IDLE_TIMEOUT_S]")
+    g.add_argument("--max-http-streams", type=int, default=env_int("MAX_HTTP_STREAMS", default(c, "max_http_streams")),
+                   help="HTTP /v1/loads/watch streams open at once; more get 429 [LOADAGG_MAX_HTTP_STREAMS]")
+    g.add_argument("--http-stream-send-timeout-s", type=float,
+                   default=env_float("HTTP_STREAM_SEND_TIMEOUT_S", default(c, "http_stream_send_timeout_s")),
+                   help="drop an HTTP watch stream whose client has read nothing for this long "
+                        "[LOADAGG_HTTP_STREAM_SEND_TIMEOUT_S]")
 
 
 def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
@@ -155,6 +161,8 @@ def aggregator_config_from_args(args: argparse.Namespace) -> AggregatorConfig:
             max_answer_bytes=args.max_answer_bytes,
             http_max_connections=args.http_max_connections,
             http_idle_timeout_s=args.http_idle_timeout_s,
+            max_http_streams=args.max_http_streams,
+            http_stream_send_timeout_s=args.http_stream_send_timeout_s,
         ),
     )
 

@@ -1,4 +1,4 @@
-"""`loadagg top`: a live terminal view of every rank, fed by WatchLoads (one shared round per tick).
+"""`loadagg top`: a live terminal view of every rank, fed by WatchLoads on change (or at an interval).
 
 Running/waiting requests, token-usage bars, throughput, cache hit rate, GPU memory and the age of
 each rank's figures; stale ranks (answered from a last-known snapshot, or older than --stale-ms) in
@@ -24,17 +24,25 @@ from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env, env_int, field_defaul
 @dataclass(frozen=True, slots=True)
 class TopConfig:
     target: str
-    interval_ms: int = 1000
+    interval_ms: int = 1000  # on change: at most one frame this often; at an interval: one frame per interval
     dp_rank: int | None = None
     frames: int = 0  # 0: until Ctrl-C
     stale_ms: int = 0  # 0: three intervals (interval 0 is the server's default watch interval, 1 s unless changed)
     width: int | None = None
     security: ChannelSecurity | None = None  # TLS / mutual TLS and the router token
     metrics_url: str = ""  # the aggregator's /metrics (HTTP gateway): the coalescing line; "" hides it
+    on_change: bool = True  # a frame when a rank changes (and a heartbeat when quiet), not one per interval
 
     @property
     def stale_after_ms(self) -> int:
-        return self.stale_ms or 3 * (self.interval_ms or DEFAULT_WATCH_INTERVAL_MS)
+        """On change a quiet rank is confirmed once per heartbeat (the server's default watch interval)."""
+        period = max(self.interval_ms, DEFAULT_WATCH_INTERVAL_MS) if self.on_change else self.interval_ms
+        return self.stale_ms or 3 * (period or DEFAULT_WATCH_INTERVAL_MS)
+
+    def watch_options(self) -> dict:
+        if self.on_change:
+            return {"on_change": True, "min_interval_ms": self.interval_ms}
+        return {"interval_ms": self.interval_ms}
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -44,7 +52,8 @@ def _top(args: argparse.Namespace) -> int:
 
     frames = 1 if args.once else args.frames
     config = TopConfig(args.target, args.interval_ms, args.dp_rank, frames, args.stale_ms, args.width,
-                       security=channel_security_from_args(args), metrics_url=args.metrics_url)
+                       security=channel_security_from_args(args), metrics_url=args.metrics_url,
+                       on_change=args.watch == "change")
     console = Console(width=args.width) if args.width else Console()
     try:
         run(run_top(config, console))
@@ -62,13 +71,17 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
     add_target_flag(t)
     t.add_argument("--interval-ms", type=non_negative_int,
                    default=env_int("TOP_INTERVAL_MS", field_default(TopConfig, "interval_ms")),
-                   help="refresh interval [LOADAGG_TOP_INTERVAL_MS]")
+                   help="on change: at most one frame this often; at an interval: the interval "
+                        "[LOADAGG_TOP_INTERVAL_MS]")
+    t.add_argument("--watch", choices=("change", "interval"), default=env("TOP_WATCH", "change"),
+                   help="a frame whenever a rank's figures change (and once a heartbeat when quiet), or one per "
+                        "interval (a collection round each) [LOADAGG_TOP_WATCH]")
     t.add_argument("--dp-rank", type=int, default=None, help="only this rank")
     t.add_argument("--frames", type=non_negative_int, default=field_default(TopConfig, "frames"),
                    help="print this many frames, then exit (0: until Ctrl-C)")
     t.add_argument("--once", action="store_true", help="print one frame and exit (= --frames 1)")
     t.add_argument("--stale-ms", type=non_negative_int, default=field_default(TopConfig, "stale_ms"),
-                   help="highlight ranks whose figures are older (0: 3 intervals)")
+                   help="highlight ranks whose figures are older (0: 3 intervals; on change at least 3 heartbeats)")
     t.add_argument("--width", type=int, default=None, help="terminal width (default: detected; 80 when piped)")
     t.add_argument("--metrics-url", default=env("METRICS_URL", field_default(TopConfig, "metrics_url")),
                    help="the aggregator's /metrics (`serve --http-port`), e.g. http://127.0.0.1:8080/metrics: adds "

@@ -91,9 +91,10 @@ def render(loads: Loads, config: TopConfig, width: int | None = None, metrics: T
     compact = width is not None and width < COMPACT_BELOW
     r = loads.response
     missing = set(r.missing_ranks)
+    origin = (f"round {r.round_id} ({loads.source})  {r.round_duration_ms} ms, shared by {r.round_callers} caller(s)"
+              if r.round_id else "newest figures held (on change)")
     header = Text.assemble(
-        ("loadagg top ", "bold"), f"{config.target}  round {r.round_id} ({loads.source})  dp_size {r.dp_size}  ",
-        f"{r.round_duration_ms} ms, shared by {r.round_callers} caller(s)  ",
+        ("loadagg top ", "bold"), f"{config.target}  {origin}  dp_size {r.dp_size}  ",
         (f"missing: {','.join(map(str, sorted(missing)))}" if missing else "all ranks answered",
          "bold red" if missing else "green"),
     )
@@ -139,7 +140,7 @@ async def run_top(config: TopConfig, console: Console) -> int:
     retry = KEEP_TRYING if live_view else RetryPolicy()
     metrics = MetricsLine(config.metrics_url)
     async with AsyncLoadClient(config.target, timeout=None, retry=retry, security=config.security) as client:
-        feed = client.watch_loads(config.dp_rank, interval_ms=config.interval_ms, allow_stale=True)
+        feed = client.watch_loads(config.dp_rank, allow_stale=True, **config.watch_options())
         try:
             if console.is_terminal and config.frames == 0:
                 waiting = Text(f"loadagg top: waiting for the aggregator at {config.target} ...")

@@ -181,9 +181,11 @@ def build_request(
     return request
 
 
-def watch_request(dp_rank: int | None, include: Iterable[str], interval_ms: int,
-                  allow_stale: bool) -> pb.WatchLoadsRequest:
-    request = pb.WatchLoadsRequest(include=list(include), interval_ms=interval_ms, allow_stale=allow_stale)
+def watch_request(dp_rank: int | None, include: Iterable[str], interval_ms: int, allow_stale: bool,
+                  on_change: bool = False, min_interval_ms: int = 0, heartbeat_ms: int = 0) -> pb.WatchLoadsRequest:
+    """An interval watch (interval_ms), or with on_change an answer per change (min_interval_ms, heartbeat_ms)."""
+    request = pb.WatchLoadsRequest(include=list(include), interval_ms=interval_ms, allow_stale=allow_stale,
+                                   on_change=on_change, min_interval_ms=min_interval_ms, heartbeat_ms=heartbeat_ms)
     if dp_rank is not None:
         request.dp_rank = dp_rank
     return request
@@ -231,19 +233,23 @@ class _Resubscriptions:
         self.client = client
         self.failures = 0
         self.last: tuple[int, int] | None = None
+        self.resubscribed = False  # the next answer is a new stream's first: maybe one handed out already
 
     def is_new(self, response: pb.GetLoadsResponse) -> bool:
+        """Within a stream every answer is new (on change, two may even share a millisecond); a new stream's
+        first answer repeats the last one handed out when it is the same round (ids and stamps equal)."""
         self.failures = 0
         answer = (response.round_id, response.timestamp_ms)
-        if answer == self.last:
-            return False
+        repeat = self.resubscribed and answer == self.last and response.round_id != 0
+        self.resubscribed = False
         self.last = answer
-        return True
+        return not repeat
 
     def delay_after(self, error: grpc.RpcError | None) -> float:
         """Seconds before resubscribing after a stream ended (cleanly, or with `error`); raises when the
         retry policy allows no more: `error`, or WatchEnded for a clean end (never a silent return)."""
         self.failures += 1
+        self.resubscribed = True
         delay = self.client._resubscribe_delay(error, self.failures)
         if delay is None:
             raise error if error is not None else WatchEnded(self.failures)
@@ -278,10 +284,13 @@ class AsyncLoadClient(_Base):
                 await asyncio.sleep(delay)
 
     async def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
-                          allow_stale: bool = False) -> AsyncIterator[Loads]:
-        """Pushed answers at `interval_ms` (0: the server's default), resubscribing after UNAVAILABLE; the
-        newest one each time the consumer asks (latest wins), however long it took over the last."""
-        request = watch_request(dp_rank, include, interval_ms, allow_stale)
+                          allow_stale: bool = False, on_change: bool = False, min_interval_ms: int = 0,
+                          heartbeat_ms: int = 0) -> AsyncIterator[Loads]:
+        """Pushed answers at `interval_ms` (0: the server's default), or with `on_change` whenever a wanted rank's
+        figures change (at most once per `min_interval_ms`; the current figures again after `heartbeat_ms`
+        without a change; 0: the server's defaults). Resubscribes after UNAVAILABLE; hands out the newest
+        answer each time the consumer asks (latest wins), however long it took over the last."""
+        request = watch_request(dp_rank, include, interval_ms, allow_stale, on_change, min_interval_ms, heartbeat_ms)
         watch = _Resubscriptions(self)
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)
@@ -332,8 +341,10 @@ class LoadClient(_Base):
                 time.sleep(delay)
 
     def watch_loads(self, dp_rank: int | None = None, include: Iterable[str] = (), *, interval_ms: int = 0,
-                    allow_stale: bool = False) -> Iterator[Loads]:
-        request = watch_request(dp_rank, include, interval_ms, allow_stale)
+                    allow_stale: bool = False, on_change: bool = False, min_interval_ms: int = 0,
+                    heartbeat_ms: int = 0) -> Iterator[Loads]:
+        """AsyncLoadClient.watch_loads, blocking."""
+        request = watch_request(dp_rank, include, interval_ms, allow_stale, on_change, min_interval_ms, heartbeat_ms)
         watch = _Resubscriptions(self)
         while True:
             call = self._stub.WatchLoads(request, metadata=self.metadata)

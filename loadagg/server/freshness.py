@@ -28,6 +28,40 @@ def _older(load: pb.RankLoad, seconds: float) -> pb.RankLoad:
     return out
 
 
+def held_figures(dp_size: int, aggregator_id: str, fresh: dict[int, pb.RankLoad], stale: dict[int, Snapshot],
+                 now: float) -> RoundResult:
+    """Figures held, no round (ANSWER_SOURCE_SNAPSHOTS, round 0): the ranks of `fresh` (aged as of `now`),
+    the rest missing (with `stale`'s last-known loads for callers that allow them)."""
+    return RoundResult(
+        round_id=0,
+        dp_size=dp_size,
+        timestamp_ms=unix_ms(),
+        finished=now,
+        started=now,
+        duration_ms=0,
+        fresh=MappingProxyType(fresh),
+        stale=MappingProxyType(stale),
+        missing=tuple(r for r in range(dp_size) if r not in fresh),
+        callers=0,
+        source=pb.ANSWER_SOURCE_SNAPSHOTS,
+        aggregator_id=aggregator_id,
+    )
+
+
+def newest_figures(registry: AgentRegistry, aggregator_id: str, now: float) -> RoundResult:
+    """The newest figures held of every rank an agent serves now (WatchLoads on change); a rank whose agent is
+    gone is missing, its last snapshot stale."""
+    live = registry.live_ranks()
+    fresh: dict[int, pb.RankLoad] = {}
+    stale: dict[int, Snapshot] = {}
+    for rank, snap in registry.snapshots().items():
+        if rank in live:
+            fresh[rank] = snap.aged_copy(now)
+        else:
+            stale[rank] = snap
+    return held_figures(registry.dp_size, aggregator_id, fresh, stale, now)
+
+
 class CachedAnswers:
     """Finds an answer not older than a caller's `max_staleness_ms`, or None when a round is needed."""
 
@@ -81,20 +115,7 @@ class CachedAnswers:
         return self._from(fresh, {r: s for r, s in last.stale.items() if r not in fresh}, now)
 
     def _from(self, fresh: dict[int, pb.RankLoad], stale: dict[int, Snapshot], now: float) -> RoundResult:
-        return RoundResult(
-            round_id=0,
-            dp_size=self.registry.dp_size,
-            timestamp_ms=unix_ms(),
-            finished=now,
-            started=now,
-            duration_ms=0,
-            fresh=MappingProxyType(fresh),
-            stale=MappingProxyType(stale),
-            missing=tuple(r for r in range(self.registry.dp_size) if r not in fresh),
-            callers=0,
-            source=pb.ANSWER_SOURCE_SNAPSHOTS,
-            aggregator_id=self.communicator.aggregator_id,
-        )
+        return held_figures(self.registry.dp_size, self.communicator.aggregator_id, fresh, stale, now)
 
     def last_round(self, max_staleness_ms: int) -> RoundResult | None:
         last = self.communicator.last_result

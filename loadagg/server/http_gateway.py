@@ -1,4 +1,5 @@
-"""HTTP side of the aggregator (`loadagg serve --http-port P`): sglang's `GET /v1/loads`, and `/metrics`.
+"""HTTP side of the aggregator (`loadagg serve --http-port P`): sglang's `GET /v1/loads`, its stream
+`GET /v1/loads/watch` (Server-Sent Events, http_stream.py), and `/metrics`.
 
 `/v1/loads?dp_rank=&include=a,b&format=json|prometheus` answers with sglang's own body, so a router that
 polls an sglang server's /v1/loads can be pointed at the aggregator unchanged; the calls share rounds
@@ -11,16 +12,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 from aiohttp import web
 
-from loadagg.server.answers import check_rank, shared_view
+from loadagg.server.answers import shared_view
 from loadagg.server.auth import TokenPolicy, http_middleware
 from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
 from loadagg.server.http_limits import CappedListener, connection_cap, send_within
+from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view_params
+from loadagg.server.http_stream import HttpStreams
+from loadagg.server.limits import LimitsConfig
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
+from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
 from loadagg.server.sglang_shape import prometheus_text, response_dict
@@ -30,49 +34,22 @@ log = logging.getLogger(__name__)
 
 _FORMATS = ("json", "prometheus")
 _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
-_UINT32_MAX = 2**32 - 1
 _SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
-# Up to 20 digits: past uint64, and far below Python's 4,300-digit int() limit (whose ValueError was a 500).
-_INTEGER_DIGITS = 20
-_INTEGER = re.compile(r"-?[0-9]+")
-
-
-def _int_param(query, name: str) -> int | None:
-    """A decimal integer in ASCII digits (int() alone would take "0_1" as 1, "٣" as 3 and " +2 " as 2)."""
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return None
-    if _INTEGER.fullmatch(raw) is None:
-        raise InvalidRequest(f"{name} must be an integer, got {quoted(raw)}")
-    if len(raw.lstrip("-")) > _INTEGER_DIGITS:
-        raise InvalidRequest(f"{name} must be an integer of at most {_INTEGER_DIGITS} digits, got {quoted(raw)}")
-    return int(raw)
-
-
 def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
     """The GetLoadsRequest a /v1/loads query stands for; InvalidRequest (HTTP 400) saying what is wrong."""
     unknown = sorted(set(query) - _PARAMS)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s) {listed(unknown)}; accepted: {sorted(_PARAMS)}")
-    repeated = [name for name in _SINGLE if len(query.getall(name, ())) > 1]
-    if repeated:
-        raise InvalidRequest(f"query parameter(s) {repeated} given more than once; give each at most once "
-                             "(include may repeat, or list sections with commas)")
+    single_params(query, _SINGLE)
     fmt = query.get("format", "json") or "json"
     if fmt not in _FORMATS:
         raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {quoted(fmt)}")
     request = pb.GetLoadsRequest()
-    dp_rank = _int_param(query, "dp_rank")
-    if dp_rank is not None:
-        check_rank(dp_rank, dp_size)
-        request.dp_rank = dp_rank
-    include = [s.strip() for value in query.getall("include", ()) for s in value.split(",") if s.strip()]
-    parse_include(include)  # validates
-    request.include.extend(include)
-    staleness = _int_param(query, "max_staleness_ms")
+    view_params(query, dp_size, request)
+    staleness = int_param(query, "max_staleness_ms")
     if staleness is not None:
-        if not 0 <= staleness <= _UINT32_MAX:
-            raise InvalidRequest(f"max_staleness_ms must be in 0..{_UINT32_MAX}, got {staleness}")
+        if not 0 <= staleness <= UINT32_MAX:
+            raise InvalidRequest(f"max_staleness_ms must be in 0..{UINT32_MAX}, got {staleness}")
         request.freshness = pb.FRESHNESS_CACHED
         request.max_staleness_ms = staleness
     return request
@@ -81,7 +58,7 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
 class HttpGateway:
     def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str,
                  tokens: TokenPolicy | None = None, *, max_connections: int = 512,
-                 idle_timeout_s: float = 15.0) -> None:
+                 idle_timeout_s: float = 15.0, limits: LimitsConfig | None = None) -> None:
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
         self.listener: CappedListener | None = None
@@ -91,8 +68,18 @@ class HttpGateway:
         self.version = version
         self.runner: web.AppRunner | None = None
         self.port = 0
-        self.draining = False  # set by the aggregator's graceful shutdown: new /v1/loads calls get 503
         self.sends_timed_out = 0  # answers not taken by their client within idle_timeout_s (connection aborted)
+        self._draining = False
+        self.streams = HttpStreams(service, limits or LimitsConfig(), self._json)
+
+    @property
+    def draining(self) -> bool:
+        """Set by the aggregator's graceful shutdown: new /v1/loads calls and streams get 503."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = self.streams.draining = value
 
     def app(self) -> web.Application:
         middlewares = [send_within(self.idle_timeout_s, self._send_timed_out)]  # outermost: every answer
@@ -100,6 +87,7 @@ class HttpGateway:
             middlewares.append(http_middleware(self.tokens))
         app = web.Application(middlewares=middlewares)
         app.router.add_get("/v1/loads", self.loads)
+        app.router.add_get("/v1/loads/watch", self.streams.watch)
         app.router.add_get("/metrics", self.metrics_page)
         return app
 
@@ -107,8 +95,11 @@ class HttpGateway:
         """Listen on host:port (0 picks a port, returned). A connection without a complete request for
         idle_timeout_s is closed (aiohttp's keep-alive timer runs from the connection's start and from each
         answer, so it bounds half-sent requests too), and so is one whose answer is not taken within it;
-        connections past the cap get 503."""
-        self.runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.idle_timeout_s)
+        connections past the cap get 503. A client that disconnects cancels its handler: a watch stream
+        leaves at once (not at its next event), and a GET waiting for a round stops waiting (the round goes on
+        for the others)."""
+        self.runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.idle_timeout_s,
+                                    handler_cancellation=True)
         await self.runner.setup()
         self.listener = CappedListener(self.runner, connection_cap(self.max_connections))
         try:
@@ -165,7 +156,7 @@ class HttpGateway:
         finally:
             self.metrics.observe_call("http", str(status), time.perf_counter() - started)
 
-    def _body(self, result, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
+    def _body(self, result: RoundResult, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
         """sglang's body for this view, built once per round per view and shared."""
         if fmt == "json":
             return shared_view(result, dp_rank, sections, False, self._json, "http-json")

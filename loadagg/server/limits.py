@@ -28,6 +28,9 @@ class LimitsConfig:
     # and how long a connection may sit without a complete request (idle keep-alive or half-sent alike).
     http_max_connections: int = 512
     http_idle_timeout_s: float = 15.0
+    max_http_streams: int = 256  # GET /v1/loads/watch streams open at once (429 RESOURCE_EXHAUSTED beyond)
+    # A stream whose client reads nothing for this long (its buffers full) is dropped, never buffered on.
+    http_stream_send_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -44,6 +47,8 @@ class LimitsConfig:
             raise ValueError(f"max_answer_bytes must be >= 65536, got {self.max_answer_bytes}")
         if self.http_max_connections < 1 or self.http_idle_timeout_s <= 0:
             raise ValueError("http_max_connections must be >= 1 and http_idle_timeout_s > 0")
+        if self.max_http_streams < 0 or self.http_stream_send_timeout_s <= 0:
+            raise ValueError("max_http_streams must be >= 0 (0: no streams) and http_stream_send_timeout_s > 0")
 
     def server_options(self) -> list[tuple[str, int]]:
         options = [

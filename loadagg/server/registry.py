@@ -87,6 +87,30 @@ class AgentSession:
         self._wake.set()
 
 
+def same_figures(new: pb.RankLoad, old: pb.RankLoad) -> bool:
+    """Whether two loads of one rank carry the same figures, their time stamps and ages (both) aside.
+
+    One C-level comparison: `new`'s stamps are set to `old`'s for it and put back at once (single-threaded,
+    nothing reads `new` meanwhile), which costs far less than copying either message without its stamps.
+    """
+    stamp, age = new.timestamp_ms, new.age_ms
+    detail = new.detail_age_ms if new.HasField("detail_age_ms") else None
+    new.timestamp_ms, new.age_ms = old.timestamp_ms, old.age_ms
+    _set_detail_age(new, old.detail_age_ms if old.HasField("detail_age_ms") else None)
+    try:
+        return new == old
+    finally:
+        new.timestamp_ms, new.age_ms = stamp, age
+        _set_detail_age(new, detail)
+
+
+def _set_detail_age(load: pb.RankLoad, value: int | None) -> None:
+    if value is None:
+        load.ClearField("detail_age_ms")
+    else:
+        load.detail_age_ms = value
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A rank's accepted load, when we received it, and when its figures were read: both on our monotonic
@@ -139,7 +163,21 @@ class AgentRegistry:
         self._push_fed: set[int] = set()  # ranks whose current link has pushed figures unasked
         self._listeners: list[Callable[[AgentSession], None]] = []
         self._joined_listeners: list[Callable[[AgentSession], None]] = []
-        self.snapshot_version = 0
+        self._change_listeners: list[Callable[[list[int]], None]] = []
+        self.snapshot_version = 0  # every store
+        self.links_version = 0  # every rank that starts or stops being served
+
+    def on_change(self, listener: Callable[[list[int]], None]) -> None:
+        """Called with the ranks whose figures changed (a store with other figures than those held) or whose
+        agent linked or left. Figures are compared only while a listener wants them (on-change watchers)."""
+        self._change_listeners.append(listener)
+
+    def remove_change_listener(self, listener: Callable[[list[int]], None]) -> None:
+        self._change_listeners.remove(listener)
+
+    def _changed(self, ranks: list[int]) -> None:
+        for listener in self._change_listeners:
+            listener(ranks)
 
     def on_disconnect(self, listener: Callable[[AgentSession], None]) -> None:
         """Called with each session that leaves (the communicator stops waiting for the ranks nobody serves now)."""
@@ -167,6 +205,7 @@ class AgentRegistry:
             self._owner[rank] = session
             self._last_owner_id[rank] = session.instance_id
             self._unserved_since.pop(rank, None)
+        self.links_version += 1
         now = time.monotonic()
         for old in replaced:
             if not old.closed and now - old.last_heard < HEALTHY_LINK_HEARD_S:
@@ -183,6 +222,7 @@ class AgentRegistry:
             old.close()
         for listener in self._joined_listeners:
             listener(session)
+        self._changed(list(session.dp_ranks))
 
     def _healthy_takeover(self, old: AgentSession, new: AgentSession) -> None:
         """A warning (at most one every TAKEOVER_WARNING_INTERVAL_S, counting the rest) naming both peers."""
@@ -205,13 +245,16 @@ class AgentRegistry:
         self._sessions.discard(session)
         self._push_fed.difference_update(session.dp_ranks)  # a new link earns it again with its first push
         now = time.monotonic()
-        for rank in session.dp_ranks:
-            if self._owner.get(rank) is session:
-                del self._owner[rank]
-                self._unserved_since[rank] = now
-                self._next_forget = min(self._next_forget, now + self.forget_rank_after_s)
+        left = [rank for rank in session.dp_ranks if self._owner.get(rank) is session]
+        for rank in left:
+            del self._owner[rank]
+            self._unserved_since[rank] = now
+            self._next_forget = min(self._next_forget, now + self.forget_rank_after_s)
+        self.links_version += 1
         for listener in self._listeners:
             listener(session)
+        if left:
+            self._changed(left)
 
     def sessions(self) -> list[AgentSession]:
         return list(self._sessions)
@@ -227,11 +270,21 @@ class AgentRegistry:
         return {r: (iid, r in self._owner) for r, iid in sorted(self._last_owner_id.items())}
 
     def store(self, snapshots: Iterable[Snapshot], pushed: bool = False) -> None:
+        """Keep each snapshot as its rank's newest; tell change listeners which ranks' figures changed."""
+        held = self._snapshots
+        changed: list[int] | None = [] if self._change_listeners else None  # compared only while watched
         for snap in snapshots:
-            self._snapshots[snap.load.dp_rank] = snap
+            rank = snap.load.dp_rank
+            if changed is not None:
+                before = held.get(rank)
+                if before is None or not same_figures(snap.load, before.load):
+                    changed.append(rank)
+            held[rank] = snap
             if pushed:
-                self._push_fed.add(snap.load.dp_rank)
+                self._push_fed.add(rank)
         self.snapshot_version += 1
+        if changed:
+            self._changed(changed)
 
     def push_fed_ranks(self) -> frozenset[int]:
         """Ranks whose agent has pushed on its current link (the push-feed staleness alert watches these)."""

@@ -114,14 +114,15 @@ class LoadAggregatorService:
     async def watch_loads(
         self, request: pb.WatchLoadsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """Push the caller's view at its interval; the ticker of that interval shares one round per tick."""
+        """Push the caller's view at its interval (the ticker of that interval shares one round per tick), or on
+        every change of a wanted rank (coalesced to min_interval_ms, with heartbeats)."""
         try:
             dp_rank, sections = self.view_of(request)
-            interval_ms = self.watch.interval_for(request.interval_ms)
+            mode = self.watch.mode_for(request)
         except LoadAggError as error:
             await abort_with(context, error)
             return
-        subscription = self.watch.subscribe(interval_ms, dp_rank, sections, request.allow_stale)
+        subscription = self.watch.subscribe(mode, dp_rank, sections, request.allow_stale)
         try:
             while (answer := await subscription.next()) is not None:
                 yield answer

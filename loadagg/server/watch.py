@@ -1,4 +1,4 @@
-"""WatchLoads: pushed loads at an interval, one collection round per tick however many watchers.
+"""WatchLoads: pushed loads at an interval (one collection round per tick however many watchers), or on change.
 
 * One ticker per distinct interval. At each tick it asks the communicator for one round and hands
   every subscriber its view of the result (answers.response_bytes: one serialization per distinct view
@@ -8,6 +8,8 @@
   consumer only ever blocks its own stream; the ticker never waits for anyone.
 * A ticker lives while it has subscribers; the last one leaving (cancel, disconnect, error) ends it,
   so nothing is left behind.
+* On-change watchers (`on_change`) are fed by watch_changes.ChangeFeeds; this hub validates their request
+  and counts them with the rest.
 """
 
 from __future__ import annotations
@@ -16,69 +18,17 @@ import asyncio
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from loadagg.server.answers import response_bytes
 from loadagg.server.communicator import Communicator
 from loadagg.server.errors import InvalidRequest
 from loadagg.server.rounds import RoundResult
+from loadagg.server.subscription import Subscription, WatchStats
+from loadagg.server.watch_changes import ChangeFeeds
+from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WatchStats:
-    """Counters tests, benchmarks and metrics read (ticks vs rounds proves sharing)."""
-
-    ticks: int = 0  # ticks that asked for a round
-    ticks_skipped: int = 0  # ticks missed because the previous round took longer than the interval
-    delivered: int = 0  # answers handed to gRPC for sending
-    replaced: int = 0  # undelivered answers replaced by a newer one (slow consumers)
-    subscribed: int = 0
-    unsubscribed: int = 0
-
-
-@dataclass(eq=False)
-class Subscription:
-    """One watcher: its view, and a one-answer slot (latest wins)."""
-
-    interval_ms: int
-    dp_rank: int | None
-    sections: frozenset[str]
-    allow_stale: bool
-    stats: WatchStats
-    slot: bytes | None = None
-    closed: bool = False
-    delivered: int = 0
-    replaced: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def offer(self, answer: bytes) -> None:
-        if self.slot is not None:
-            self.replaced += 1
-            self.stats.replaced += 1
-        self.slot = answer
-        self.ready.set()
-
-    def offer_result(self, result: RoundResult) -> None:
-        self.offer(response_bytes(result, self.dp_rank, self.sections, self.allow_stale))
-
-    def close(self) -> None:
-        self.closed = True
-        self.ready.set()
-
-    async def next(self) -> bytes | None:
-        """The newest undelivered answer; None once the subscription is closed (server shutting down)."""
-        while True:
-            await self.ready.wait()
-            self.ready.clear()
-            if self.slot is not None:
-                answer, self.slot = self.slot, None
-                self.delivered += 1
-                self.stats.delivered += 1
-                return answer
-            if self.closed:
-                return None
 
 
 class _Ticker:
@@ -133,18 +83,49 @@ class WatchHub:
         self.max_interval_ms = max_interval_ms
         self.stats = WatchStats()
         self._tickers: dict[int, _Ticker] = {}
+        self.changes = ChangeFeeds(communicator, self.stats)
         self._closed = False
 
     @property
     def watchers(self) -> int:
-        return sum(len(t.subscribers) for t in self._tickers.values())
+        return sum(len(t.subscribers) for t in self._tickers.values()) + self.changes.watchers
 
     @property
     def tickers(self) -> int:
         return len(self._tickers)
 
     def subscriptions(self) -> list[Subscription]:
-        return [sub for ticker in self._tickers.values() for sub in ticker.subscribers]
+        return [sub for ticker in self._tickers.values() for sub in ticker.subscribers] + self.changes.subscriptions()
+
+    def mode_for(self, request: pb.WatchLoadsRequest) -> WatchMode:
+        """How a request wants to be fed; InvalidRequest for a field its mode would ignore, or a bad bound."""
+        if not request.on_change:
+            ignored = [name for name in ("min_interval_ms", "heartbeat_ms") if getattr(request, name)]
+            if ignored:
+                raise InvalidRequest(f"{' and '.join(ignored)} apply to on_change watches only; set on_change "
+                                     "to be answered on every change, or leave them out (interval_ms sets an "
+                                     "interval watch's period)")
+            return WatchMode(self.interval_for(request.interval_ms))
+        if request.interval_ms:
+            raise InvalidRequest(f"interval_ms ({request.interval_ms}) applies to interval watches; an on_change "
+                                 "watch takes min_interval_ms (the most often it wants an answer) and heartbeat_ms")
+        min_interval_ms = self._bounded("min_interval_ms", request.min_interval_ms, self.min_interval_ms)
+        # (the default heartbeat is the default interval, or min_interval_ms when the watcher asks for more)
+        heartbeat_ms = self._bounded("heartbeat_ms", request.heartbeat_ms,
+                                     max(self.default_interval_ms, min_interval_ms))
+        if heartbeat_ms < min_interval_ms:
+            raise InvalidRequest(f"heartbeat_ms ({heartbeat_ms}) is below min_interval_ms ({min_interval_ms}): a "
+                                 "heartbeat is an answer too, and answers come at most once per min_interval_ms")
+        return WatchMode(0, on_change=True, min_interval_ms=min_interval_ms, heartbeat_ms=heartbeat_ms)
+
+    def _bounded(self, name: str, requested_ms: int, default_ms: int) -> int:
+        """An on-change period: 0 = `default_ms`; below the server's minimum or above its maximum refused."""
+        if requested_ms == 0:
+            return default_ms
+        if not self.min_interval_ms <= requested_ms <= self.max_interval_ms:
+            raise InvalidRequest(f"{name} {requested_ms} is outside {self.min_interval_ms}..{self.max_interval_ms} ms "
+                                 "(this aggregator's minimum watch interval to the maximum; 0 asks for the default)")
+        return requested_ms
 
     def interval_for(self, requested_ms: int) -> int:
         """The interval a request gets: 0 = the server's default; out of bounds = InvalidRequest."""
@@ -159,11 +140,19 @@ class WatchHub:
             raise InvalidRequest(f"interval_ms {requested_ms} is above the maximum of {self.max_interval_ms} ms")
         return requested_ms
 
-    def subscribe(self, interval_ms: int, dp_rank: int | None, sections: frozenset[str],
-                  allow_stale: bool) -> Subscription:
-        sub = Subscription(interval_ms, dp_rank, sections, allow_stale, self.stats)
+    def subscribe(self, mode: WatchMode | int, dp_rank: int | None, sections: frozenset[str],
+                  allow_stale: bool, render: Callable[[RoundResult], bytes] | None = None) -> Subscription:
+        """A new watcher (mode: from mode_for, or an interval in ms), answered at once if anything is held;
+        `render` turns a result into its bytes (default: its GetLoadsResponse)."""
+        mode = mode if isinstance(mode, WatchMode) else WatchMode(mode)
+        interval_ms = mode.interval_ms
+        sub = Subscription(interval_ms, dp_rank, sections, allow_stale, self.stats, render=render)
         if self._closed:
             sub.close()
+            return sub
+        if mode.on_change:
+            self.stats.subscribed += 1
+            self.changes.subscribe(sub, mode.min_interval_ms, mode.heartbeat_ms)
             return sub
         ticker = self._tickers.get(interval_ms)
         if ticker is None:
@@ -176,6 +165,11 @@ class WatchHub:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        if sub.group is not None:
+            if self.changes.unsubscribe(sub):
+                sub.slot = None
+                self.stats.unsubscribed += 1
+            return
         ticker = self._tickers.get(sub.interval_ms)
         if ticker is None or sub not in ticker.subscribers:
             return
@@ -197,3 +191,14 @@ class WatchHub:
         for ticker in tickers:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker.task
+        await self.changes.close()
+
+
+@dataclass(frozen=True, slots=True)
+class WatchMode:
+    """What feeds a watcher: a ticker at `interval_ms`, or changes (coalesced to `min_interval_ms`, heartbeat)."""
+
+    interval_ms: int
+    on_change: bool = False
+    min_interval_ms: int = 0
+    heartbeat_ms: int = 0

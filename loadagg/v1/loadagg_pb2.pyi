@@ -256,16 +256,22 @@ class GetLoadsResponse(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., timestamp_ms: _Optional[int] = ..., dp_size: _Optional[int] = ..., loads: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., summary: _Optional[_Union[LoadSummary, _Mapping]] = ..., source: _Optional[_Union[AnswerSource, str]] = ..., round_duration_ms: _Optional[int] = ..., round_callers: _Optional[int] = ..., partial: _Optional[bool] = ..., aggregator_id: _Optional[str] = ...) -> None: ...
 
 class WatchLoadsRequest(_message.Message):
-    __slots__ = ("dp_rank", "include", "interval_ms", "allow_stale")
+    __slots__ = ("dp_rank", "include", "interval_ms", "allow_stale", "on_change", "min_interval_ms", "heartbeat_ms")
     DP_RANK_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_STALE_FIELD_NUMBER: _ClassVar[int]
+    ON_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    MIN_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
     dp_rank: int
     include: _containers.RepeatedScalarFieldContainer[str]
     interval_ms: int
     allow_stale: bool
-    def __init__(self, dp_rank: _Optional[int] = ..., include: _Optional[_Iterable[str]] = ..., interval_ms: _Optional[int] = ..., allow_stale: _Optional[bool] = ...) -> None: ...
+    on_change: bool
+    min_interval_ms: int
+    heartbeat_ms: int
+    def __init__(self, dp_rank: _Optional[int] = ..., include: _Optional[_Iterable[str]] = ..., interval_ms: _Optional[int] = ..., allow_stale: _Optional[bool] = ..., on_change: _Optional[bool] = ..., min_interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("instance_id", "dp_ranks", "dp_size", "model", "version", "source")

@@ -65,7 +65,8 @@ class LoadAggregatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLoads(self, request, context):
-        """A pushed feed at `interval_ms`; all watchers due at the same tick share one round.
+        """A pushed feed: at `interval_ms` (all watchers due at the same tick share one round), or whenever a
+        wanted rank's figures change (`on_change`: pushes, late replies and rounds, coalesced per watcher).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,6 +9,7 @@ No HTTP hop either way: the figures go straight from the scheduler's objects ont
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ class PublishedSource(LoadSource):
         self.stale_after_ms = stale_after_ms
         self._latest: dict[int, tuple[pb.RankLoad, float]] = {}
         self.published = 0
+        self.changed = asyncio.Event()  # set by publish: a pushing agent sends it without waiting out its interval
 
     def publish(self, *loads: pb.RankLoad) -> None:
         """Store copies (the caller may keep mutating its messages). Safe to call from the event loop."""
@@ -48,6 +50,7 @@ class PublishedSource(LoadSource):
                 copy.timestamp_ms = _now_ms()
             self._latest[copy.dp_rank] = (copy, now)
             self.published += 1
+        self.changed.set()
 
     def forget(self, *ranks: int) -> None:
         """The scheduler stopped serving these ranks: report them missing from now on."""

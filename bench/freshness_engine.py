@@ -1,0 +1,154 @@
+"""Child: scheduler-side changes for the freshness scenario, and the engines' surfaces that carry them.
+
+`--engines E --ranks-per-engine R` engines, each rank's figures changing every `--change-ms` on average (the
+ranks in turn, each step drawn uniformly between half and one and a half of its mean, so changes never fall
+in step with a poller's period: a fixed schedule beside a 50 ms poll would leave one router only a few
+distinct ages). A change's wall-clock time (µs, mod 10^12) rides in its `num_used_tokens`, so whoever
+sees the figures knows how old the change is (every process here shares the machine's clock).
+
+Each engine serves sglang's `GET /v1/loads` (its ranks' entries, counted as engine requests) and, with
+`--agents-to HOST:PORT`, runs one real SchedulerAgent per engine linked there:
+* `--agent-source http`: the agent's sglang HTTP source reads that endpoint (a request per collect or push);
+* `--agent-source published`: the engine hands each change to its agent in process (`agent.publish`, the
+  PublishedSource an embedded scheduler uses: no request at all) and the agent pushes every
+  `--push-interval-ms` what changed: today's push path.
+Prints {"ports", "pid"} (then {"ready"} once the agents linked); "stats": requests, changes, CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import time
+
+from aiohttp import web
+
+from bench.child import control_loop, emit, own_usage, run
+from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.agent import SchedulerAgent
+from scheduler_agent.config import AgentConfig
+from scheduler_agent.sources.sglang_http import SglangHttpSource
+
+STAMP_MOD_US = 10**12  # the change time rides in num_used_tokens, µs modulo this (fits a count's bound)
+MAX_TOKENS = 10**12
+
+
+def stamp_us() -> int:
+    return time.time_ns() // 1000 % STAMP_MOD_US
+
+
+def age_us(stamp: int) -> int:
+    """How long ago a stamp was taken (one wrap of the modulus, ~11.6 days, is allowed for)."""
+    return (stamp_us() - stamp) % STAMP_MOD_US
+
+
+class Engine:
+    """One engine's ranks: their current figures and the sglang /v1/loads body that shows them."""
+
+    def __init__(self, first_rank: int, ranks: int) -> None:
+        self.ranks = list(range(first_rank, first_rank + ranks))
+        self.figures = {rank: (0, stamp_us()) for rank in self.ranks}  # rank -> (running, change stamp)
+        self.requests = 0
+        self.agent: SchedulerAgent | None = None
+
+    def change(self, rank: int) -> None:
+        running, _ = self.figures[rank]
+        self.figures[rank] = (running % 50 + 1, stamp_us())
+        if self.agent is not None and self.agent.source.name == "inprocess":
+            self.agent.publish(self.load(rank))
+
+    def load(self, rank: int) -> pb.RankLoad:
+        running, stamp = self.figures[rank]
+        return pb.RankLoad(dp_rank=rank, timestamp_ms=time.time_ns() // 1_000_000, num_running_reqs=running,
+                           num_waiting_reqs=0, num_used_tokens=stamp, max_total_num_tokens=MAX_TOKENS)
+
+    async def v1_loads(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        loads = [{"dp_rank": rank, "num_running_reqs": running, "num_waiting_reqs": 0, "num_used_tokens": stamp,
+                  "max_total_num_tokens": MAX_TOKENS} for rank, (running, stamp) in self.figures.items()]
+        return web.json_response({"timestamp": time.time(), "version": "bench", "loads": loads})
+
+
+async def main(args: argparse.Namespace) -> None:
+    engines = [Engine(i * args.ranks_per_engine, args.ranks_per_engine) for i in range(args.engines)]
+    dp_size = args.engines * args.ranks_per_engine
+    runners, ports = [], []
+    for engine in engines:
+        app = web.Application()
+        app.router.add_get("/v1/loads", engine.v1_loads)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])
+    emit({"ports": ports, "pid": os.getpid()})
+    tasks = []
+    if args.agents_to:
+        for engine, port in zip(engines, ports, strict=True):
+            source = SglangHttpSource(f"http://127.0.0.1:{port}") if args.agent_source == "http" else None
+            config = AgentConfig(aggregator=args.agents_to, dp_ranks=tuple(engine.ranks), dp_size=dp_size,
+                                 instance_id=f"engine-{engine.ranks[0]}", gpu="off",
+                                 push_interval_ms=args.push_interval_ms, backoff_initial_ms=50, backoff_max_ms=500)
+            engine.agent = SchedulerAgent(config, source)
+            for rank in engine.ranks:
+                if source is None:
+                    engine.agent.publish(engine.load(rank))
+            tasks.append(asyncio.create_task(engine.agent.run()))
+        deadline = time.monotonic() + 60
+        while not all(e.agent.connected.is_set() for e in engines):
+            if time.monotonic() > deadline:
+                emit({"ready": False, "error": "agents did not link within 60 s"})
+                return
+            await asyncio.sleep(0.02)
+    emit({"ready": True})
+    changes = 0
+
+    async def change_loop() -> None:
+        nonlocal changes
+        every = [(engine, rank) for engine in engines for rank in engine.ranks]
+        step = args.change_ms / 1000 / len(every)  # one rank changes every `step` on average, the ranks in turn
+        rng = random.Random(args.seed)
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        i = 0
+        while True:
+            engine, rank = every[i % len(every)]
+            engine.change(rank)
+            changes += 1
+            i += 1
+            due += step * rng.uniform(0.5, 1.5)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+
+    tasks.append(asyncio.create_task(change_loop()))
+
+    def stats() -> dict:
+        return {"requests": sum(e.requests for e in engines), "changes": changes,
+                "agent_reads": sum(e.agent.source.reads if e.agent and hasattr(e.agent.source, "reads") else 0
+                                   for e in engines),
+                "pushes_sent": sum(e.agent.pushes_sent for e in engines if e.agent), **own_usage()}
+
+    try:
+        await control_loop({"stats": stats})
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for runner in runners:
+            await runner.cleanup()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument("--ranks-per-engine", type=int, default=4)
+    parser.add_argument("--change-ms", type=float, default=1000.0, help="each rank changes this often")
+    parser.add_argument("--agents-to", default="", help="link an agent per engine to this aggregator (or relay)")
+    parser.add_argument("--agent-source", choices=("http", "published"), default="http")
+    parser.add_argument("--push-interval-ms", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    logging.basicConfig(level=logging.ERROR)
+    run(main(parser.parse_args()))

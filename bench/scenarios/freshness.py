@@ -1,0 +1,153 @@
+"""Scenario 7, freshness: a scheduler-side change until a router sees it, and what it cost the engines.
+
+2 engines of 4 dp ranks (bench.freshness_engine), each rank's figures changing once a second on average (in
+turn, at jittered times: a change every 125 ms somewhere on average), seen by 1, 100 and 1000 routers or
+watchers, each way in turn:
+
+* routers polling each engine's sglang `/v1/loads` directly every 50 ms and every 1 s (today, no loadagg);
+* loadagg WatchLoads every 100 ms, its agents reading the engines' `/v1/loads` on each collect (polling);
+* loadagg WatchLoads on change, its agents pushing what changed (today: the scheduler hands its figures to
+  its agent in process, `agent.publish`, and the agent pushes every 10 ms, its shortest interval);
+* one row per push source of the agent in PUSH_SOURCES (sglang's ZMQ load feed, shared memory, SMG's
+  stream: none is on this branch yet; each is one entry there, driven by the engine's own publishing code);
+* a bare grpc.aio relay (bench.relay_proc) fed by the same agents' same pushes, forwarding each to N
+  subscriber streams: the transport's floor.
+
+Per row: the age of each change when a watcher saw it (p50, p99), engine requests per second (GETs of
+/v1/loads, by routers or agents), and the CPU of the aggregator (or relay) in cores over the window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+from bench.procs import Child, run_client
+from bench.report import Outcome, Target
+
+ENGINES, RANKS_PER_ENGINE = 2, 4
+CHANGE_MS = 1000  # each rank
+PUSH_INTERVAL_MS = 10
+WATCHERS = (1, 100, 1000)
+ON_CHANGE_MIN_INTERVAL_MS = 10
+# Push sources of the agent, one row each: (label, the engine child's --agent-source). Issue 16 adds sglang's
+# ZMQ load feed, its shared-memory snapshots and SMG's pushed load records; none is on this branch.
+PUSH_SOURCES: list[tuple[str, str]] = []
+
+
+def ways() -> list[dict]:
+    rows = [
+        {"way": "poll /v1/loads 50 ms", "kind": "poll", "poll_ms": 50},
+        {"way": "poll /v1/loads 1 s", "kind": "poll", "poll_ms": 1000},
+        {"way": "WatchLoads 100 ms, polling agents", "kind": "watch", "interval_ms": 100, "source": "http"},
+        {"way": f"WatchLoads on change, agents push {PUSH_INTERVAL_MS} ms", "kind": "watch", "on_change": True,
+         "source": "published"},
+    ]
+    rows += [{"way": f"WatchLoads on change, {label}", "kind": "watch", "on_change": True, "source": source}
+             for label, source in PUSH_SOURCES]
+    rows.append({"way": f"bare relay, agents push {PUSH_INTERVAL_MS} ms", "kind": "relay", "source": "published"})
+    return rows
+
+
+def run(tiny: bool = False) -> Outcome:
+    watchers = (1, 3) if tiny else WATCHERS
+    durations = {n: (1.0 if tiny else 12.0 if n == 1 else 4.0) for n in watchers}
+    change_ms = 200 if tiny else CHANGE_MS
+    outcome = Outcome("freshness", f"a change until a router sees it: {ENGINES} engines of {RANKS_PER_ENGINE} "
+                                   f"ranks, each rank changing every {change_ms} ms")
+    for way in ways():
+        for row in measure_way(way, watchers, durations, change_ms):
+            outcome.rows.append(row)
+    add_targets(outcome, watchers)
+    outcome.series = {way: sorted((r["watchers"], r["age_p99_ms"]) for r in outcome.rows if r["way"] == way)
+                      for way in dict.fromkeys(r["way"] for r in outcome.rows)}
+    outcome.notes = [
+        "age: from the change (the engine stamps it into the rank's figures) to the watcher reading it, in the load "
+        "generator's process; each change counted once per watcher that saw it (a poll sees the newest change only).",
+        "engine_req_per_s: GETs of /v1/loads the engines served (routers polling them, or agents reading them). The "
+        "push rows read nothing from the engine: the scheduler hands each change to its agent in process.",
+        "server_cores: CPU of the aggregator (or the relay) over the window, from its own accounting; '-' with no "
+        "server. The load generator shares the 2 cores: at 1000 watchers it is often what limits every way.",
+        f"push rows include the agent's own push interval ({PUSH_INTERVAL_MS} ms: a change waits for the next push), "
+        "as does the relay fed by the same pushes. Push sources that push on each change (issue 16) remove it.",
+    ]
+    if not PUSH_SOURCES:
+        outcome.notes.append("no push-source rows: the agent's sglang ZMQ feed, shared-memory and SMG stream sources "
+                             "(issue 16) are not on this branch; each becomes one PUSH_SOURCES entry.")
+    return outcome
+
+
+def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float], change_ms: float) -> list[dict]:
+    dp_size = ENGINES * RANKS_PER_ENGINE
+    server: Child | None = None
+    engine_args = ["--engines", str(ENGINES), "--ranks-per-engine", str(RANKS_PER_ENGINE),
+                   "--change-ms", str(change_ms)]
+    if way["kind"] == "watch":
+        server = Child("bench.agg_proc", "--dp-size", str(dp_size), name="aggregator[freshness]")
+    elif way["kind"] == "relay":
+        server = Child("bench.relay_proc", "--dp-size", str(dp_size), name="relay")
+    engine: Child | None = None
+    rows = []
+    try:
+        if server is not None:
+            target = f"127.0.0.1:{server.read(60)['port']}"
+            push = PUSH_INTERVAL_MS if way["source"] != "http" else 0
+            engine_args += ["--agents-to", target, "--agent-source", way["source"], "--push-interval-ms", str(push)]
+        engine = Child("bench.freshness_engine", *engine_args, name="engines")
+        ports = engine.read(60)["ports"]
+        ready = engine.read(90)
+        if not ready.get("ready"):
+            raise RuntimeError(f"freshness engines: {ready}")
+        spec = {"mode": "freshness", "way": way["kind"], "poll_ms": way.get("poll_ms", 0),
+                "urls": [f"http://127.0.0.1:{port}/v1/loads" for port in ports],
+                "target": target if server is not None else "", "interval_ms": way.get("interval_ms", 0),
+                "on_change": way.get("on_change", False), "min_interval_ms": ON_CHANGE_MIN_INTERVAL_MS
+                if way.get("on_change") else 0}
+        for n in watchers:
+            window: dict = {}
+
+            def starts(window: dict = window) -> None:
+                window.update(engine=engine.ask("stats"), server=server.ask("stats") if server else None)
+
+            result = run_client({**spec, "watchers": n, "duration_s": durations[n]}, timeout=durations[n] + 240,
+                                on_start=starts)["results"][0]
+            engine_after = engine.ask("stats")
+            server_after = server.ask("stats") if server else None
+            wall = result["wall_s"]
+            rows.append({
+                "way": way["way"], "watchers": n, "changes_seen": result["changes_seen"],
+                "age_p50_ms": result["age"]["p50_ms"], "age_p99_ms": result["age"]["p99_ms"],
+                "engine_req_per_s": round((engine_after["requests"] - window["engine"]["requests"]) / wall, 1),
+                "server_cores": round((server_after["cpu_s"] - window["server"]["cpu_s"]) / wall, 3)
+                if server else "-",
+                "msgs_per_s": result["messages_per_s"], "errors": sum(result["errors"].values()),
+            })
+    finally:
+        for child in (engine, server):
+            if child is not None:
+                with contextlib.suppress(Exception):
+                    child.close()
+    return rows
+
+
+def add_targets(outcome: Outcome, watchers: tuple[int, ...]) -> None:
+    def row(prefix: str, n: int) -> dict | None:
+        return next((r for r in outcome.rows if r["way"].startswith(prefix) and r["watchers"] == n), None)
+
+    for n in watchers:
+        change, relay, poll = row("WatchLoads on change, agents", n), row("bare relay", n), row("poll /v1/loads 50", n)
+        if change is None or relay is None or poll is None:
+            continue
+        vs_relay = change["age_p99_ms"] / max(relay["age_p99_ms"], 0.01)
+        outcome.targets.append(Target(
+            f"on change p99 / bare relay p99, {n} watcher(s)",
+            f"{vs_relay:.2f}x ({change['age_p99_ms']:.1f} vs {relay['age_p99_ms']:.1f} ms)", "<= 1.5x",
+            vs_relay <= 1.5 and change["errors"] == 0))
+        fresher = poll["age_p99_ms"] / max(change["age_p99_ms"], 0.01)
+        cheaper = poll["engine_req_per_s"] / change["engine_req_per_s"] if change["engine_req_per_s"] else math.inf
+        outcome.targets.append(Target(
+            f"vs polling every 50 ms, {n} watcher(s): fresher at p99, fewer engine requests",
+            f"{fresher:.1f}x fresher ({poll['age_p99_ms']:.1f} vs {change['age_p99_ms']:.1f} ms); "
+            f"{'no engine request at all' if math.isinf(cheaper) else f'{cheaper:.0f}x fewer engine requests'} "
+            f"({change['engine_req_per_s']:.0f}/s vs {poll['engine_req_per_s']:.0f}/s)", ">= 10x and >= 10x",
+            fresher >= 10 and cheaper >= 10))
