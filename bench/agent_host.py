@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from bench.child import control_loop, emit, own_usage, run
+from bench.child import emit, own_usage, run, serve_until_quit
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
@@ -88,12 +88,7 @@ async def main(args: argparse.Namespace) -> None:
             **own_usage(),
         }
 
-    try:
-        await control_loop({"stats": stats})
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await serve_until_quit({"stats": stats}, tasks)
 
 
 if __name__ == "__main__":

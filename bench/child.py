@@ -17,7 +17,7 @@ from loadagg.common import run  # asyncio.run on uvloop: every bench server and 
 
 Handler = Callable[[], Awaitable[dict] | dict]
 
-__all__ = ["Handler", "control_loop", "emit", "own_usage", "run"]
+__all__ = ["Handler", "control_loop", "emit", "own_usage", "run", "serve_until_quit"]
 
 
 def emit(payload: dict) -> None:
@@ -60,3 +60,13 @@ async def control_loop(handlers: dict[str, Handler]) -> None:
         if asyncio.iscoroutine(result):
             result = await result
         emit(result)
+
+
+async def serve_until_quit(handlers: dict[str, Handler], tasks: list[asyncio.Task]) -> None:
+    """The control loop until "quit", then cancel `tasks` (the child's own work) and wait for them."""
+    try:
+        await control_loop(handlers)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

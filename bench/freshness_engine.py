@@ -26,7 +26,8 @@ import time
 
 from aiohttp import web
 
-from bench.child import control_loop, emit, own_usage, run
+from bench.child import emit, own_usage, run, serve_until_quit
+from bench.http_ranks import serve_v1_loads
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
@@ -75,16 +76,7 @@ class Engine:
 async def main(args: argparse.Namespace) -> None:
     engines = [Engine(i * args.ranks_per_engine, args.ranks_per_engine) for i in range(args.engines)]
     dp_size = args.engines * args.ranks_per_engine
-    runners, ports = [], []
-    for engine in engines:
-        app = web.Application()
-        app.router.add_get("/v1/loads", engine.v1_loads)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        ports.append(site._server.sockets[0].getsockname()[1])
+    runners, ports = await serve_v1_loads([engine.v1_loads for engine in engines])
     emit({"ports": ports, "pid": os.getpid()})
     tasks = []
     if args.agents_to:
@@ -132,11 +124,8 @@ async def main(args: argparse.Namespace) -> None:
                 "pushes_sent": sum(e.agent.pushes_sent for e in engines if e.agent), **own_usage()}
 
     try:
-        await control_loop({"stats": stats})
+        await serve_until_quit({"stats": stats}, tasks)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for runner in runners:
             await runner.cleanup()
 

@@ -17,6 +17,21 @@ from bench.child import control_loop, emit, own_usage, run
 from scheduler_agent.sources.simulator import SimulatedSource
 
 
+async def serve_v1_loads(handlers: list) -> tuple[list[web.AppRunner], list[int]]:
+    """One aiohttp server on a free loopback port per handler, each answering GET /v1/loads: runners, ports."""
+    runners, ports = [], []
+    for handler in handlers:
+        app = web.Application()
+        app.router.add_get("/v1/loads", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])
+    return runners, ports
+
+
 async def main(args: argparse.Namespace) -> None:
     hits = 0
     source = SimulatedSource(seed=args.first_rank, collect_latency_ms=args.collect_latency_ms)
@@ -31,16 +46,8 @@ async def main(args: argparse.Namespace) -> None:
                                       "loads": [entry]})
         return loads
 
-    runners, ports = [], []
-    for rank in range(args.first_rank, args.first_rank + args.ranks):
-        app = web.Application()
-        app.router.add_get("/v1/loads", handler_for(rank))
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        ports.append(site._server.sockets[0].getsockname()[1])
+    ranks = range(args.first_rank, args.first_rank + args.ranks)
+    runners, ports = await serve_v1_loads([handler_for(rank) for rank in ranks])
     emit({"ports": ports, "pid": os.getpid()})
     try:
         await control_loop({"stats": lambda: {"hits": hits, **own_usage()}})

@@ -126,11 +126,8 @@ def write_json(outcomes: list[Outcome], path: str) -> None:
         json.dump([asdict(o) for o in outcomes], f, indent=1, default=str)
 
 
-def plot_latency(outcomes: list[Outcome], path: str) -> str | None:
-    """Latency (p50, p99) against concurrent callers, watching vs queueing (and the echo baseline)."""
-    storm = next((o for o in outcomes if o.scenario == "storm" and o.series), None)
-    if storm is None:
-        return None
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (saying so) when the bench extra is not installed."""
     try:
         import matplotlib
 
@@ -138,6 +135,29 @@ def plot_latency(outcomes: list[Outcome], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return None
+    return plt
+
+
+def _save_log_plot(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str, legend_size: int) -> str:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(outcomes: list[Outcome], path: str) -> str | None:
+    """Latency (p50, p99) against concurrent callers, watching vs queueing (and the echo baseline)."""
+    storm = next((o for o in outcomes if o.scenario == "storm" and o.series), None)
+    plt = _pyplot() if storm is not None else None
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"watching": "tab:green", "queueing": "tab:red", "echo": "tab:gray"}
@@ -146,44 +166,19 @@ def plot_latency(outcomes: list[Outcome], path: str) -> str | None:
         xs = [p[0] for p in points]
         ax.plot(xs, [p[1] for p in points], "o-", color=styles.get(name), label=f"{name} p50")
         ax.plot(xs, [p[2] for p in points], "s--", color=styles.get(name), label=f"{name} p99")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent GetLoads callers (one burst)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("GetLoads latency vs concurrency: 8 ranks, 20 ms collect latency")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_log_plot(plt, fig, ax, path, "concurrent GetLoads callers (one burst)", "latency (ms)",
+                          "GetLoads latency vs concurrency: 8 ranks, 20 ms collect latency", 8)
 
 
 def plot_freshness(outcomes: list[Outcome], path: str) -> str | None:
     """p99 age of a change when seen, against watchers, one line per way (freshness scenario)."""
     fresh = next((o for o in outcomes if o.scenario == "freshness" and o.series), None)
-    if fresh is None:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    plt = _pyplot() if fresh is not None else None
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for way, points in fresh.series.items():
         points = sorted(points)
         ax.plot([p[0] for p in points], [max(p[1], 0.1) for p in points], "o-", label=way)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("routers / watchers")
-    ax.set_ylabel("p99 age of a change when seen (ms)")
-    ax.set_title("Freshness: a scheduler-side change until a router sees it")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_log_plot(plt, fig, ax, path, "routers / watchers", "p99 age of a change when seen (ms)",
+                          "Freshness: a scheduler-side change until a router sees it", 7)

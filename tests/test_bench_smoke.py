@@ -64,6 +64,9 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     assert all(row["engine_req_per_s"] > 0 and row["server_cores"] == "-" for row in polled)
     assert all(row["server_cores"] > 0 for row in fresh if row not in polled)
     assert (tmp_path / "freshness_vs_watchers.png").stat().st_size > 0
+    fleet = outcomes["fleet"]["rows"][0]
+    assert fleet["pushes_taken_per_s"] > 0 and fleet["aggregator_cores"] > 0 and fleet["errors"] == 0
+    assert fleet["age_p99_ms"] > 0 and fleet["engines_per_core"] > 0
 
 
 def test_failed_calls_are_errors_not_latencies_but_timeouts_stay_at_their_deadline() -> None:
