@@ -12,6 +12,9 @@ Each engine serves sglang's `GET /v1/loads` (its ranks' entries, counted as engi
 * `--agent-source published`: the engine hands each change to its agent in process (`agent.publish`, the
   PublishedSource an embedded scheduler uses: no request at all) and the agent pushes every
   `--push-interval-ms` what changed: today's push path.
+* `--agent-source sglang-feed` / `sglang-shm`: one sglang 0.5.23 engine of every rank, run by sglang's own
+  load publisher (its ZMQ load feed) or snapshot writer (shared memory), as the source tests drive them
+  (tests/sglang_engine.py), and a real `scheduler-agent` process in front of it with that push source.
 Prints {"ports", "pid"} (then {"ready"} once the agents linked); "stats": requests, changes, CPU.
 """
 
@@ -22,17 +25,24 @@ import asyncio
 import logging
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
 
 from aiohttp import web
 
 from bench.child import emit, own_usage, run, serve_until_quit
 from bench.http_ranks import serve_v1_loads
+from bench.procs import ROOT
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.agent import SchedulerAgent
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.sglang_http import SglangHttpSource
 
+TESTS = os.path.join(ROOT, "tests")
+PUSH_SOURCES = ("sglang-feed", "sglang-shm")  # engines publishing through sglang's own code, agent in front
+PUBLISH_EVERY_S = 0.002  # the stand-in scheduler's idle loop publishes this often (a changed stat goes out at once)
 STAMP_MOD_US = 10**12  # the change time rides in num_used_tokens, µs modulo this (fits a count's bound)
 MAX_TOKENS = 10**12
 
@@ -73,7 +83,85 @@ class Engine:
         return web.json_response({"timestamp": time.time(), "version": "bench", "loads": loads})
 
 
+class SglangPushEngine:
+    """One sglang 0.5.23 engine of all ranks publishing through sglang's own code (ZMQ feed or shared memory),
+    with a real agent process in front of it: the freshness scenario's push-source rows."""
+
+    def __init__(self, dp_size: int, kind: str, shm_dir: str) -> None:
+        if TESTS not in sys.path:
+            sys.path.insert(0, TESTS)
+        from sglang_engine import Sglang0523Engine  # the engines' own publishing code (a tests/ stand-in)
+
+        self.ranks = list(range(dp_size))
+        self.shm_path = os.path.join(shm_dir, "sglang_loads_freshness_0000.shm") if kind == "sglang-shm" else None
+        self.engine = Sglang0523Engine(dp_size, feed=kind == "sglang-feed", shm_path=self.shm_path,
+                                       publish_every_s=PUBLISH_EVERY_S)
+        self.running = dict.fromkeys(self.ranks, 0)
+        self.agent: subprocess.Popen | None = None
+
+    async def start(self, aggregator: str) -> int:
+        port = await self.engine.start()
+        source = (["--source", "sglang-shm", "--shm-path", self.shm_path] if self.shm_path
+                  else ["--source", "sglang", "--engine-url", self.engine.url])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOADAGG_INSTANCE_ID": "freshness-push"}
+        self.agent = subprocess.Popen([sys.executable, "-m", "scheduler_agent", *source, "--no-gpu", "--log-level",
+                                       "WARNING", "--aggregator", aggregator, "--dp-size", str(len(self.ranks))],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return port
+
+    def change(self, rank: int) -> None:
+        self.running[rank] = self.running[rank] % 50 + 1
+        self.engine.set(rank, num_running_reqs=self.running[rank], num_used_tokens=stamp_us(),
+                        max_total_num_tokens=MAX_TOKENS)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.engine.hits.values())
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.terminate()
+            self.agent.wait(10)
+        await self.engine.stop_all()
+
+
+async def push_source_main(args: argparse.Namespace) -> None:
+    """`--agent-source sglang-feed|sglang-shm`: the engine publishes, its agent pushes; the harness waits for
+    the aggregator to hold every rank (it reads the aggregator's counters, not this child's)."""
+    with tempfile.TemporaryDirectory() as shm_dir:
+        engine = SglangPushEngine(args.engines * args.ranks_per_engine, args.agent_source, shm_dir)
+        port = await engine.start(args.agents_to)
+        emit({"ports": [port], "pid": os.getpid()})
+        emit({"ready": True})
+        changes = [0]
+        task = asyncio.create_task(change_loop([(engine, r) for r in engine.ranks], args, changes))
+        try:
+            await serve_until_quit({"stats": lambda: {"requests": engine.requests, "changes": changes[0],
+                                                      **own_usage()}}, [task])
+        finally:
+            await engine.stop()
+
+
+async def change_loop(every: list, args: argparse.Namespace, changes: list[int]) -> None:
+    """Each (engine, rank) changes in turn, every `change_ms / len(every)` on average, the steps jittered."""
+    step = args.change_ms / 1000 / len(every)
+    rng = random.Random(args.seed)
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    i = 0
+    while True:
+        engine, rank = every[i % len(every)]
+        engine.change(rank)
+        changes[0] += 1
+        i += 1
+        due += step * rng.uniform(0.5, 1.5)
+        await asyncio.sleep(max(0.0, due - loop.time()))
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.agent_source in PUSH_SOURCES:
+        await push_source_main(args)
+        return
     engines = [Engine(i * args.ranks_per_engine, args.ranks_per_engine) for i in range(args.engines)]
     dp_size = args.engines * args.ranks_per_engine
     runners, ports = await serve_v1_loads([engine.v1_loads for engine in engines])
@@ -97,28 +185,11 @@ async def main(args: argparse.Namespace) -> None:
                 return
             await asyncio.sleep(0.02)
     emit({"ready": True})
-    changes = 0
-
-    async def change_loop() -> None:
-        nonlocal changes
-        every = [(engine, rank) for engine in engines for rank in engine.ranks]
-        step = args.change_ms / 1000 / len(every)  # one rank changes every `step` on average, the ranks in turn
-        rng = random.Random(args.seed)
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        i = 0
-        while True:
-            engine, rank = every[i % len(every)]
-            engine.change(rank)
-            changes += 1
-            i += 1
-            due += step * rng.uniform(0.5, 1.5)
-            await asyncio.sleep(max(0.0, due - loop.time()))
-
-    tasks.append(asyncio.create_task(change_loop()))
+    changes = [0]
+    tasks.append(asyncio.create_task(change_loop([(e, r) for e in engines for r in e.ranks], args, changes)))
 
     def stats() -> dict:
-        return {"requests": sum(e.requests for e in engines), "changes": changes,
+        return {"requests": sum(e.requests for e in engines), "changes": changes[0],
                 "agent_reads": sum(e.agent.source.reads if e.agent and hasattr(e.agent.source, "reads") else 0
                                    for e in engines),
                 "pushes_sent": sum(e.agent.pushes_sent for e in engines if e.agent), **own_usage()}
@@ -136,7 +207,7 @@ if __name__ == "__main__":
     parser.add_argument("--ranks-per-engine", type=int, default=4)
     parser.add_argument("--change-ms", type=float, default=1000.0, help="each rank changes this often")
     parser.add_argument("--agents-to", default="", help="link an agent per engine to this aggregator (or relay)")
-    parser.add_argument("--agent-source", choices=("http", "published"), default="http")
+    parser.add_argument("--agent-source", choices=("http", "published", *PUSH_SOURCES), default="http")
     parser.add_argument("--push-interval-ms", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     logging.basicConfig(level=logging.ERROR)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
+from bench.freshness_engine import PUBLISH_EVERY_S
 from bench.procs import Child, run_client
 from bench.report import Outcome, Target
 
@@ -30,9 +32,10 @@ CHANGE_MS = 1000  # each rank
 PUSH_INTERVAL_MS = 10
 WATCHERS = (1, 100, 1000)
 ON_CHANGE_MIN_INTERVAL_MS = 10
-# Push sources of the agent, one row each: (label, the engine child's --agent-source). Issue 16 adds sglang's
-# ZMQ load feed, its shared-memory snapshots and SMG's pushed load records; none is on this branch.
-PUSH_SOURCES: list[tuple[str, str]] = []
+# Push sources of the agent, one row each: (label, the engine child's --agent-source): an sglang 0.5.23 engine
+# publishing through sglang's own code, a real scheduler-agent process in front of it (bench.freshness_engine).
+PUSH_SOURCES: list[tuple[str, str]] = [("sglang ZMQ load feed", "sglang-feed"),
+                                       ("sglang shared memory", "sglang-shm")]
 
 
 def ways() -> list[dict]:
@@ -71,9 +74,12 @@ def run(tiny: bool = False) -> Outcome:
         f"push rows include the agent's own push interval ({PUSH_INTERVAL_MS} ms: a change waits for the next push), "
         "as does the relay fed by the same pushes. Push sources that push on each change (issue 16) remove it.",
     ]
-    if not PUSH_SOURCES:
-        outcome.notes.append("no push-source rows: the agent's sglang ZMQ feed, shared-memory and SMG stream sources "
-                             "(issue 16) are not on this branch; each becomes one PUSH_SOURCES entry.")
+    outcome.notes.append("push-source rows: one sglang 0.5.23 engine of all 8 ranks publishing with sglang's own load "
+                         "publisher (ZMQ feed) or snapshot writer (shared memory; tests/sglang_engine.py, its idle "
+                         f"loop every {PUBLISH_EVERY_S * 1000:.0f} ms), a real scheduler-agent process in front of it "
+                         "(default coalescing window). The feed source also reads /v1/loads once a second for the "
+                         "figures the feed lacks: its engine requests. SMG's stream has no row: its stand-in's records "
+                         "carry no figure wide enough for the change stamp.")
     return outcome
 
 
@@ -98,6 +104,8 @@ def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float
         ready = engine.read(90)
         if not ready.get("ready"):
             raise RuntimeError(f"freshness engines: {ready}")
+        if server is not None and way["kind"] == "watch":  # (an agent process in front of an engine links late)
+            _wait_linked(server, dp_size)
         spec = {"mode": "freshness", "way": way["kind"], "poll_ms": way.get("poll_ms", 0),
                 "urls": [f"http://127.0.0.1:{port}/v1/loads" for port in ports],
                 "target": target if server is not None else "", "interval_ms": way.get("interval_ms", 0),
@@ -128,6 +136,15 @@ def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float
                 with contextlib.suppress(Exception):
                     child.close()
     return rows
+
+
+def _wait_linked(aggregator: Child, dp_size: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while aggregator.ask("stats")["live_ranks"] < dp_size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agents linked fewer than {dp_size} ranks within {timeout_s:.0f} s")
+        time.sleep(0.1)
+    time.sleep(1.0)  # past their first pushes and detail reads
 
 
 def add_targets(outcome: Outcome, watchers: tuple[int, ...]) -> None:
