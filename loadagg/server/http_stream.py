@@ -110,9 +110,8 @@ class HttpStreams:
                     self.dropped += 1
                     log.info("dropped an HTTP watch stream to %s: it read nothing for %.1f s", request.remote,
                              self.limits.http_stream_send_timeout_s)
-                    transport = request.transport
-                    if transport is not None:
-                        transport.abort()  # the socket, not a status: what it had buffered goes with it
+                    if request.transport is not None:
+                        request.transport.abort()  # close() would wait for the unsent bytes to drain
                     return response
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()  # the aggregator is shutting down: the stream ends cleanly
