@@ -70,8 +70,9 @@ class CachedAnswers:
         self.registry = registry
         self._cached: tuple[RoundResult, RoundResult] | None = None  # (last round, its CACHE-sourced twin)
         self._snapshots: tuple[int, RoundResult] | None = None  # (registry.snapshot_version, SNAPSHOTS result)
-        # ((id of the last round, snapshot_version), that round with newer pushes, or None when none is newer)
-        self._merged_answer: tuple[tuple, RoundResult | None] | None = None
+        # (the last round itself, snapshot_version, that round with newer pushes or None when none is newer): the
+        # round is held, not its id(), which Python may give a new round once the old one is freed
+        self._merged_answer: tuple[RoundResult, int, RoundResult | None] | None = None
 
     def recent(self, max_staleness_ms: int, dp_rank: int | None) -> RoundResult | None:
         """The newest figures held for each wanted rank, if recent enough; None when a round is needed.
@@ -85,11 +86,12 @@ class CachedAnswers:
         last = self.communicator.last_result
         if last is None or last.figures_age_ms() > max_staleness_ms:
             return self.from_snapshots(max_staleness_ms, dp_rank)
-        key = (id(last), self.registry.snapshot_version)  # decided once per round and snapshot change
-        if self._merged_answer is None or self._merged_answer[0] != key:
+        version = self.registry.snapshot_version  # decided once per round and snapshot change
+        held = self._merged_answer
+        if held is None or held[0] is not last or held[1] != version:
             newer = self._pushed_since(last)
-            self._merged_answer = (key, self._merged(last, newer) if newer else None)
-        return self._merged_answer[1] or self.last_round(max_staleness_ms)
+            held = self._merged_answer = (last, version, self._merged(last, newer) if newer else None)
+        return held[2] or self.last_round(max_staleness_ms)
 
     def _pushed_since(self, result: RoundResult) -> dict[int, Snapshot]:
         """Ranks whose held snapshot is newer than what `result` has of them."""
