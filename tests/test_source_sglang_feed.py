@@ -134,8 +134,7 @@ async def test_garbage_and_older_frames_fail_or_serve_only_their_rank(engine):
     context = zmq.Context()
     rogue = context.socket(zmq.PUB)
     rogue.bind(f"tcp://127.0.0.1:{base + 1}")
-    real = load_publisher.SchedulerLoadPublisher  # rank 0: sglang's own publisher at base + 0
-    e.feed_base = base
+    e.feed_base = base  # rank 0: sglang's own publisher at base + 0
     e.publishers = {0: e._publisher(0)}
     e._loop = asyncio.create_task(e._publish())
     source = SglangFeedSource(SglangHttpSource(e.url), f"tcp://127.0.0.1:{base}", silence_s=5, detail_interval_s=60)
@@ -171,7 +170,11 @@ async def test_garbage_and_older_frames_fail_or_serve_only_their_rank(engine):
         assert not older.HasField("num_total_tokens") and not older.HasField("total_prefill_busy_us")
         await send_until("newer", lambda: source.held.load(1).HasField("total_prefill_busy_us"))
         assert source.held.load(1).num_total_tokens == 0  # (sent as 0: a figure, not a missing one)
-        assert real is load_publisher.SchedulerLoadPublisher
+        e.set(0, num_running_reqs=8)  # through all of rank 1's frames, rank 0 follows sglang's publisher
+        await wait_for(lambda: getattr(source.held.load(0), "num_running_reqs", None) == 8,
+                       what="rank 0's change over its feed")
+        both = await source.read([0, 1])
+        assert (both[0].num_running_reqs, both[1].num_running_reqs) == (8, 6)
     finally:
         await source.close()
         rogue.close(linger=0)
