@@ -262,6 +262,36 @@ async def test_strings_past_the_limit_are_refused_per_rank(start_aggregator, cha
         await agent.close()
 
 
+async def test_control_characters_in_agent_strings_are_refused(start_aggregator, channel_to):
+    """JSON writes a control character as a 6-byte escape: strings of them made an HTTP body 4.5 times the
+    answer bound. A load holding one is refused for its rank, a hello holding one ends the link, naming it."""
+    agg = await start_aggregator(dp_size=1)
+    agent = RawAgent(agg.port, "controls", [0])
+    try:
+        await agent.connect()
+        for load, reason in [
+            (pb.RankLoad(dp_rank=0, disagg=pb.DisaggMetrics(mode="decode\x01")), "disagg.mode holds control"),
+            (pb.RankLoad(dp_rank=0, accelerator="\x00" * 200), "accelerator holds control character U+0000"),
+            (pb.RankLoad(dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice(name="H100\n")])), "name holds"),
+            (pb.RankLoad(dp_rank=0, gpu=pb.GpuMetrics(devices=[pb.GpuDevice(uuid="GPU-\x1b[2J")])), "U+001B"),
+        ]:
+            await agent.report(0, [load])
+            message = await agent.read()
+            assert message.WhichOneof("kind") == "rejected" and reason in message.rejected.reason, message
+        assert agg.registry.snapshot(0) is None
+        await agent.report(0, [pb.RankLoad(dp_rank=0, accelerator="NVIDIA H100 80GB HBM3 \u00a0\U0001f600",
+                                           disagg=pb.DisaggMetrics(mode="décode"))])
+        await wait_for(lambda: agg.registry.snapshot(0) is not None, what="a printable load stored")
+    finally:
+        await agent.close()
+    bell = RawAgent(agg.port, "bell\x07", [0])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await bell.connect()
+    await bell.close()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello.instance_id holds control character U+0007" in refused.value.details()
+
+
 async def test_megabyte_strings_never_reach_an_answer(start_aggregator, channel_to):
     """The issue's case: two agents each report a 2.1 MB disagg.mode and leave. Their links end (the message
     is larger than any valid report), and a full allow_stale GetLoads still fits a client's 4 MiB."""

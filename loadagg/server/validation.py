@@ -7,6 +7,7 @@ source cannot poison the answers routers read.
 from __future__ import annotations
 
 import math
+import re
 from operator import attrgetter
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -42,6 +43,11 @@ MAX_INSTANCE_ID_LEN = 256
 # sglang's modes a word. A longer one is refused, never cut: one agent's megabyte string would otherwise ride
 # in every answer (and past a client's 4 MiB receive limit) for as long as its snapshot is kept.
 MAX_STRING_CHARS = 256
+# Control characters (C0 and DEL) are refused in every string an agent sends: JSON writes a C0 character as a
+# 6-byte escape (a string of them made an HTTP body 4.5 times --max-answer-bytes), and log lines and terminals
+# (`loadagg top`) would take them as commands. No name, mode or id needs one.
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = bytes([*range(0x20), 0x7F])  # the same, as UTF-8 bytes (no other character encodes to them)
 # GPUs in one rank's `gpu` section: a DP rank's tensor-parallel group as one node's NVML sees it (8 on most
 # nodes). Checked before a device is read, so a report listing 30,000 of them costs nothing.
 MAX_GPU_DEVICES_PER_RANK = 32
@@ -58,6 +64,9 @@ def validate_hello(hello: pb.AgentHello, dp_size: int) -> tuple[int, ...]:
     for name in ("model", "version", "source"):
         if len(getattr(hello, name)) > MAX_STRING_CHARS:
             raise InvalidRequest(f"hello.{name} is {len(getattr(hello, name))} characters; at most {MAX_STRING_CHARS}")
+    for name in ("instance_id", "model", "version", "source"):
+        if problem := control_problem(f"hello.{name}", getattr(hello, name)):
+            raise InvalidRequest(problem)
     if hello.dp_size and hello.dp_size != dp_size:
         raise InvalidRequest(
             f"agent says dp_size={hello.dp_size} but this aggregator serves dp_size={dp_size}; "
@@ -144,8 +153,10 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     if load.stale or max(load.age_ms, load.detail_age_ms) > MAX_REPORTED_AGE_MS:
         return False
     memory, spec, lora, disagg, queues, gpu = _SECTIONS_AND_GPU(load)
-    if len(disagg.mode) > MAX_STRING_CHARS or len(load.accelerator) > MAX_STRING_CHARS:
+    mode, accelerator = disagg.mode, load.accelerator
+    if len(mode) > MAX_STRING_CHARS or len(accelerator) > MAX_STRING_CHARS:
         return False
+    strings = [mode, accelerator]
     counts = [*_CORE_COUNTS(load), *_MEMORY_COUNTS(memory), *_SPEC_COUNTS(spec), *_LORA_COUNTS(lora),
               *_DISAGG_COUNTS(disagg), *_QUEUES_COUNTS(queues)]
     ratios = [*_CORE_RATIOS(load), *_MEMORY_RATIOS(memory), *_SPEC_RATIOS(spec), *_LORA_RATIOS(lora),
@@ -153,21 +164,40 @@ def _looks_valid(load: pb.RankLoad) -> bool:
     for device in gpu.devices:
         counts.extend(_GPU_COUNTS(device))
         ratios.extend(_GPU_RATIOS(device))
-        if len(device.name) > MAX_STRING_CHARS or len(device.uuid) > MAX_STRING_CHARS:
+        name, uuid = device.name, device.uuid
+        if len(name) > MAX_STRING_CHARS or len(uuid) > MAX_STRING_CHARS:
             return False
+        strings.append(name)
+        strings.append(uuid)
+    text = "".join(strings).encode()  # no control character: deleting them all deletes nothing (in C, at once)
+    if len(text.translate(None, _CONTROL_BYTES)) != len(text):
+        return False
     # (min and max skip a NaN that is not first: the sums are what catch it)
     return (min(counts) >= 0 and sum(counts) < MAX_FLOAT_FIGURE
             and min(ratios) >= 0 and max(ratios) <= _RATIO_MAX and sum(ratios) < _INF)
+
+
+def control_problem(name: str, value: str) -> str | None:
+    """Why `value` is refused for a control character in it, or None."""
+    found = _CONTROL_CHAR.search(value)
+    if found is None:
+        return None
+    return (f"{name} holds control character U+{ord(found.group()):04X} at index {found.start()}: "
+            "strings an agent sends must be printable")
 
 
 def _string_problem(load: pb.RankLoad) -> str | None:
     for name, value in (("disagg.mode", load.disagg.mode), ("accelerator", load.accelerator)):
         if len(value) > MAX_STRING_CHARS:
             return f"{name} is {len(value)} characters; at most {MAX_STRING_CHARS}"
+        if problem := control_problem(name, value):
+            return problem
     for i, device in enumerate(load.gpu.devices):
         for name in ("name", "uuid"):
             if len(value := getattr(device, name)) > MAX_STRING_CHARS:
                 return f"gpu device #{i} {name} is {len(value)} characters; at most {MAX_STRING_CHARS}"
+            if problem := control_problem(f"gpu device #{i} {name}", value):
+                return problem
     return None
 
 
