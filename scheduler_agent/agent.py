@@ -22,6 +22,7 @@ from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.push import PushTracker, next_push_at
+from scheduler_agent.rejections import RejectionLog
 from scheduler_agent.source_health import SourceHealth
 from scheduler_agent.sources.base import EngineRanks, LoadSource, PartialRead, SourceError
 from scheduler_agent.sources.inprocess import PublishedSource
@@ -58,7 +59,7 @@ class SchedulerAgent:
         self.pushes_sent = 0
         self.pushes_skipped = 0
         self.rejections = 0
-        self._last_rejection = ""
+        self.rejection_log = RejectionLog()
         self.connected = asyncio.Event()
         self.collects_received = 0
         self.reports_sent = 0
@@ -327,10 +328,7 @@ class SchedulerAgent:
         elif kind == "rejected":
             r = message.rejected
             self.rejections += 1
-            # A source that keeps sending an impossible figure is refused every round: say it once per reason.
-            level = logging.DEBUG if r.reason == self._last_rejection else logging.WARNING
-            self._last_rejection = r.reason
-            log.log(level, "aggregator rejected rank %d of round %d: %s", r.dp_rank, r.round_id, r.reason)
+            self.rejection_log.note(r.dp_rank, r.round_id, r.reason)  # once per kind, then once a period
 
     async def report(self, call, round_id: int, ranks: Sequence[int] | None = None) -> None:
         """Read the source and send one report for `round_id` (0: a push, only of ranks that changed); `ranks`:
