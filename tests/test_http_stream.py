@@ -123,6 +123,16 @@ async def test_bad_queries_get_400_with_a_clear_message(start_aggregator, query,
     assert says in stream.error_body["error"]
 
 
+async def stream_metrics(port: int) -> dict[str, float]:
+    """loadagg_http_streams* as /metrics shows them (Prometheus text read by its own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:
+        text = await response.text()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("loadagg_http_streams")}
+
+
 async def test_streams_are_bounded_and_need_the_router_token(start_aggregator, driven):
     agg = await start_aggregator(dp_size=1, http_port=0, limits=LimitsConfig(max_http_streams=2),
                                  security=SecurityConfig(router_token="tok"))
@@ -137,8 +147,11 @@ async def test_streams_are_bounded_and_need_the_router_token(start_aggregator, d
     await third.task
     assert third.status == 429 and third.error_body["code"] == "RESOURCE_EXHAUSTED"
     assert "--max-http-streams" in third.error_body["error"] and third.response_headers["Retry-After"] == "1"
+    assert await stream_metrics(agg.http_port) == {
+        "loadagg_http_streams": 2, "loadagg_http_streams_refused_total": 1, "loadagg_http_streams_dropped_total": 0}
     await streams[0].close()
     await wait_for(lambda: agg.http.streams.open == 1, what="a stream to close")
+    assert (await stream_metrics(agg.http_port))["loadagg_http_streams"] == 1
     again = EventReader(agg.http_port, headers=auth)
     await wait_for(lambda: again.events, what="a stream in the freed place")
     await again.close()
@@ -163,6 +176,9 @@ async def test_a_client_that_stops_reading_is_dropped_and_delays_nobody(start_ag
             await wait_for(lambda v=value: active.running().get(0) == v, what=f"the reader to see change {value}")
         print(f"stalled HTTP client dropped after {value - 1} changes")
         await wait_for(lambda: agg.http.streams.open == 1, what="the stalled stream to be gone")
+        assert await stream_metrics(agg.http_port) == {
+            "loadagg_http_streams": 1, "loadagg_http_streams_refused_total": 0,
+            "loadagg_http_streams_dropped_total": 1}
         await agent.push(r0=value + 1)
         await wait_for(lambda: active.running().get(0) == value + 1, what="the reader to go on")
     finally:

@@ -23,7 +23,7 @@ from loadagg.server.config import AggregatorConfig
 from loadagg.server.guard import GuardCollector, GuardInterceptor
 from loadagg.server.http_gateway import HttpGateway
 from loadagg.server.http_limits import raise_open_files_limit
-from loadagg.server.metrics import AggregatorMetrics, CountersCollector, timed_handler
+from loadagg.server.metrics import AggregatorMetrics, CountersCollector, HttpStreamsCollector, timed_handler
 from loadagg.server.registry import AgentRegistry
 from loadagg.server.service import LoadAggregatorService
 from loadagg.server.watch import WatchHub
@@ -79,6 +79,7 @@ class Aggregator:
         self.guard.agent_message_limit = self.agents.message_limit
         self.guard.agent_message_loads = self.agents.message_loads
         self.metrics.registry.register(GuardCollector(self.guard))
+        self.metrics.registry.register(HttpStreamsCollector(self.http.streams))
         self.metrics.registry.register(CountersCollector([
             ("loadagg_agent_clock_ahead_loads", "Loads stamped by an agent clock 5 s or more ahead of the "
              "aggregator's (ages never use agents' clocks).", lambda: self.agents.clock_ahead_loads),

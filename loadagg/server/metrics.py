@@ -113,6 +113,22 @@ class CountersCollector(Collector):
             yield CounterMetricFamily(name, doc, value=read())
 
 
+class HttpStreamsCollector(Collector):
+    """The HTTP gateway's SSE streams (`GET /v1/loads/watch`): open now, refused at the limit, dropped for
+    not reading. Read at scrape time from the gateway's counters (http_stream.HttpStreams)."""
+
+    def __init__(self, streams) -> None:
+        self.streams = streams
+
+    def collect(self) -> Iterator:
+        yield GaugeMetricFamily("loadagg_http_streams", "HTTP watch streams (GET /v1/loads/watch) open now.",
+                                value=self.streams.open)
+        yield CounterMetricFamily("loadagg_http_streams_refused", "HTTP watch streams refused past "
+                                  "--max-http-streams (429 RESOURCE_EXHAUSTED).", value=self.streams.refused)
+        yield CounterMetricFamily("loadagg_http_streams_dropped", "HTTP watch streams dropped because their client "
+                                  "read nothing for --http-stream-send-timeout-s.", value=self.streams.dropped)
+
+
 class _CallLatency(Collector):
     """loadagg_getloads_duration_seconds{api, code}, kept in plain lists.
 
