@@ -15,6 +15,12 @@ Each engine serves sglang's `GET /v1/loads` (its ranks' entries, counted as engi
 * `--agent-source sglang-feed` / `sglang-shm`: one sglang 0.5.23 engine of every rank, run by sglang's own
   load publisher (its ZMQ load feed) or snapshot writer (shared memory), as the source tests drive them
   (tests/sglang_engine.py), and a real `scheduler-agent` process in front of it with that push source.
+* `--agent-source smg-stream`: one sglang engine of every rank behind SMG's gRPC servicer (tests/smg_engine.py),
+  each change a scheduler step whose KV-event batch carries the load record smg-grpc-servicer's own
+  LoadRecorder stamps (engine_load_from), and a real `scheduler-agent` process subscribed to that stream. A
+  record has no figure wide enough for a time stamp: a change's sequence number rides in the rank's
+  `num_running_reqs` instead, and its time goes to `--stamps-file` (a line "sequence stamp_us" per change),
+  where the load generator looks it up.
 Prints {"ports", "pid"} (then {"ready"} once the agents linked); "stats": requests, changes, CPU.
 """
 
@@ -41,7 +47,8 @@ from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.sglang_http import SglangHttpSource
 
 TESTS = os.path.join(ROOT, "tests")
-PUSH_SOURCES = ("sglang-feed", "sglang-shm")  # engines publishing through sglang's own code, agent in front
+# Engines publishing through their own code (sglang's, smg-grpc-servicer's), a real agent process in front.
+PUSH_SOURCES = ("sglang-feed", "sglang-shm", "smg-stream")
 PUBLISH_EVERY_S = 0.002  # the stand-in scheduler's idle loop publishes this often (a changed stat goes out at once)
 STAMP_MOD_US = 10**12  # the change time rides in num_used_tokens, µs modulo this (fits a count's bound)
 MAX_TOKENS = 10**12
@@ -125,11 +132,59 @@ class SglangPushEngine:
         await self.engine.stop_all()
 
 
+class SmgPushEngine:
+    """One sglang engine of all ranks behind SMG's servicer, its SubscribeKvEvents batches carrying the records
+    smg-grpc-servicer's LoadRecorder stamps, with a real agent process subscribed: the SMG freshness row."""
+
+    def __init__(self, dp_size: int, stamps_file: str) -> None:
+        if TESTS not in sys.path:
+            sys.path.insert(0, TESTS)
+        from smg_engine import SmgSglangEngine  # SMG's servicer base and load_record (a tests/ stand-in)
+
+        self.ranks = list(range(dp_size))
+        self.engine = SmgSglangEngine(dp_size, heartbeat_s=1.0, backoff_s=5.0, tick_s=0.1)
+        self.stamps = open(stamps_file, "a", buffering=1)  # noqa: SIM115 (closed in stop)
+        self.sequence = 0
+        self.server = None
+        self.agent: subprocess.Popen | None = None
+
+    async def start(self, aggregator: str) -> int:
+        from engines import serve_grpc
+
+        self.server, port = await serve_grpc(self.engine)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOADAGG_INSTANCE_ID": "freshness-smg"}
+        self.agent = subprocess.Popen([sys.executable, "-m", "scheduler_agent", "--source", "sglang", "--engine-url",
+                                       f"grpc://127.0.0.1:{port}", "--no-gpu", "--log-level", "WARNING",
+                                       "--aggregator", aggregator, "--dp-size", str(len(self.ranks))],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return port
+
+    def change(self, rank: int) -> None:
+        self.sequence += 1
+        self.engine.running[rank] = self.sequence
+        self.stamps.write(f"{self.sequence} {stamp_us()}\n")
+        self.engine.step(rank)  # the step's batch goes out with the record of the figures just set
+
+    @property
+    def requests(self) -> int:
+        return self.engine.calls  # GetLoads calls (the agent's discovery and detail reads)
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.terminate()
+            self.agent.wait(10)
+        if self.server is not None:
+            await self.server.stop(0)
+        self.stamps.close()
+
+
 async def push_source_main(args: argparse.Namespace) -> None:
-    """`--agent-source sglang-feed|sglang-shm`: the engine publishes, its agent pushes; the harness waits for
-    the aggregator to hold every rank (it reads the aggregator's counters, not this child's)."""
+    """`--agent-source sglang-feed|sglang-shm|smg-stream`: the engine publishes, its agent pushes; the harness
+    waits for the aggregator to hold every rank (it reads the aggregator's counters, not this child's)."""
     with tempfile.TemporaryDirectory() as shm_dir:
-        engine = SglangPushEngine(args.engines * args.ranks_per_engine, args.agent_source, shm_dir)
+        dp_size = args.engines * args.ranks_per_engine
+        engine = (SmgPushEngine(dp_size, args.stamps_file) if args.agent_source == "smg-stream"
+                  else SglangPushEngine(dp_size, args.agent_source, shm_dir))
         port = await engine.start(args.agents_to)
         emit({"ports": [port], "pid": os.getpid()})
         emit({"ready": True})
@@ -210,5 +265,6 @@ if __name__ == "__main__":
     parser.add_argument("--agent-source", choices=("http", "published", *PUSH_SOURCES), default="http")
     parser.add_argument("--push-interval-ms", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stamps-file", default="", help="smg-stream: each change's 'sequence stamp_us' line")
     logging.basicConfig(level=logging.ERROR)
     run(main(parser.parse_args()))

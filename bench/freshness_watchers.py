@@ -9,7 +9,10 @@ a watcher holds when it starts is not counted (it is not a change it saw happen)
 * `watch`: loadagg WatchLoads, at `interval_ms` or `on_change` (`min_interval_ms`);
 * `relay`: the bare relay's stream (bench.relay_proc): the agents' own push messages, forwarded.
 
-`stamp_field` names the figure carrying the stamp (default num_used_tokens); with `parsed` = K, only the
+`stamp_field` names the figure carrying the stamp (default num_used_tokens). With `stamps_file`, the figure
+carries a change's sequence number instead (SMG's records have no figure wide enough for a time): each sighting
+keeps (sequence, when seen), and the changes' times are looked up by sequence in the engine's file (a line
+"sequence stamp_us" per change) once the watching ends. With `parsed` = K, only the
 first K watchers parse their answers (and age them), the rest read them as bytes: a fleet's 100 watchers of
 512 ranks would otherwise measure this process's parsing.
 
@@ -26,7 +29,7 @@ from collections import Counter
 import grpc
 
 from bench.child import emit
-from bench.freshness_engine import age_us
+from bench.freshness_engine import STAMP_MOD_US, age_us, stamp_us
 from bench.relay_proc import SUBSCRIBE_METHOD
 from bench.stats import summary_ms
 from loadagg.v1 import loadagg_pb2 as pb
@@ -39,19 +42,31 @@ GRPC_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_messag
 class Seen:
     """One watcher's last stamp per rank; ages of the changes it saw (while counting)."""
 
-    __slots__ = ("last", "ages", "counting")
+    __slots__ = ("last", "ages", "counting", "age")
 
-    def __init__(self, ages: list[float]) -> None:
+    def __init__(self, ages: list, age=lambda stamp: age_us(stamp) / 1e6) -> None:
         self.last: dict[int, int] = {}
         self.ages = ages
         self.counting = False
+        self.age = age  # what is kept of a change seen: its age in s (or, by sequence, the sighting)
 
     def observe(self, rank: int, stamp: int) -> None:
         held = self.last.get(rank)
         if held != stamp:
             self.last[rank] = stamp
             if held is not None and self.counting:
-                self.ages.append(age_us(stamp) / 1e6)
+                self.ages.append(self.age(stamp))
+
+
+def sighting(sequence: int) -> tuple[int, int]:
+    return sequence, stamp_us()
+
+
+def ages_by_sequence(sightings: list[tuple[int, int]], stamps_file: str) -> list[float]:
+    """Each sighting's age in s: when seen less when its change was made (the engine's line for its sequence)."""
+    with open(stamps_file) as f:
+        made = dict(map(int, line.split()) for line in f if line.count(" ") == 1)
+    return [((seen - made[sequence]) % STAMP_MOD_US) / 1e6 for sequence, seen in sightings if sequence in made]
 
 
 def _unparsed(message: bytes) -> tuple:
@@ -63,7 +78,8 @@ async def freshness(spec: dict) -> dict:
     ages: list[float] = []
     errors: Counter[str] = Counter()
     messages = [0]
-    seen = [Seen(ages) for _ in range(watchers)]
+    stamps_file = spec.get("stamps_file", "")
+    seen = [Seen(ages, sighting) if stamps_file else Seen(ages) for _ in range(watchers)]
     connected = asyncio.Event()
     ready = [0]
     stop_at = [float("inf")]
@@ -178,5 +194,7 @@ async def freshness(spec: dict) -> dict:
     await asyncio.gather(*tasks, return_exceptions=True)
     for close in closers:
         await close()
+    if stamps_file:
+        ages = ages_by_sequence(ages, stamps_file)
     return {"wall_s": round(wall, 3), "changes_seen": len(ages), "messages": delivered,
             "messages_per_s": round(delivered / wall, 1), "age": summary_ms(ages), "errors": dict(errors)}

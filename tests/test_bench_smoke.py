@@ -61,6 +61,7 @@ def test_every_scenario_runs_at_tiny_size_and_reports(tmp_path) -> None:
     assert {"poll /v1/loads 50 ms", "poll /v1/loads 1 s", "WatchLoads 100 ms", "WatchLoads on change",
             "bare relay"} <= ways
     assert all(row["changes_seen"] > 0 and row["errors"] == 0 and row["age_p99_ms"] > 0 for row in fresh)
+    assert any(row["way"] == "WatchLoads on change, SMG SubscribeKvEvents records" for row in fresh)
     polled = [row for row in fresh if row["way"].startswith("poll")]
     assert all(row["engine_req_per_s"] > 0 and row["server_cores"] == "-" for row in polled)
     assert all(row["server_cores"] > 0 for row in fresh if row not in polled)

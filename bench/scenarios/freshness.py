@@ -9,7 +9,7 @@ watchers, each way in turn:
 * loadagg WatchLoads on change, its agents pushing what changed (today: the scheduler hands its figures to
   its agent in process, `agent.publish`, and the agent pushes every 10 ms, its shortest interval);
 * one row per push source of the agent in PUSH_SOURCES (sglang's ZMQ load feed, shared memory, SMG's
-  stream: none is on this branch yet; each is one entry there, driven by the engine's own publishing code);
+  SubscribeKvEvents records), each driven by the engine's own publishing code, a real agent process in front;
 * a bare grpc.aio relay (bench.relay_proc) fed by the same agents' same pushes, forwarding each to N
   subscriber streams: the transport's floor.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import time
 
 from bench.freshness_engine import PUBLISH_EVERY_S
@@ -35,7 +36,8 @@ ON_CHANGE_MIN_INTERVAL_MS = 10
 # Push sources of the agent, one row each: (label, the engine child's --agent-source): an sglang 0.5.23 engine
 # publishing through sglang's own code, a real scheduler-agent process in front of it (bench.freshness_engine).
 PUSH_SOURCES: list[tuple[str, str]] = [("sglang ZMQ load feed", "sglang-feed"),
-                                       ("sglang shared memory", "sglang-shm")]
+                                       ("sglang shared memory", "sglang-shm"),
+                                       ("SMG SubscribeKvEvents records", "smg-stream")]
 
 
 def ways() -> list[dict]:
@@ -78,8 +80,12 @@ def run(tiny: bool = False) -> Outcome:
                          "publisher (ZMQ feed) or snapshot writer (shared memory; tests/sglang_engine.py, its idle "
                          f"loop every {PUBLISH_EVERY_S * 1000:.0f} ms), a real scheduler-agent process in front of it "
                          "(default coalescing window). The feed source also reads /v1/loads once a second for the "
-                         "figures the feed lacks: its engine requests. SMG's stream has no row: its stand-in's records "
-                         "carry no figure wide enough for the change stamp.")
+                         "figures the feed lacks: its engine requests. SMG: one sglang engine behind SMG's servicer "
+                         "(tests/smg_engine.py), each change a scheduler step whose SubscribeKvEvents batch carries "
+                         "the record smg-grpc-servicer's LoadRecorder stamps; its records have no figure wide enough "
+                         "for a time, so a change's sequence number rides in num_running_reqs and the load generator "
+                         "looks its time up by that number; its engine requests are the agent's GetLoads (discovery, "
+                         "detail).")
     return outcome
 
 
@@ -94,11 +100,17 @@ def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float
         server = Child("bench.relay_proc", "--dp-size", str(dp_size), name="relay")
     engine: Child | None = None
     rows = []
+    stack = contextlib.ExitStack()
     try:
+        stamps = {}
         if server is not None:
             target = f"127.0.0.1:{server.read(60)['port']}"
             push = PUSH_INTERVAL_MS if way["source"] != "http" else 0
             engine_args += ["--agents-to", target, "--agent-source", way["source"], "--push-interval-ms", str(push)]
+            if way["source"] == "smg-stream":  # a sequence number in the figures, the times in a file
+                stamps = {"stamps_file": stack.enter_context(tempfile.TemporaryDirectory()) + "/stamps",
+                          "stamp_field": "num_running_reqs"}
+                engine_args += ["--stamps-file", stamps["stamps_file"]]
         engine = Child("bench.freshness_engine", *engine_args, name="engines")
         ports = engine.read(60)["ports"]
         ready = engine.read(90)
@@ -110,7 +122,7 @@ def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float
                 "urls": [f"http://127.0.0.1:{port}/v1/loads" for port in ports],
                 "target": target if server is not None else "", "interval_ms": way.get("interval_ms", 0),
                 "on_change": way.get("on_change", False), "min_interval_ms": ON_CHANGE_MIN_INTERVAL_MS
-                if way.get("on_change") else 0}
+                if way.get("on_change") else 0, **stamps}
         for n in watchers:
             window: dict = {}
 
@@ -135,6 +147,7 @@ def measure_way(way: dict, watchers: tuple[int, ...], durations: dict[int, float
             if child is not None:
                 with contextlib.suppress(Exception):
                     child.close()
+        stack.close()
     return rows
 
 
