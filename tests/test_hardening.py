@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_for
 from figures import record
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loop_lag import LoopLag
 from raw_agent import RawAgent
 
 from loadagg.server.guard import MAX_ROUTER_REQUEST_BYTES
@@ -43,33 +44,6 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
-
-
-class LoopLag:
-    """How late a 1 ms sleep wakes, sampled while the block runs: how long something held the event loop."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> LoopLag:
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._stop.set()
-        await self._task
-
-    async def _sample(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            await asyncio.sleep(0.001)
-            self.lags.append(time.monotonic() - started - 0.001)
-
-    @property
-    def longest_ms(self) -> float:
-        return round(max(self.lags, default=0.0) * 1000, 1)
 
 
 class RawBytesAgent:

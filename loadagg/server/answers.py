@@ -6,10 +6,12 @@ built and serialized once per round and then handed to every caller that asks fo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 
 from loadagg.server.errors import InvalidRequest
+from loadagg.server.render_steps import RENDER_STEP_RANKS, RenderSteps, run_steps
 from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import ALL_SECTIONS, trim
 from loadagg.server.sglang_shape import INT64_MAX  # totals saturate: each figure is valid alone, their sum may not fit
@@ -66,11 +68,9 @@ def summarize(loads: Iterable[pb.RankLoad]) -> pb.LoadSummary:
     return summary
 
 
-def build_response(
-    result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool
-) -> pb.GetLoadsResponse:
-    """A new GetLoadsResponse for one caller's view of `result` (loads sorted by dp_rank)."""
-    ranks = range(result.dp_size) if dp_rank is None else (dp_rank,)
+def _select(result: RoundResult, ranks: Iterable[int], sections: frozenset[str],
+            allow_stale: bool) -> tuple[list[pb.RankLoad], list[int]]:
+    """The loads of one caller's view of `ranks` (fresh, else stale when allowed) and the ranks missing."""
     loads: list[pb.RankLoad] = []
     missing: list[int] = []
     fresh = result.fresh
@@ -86,6 +86,18 @@ def build_response(
             stale = trim(snap.aged_copy(result.finished), sections)  # a copy (the snapshot's load is shared)
             stale.stale = True
             loads.append(stale)
+    return loads, missing
+
+
+def _ranks(result: RoundResult, dp_rank: int | None) -> range | tuple[int]:
+    return range(result.dp_size) if dp_rank is None else (dp_rank,)
+
+
+def build_response(
+    result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool
+) -> pb.GetLoadsResponse:
+    """A new GetLoadsResponse for one caller's view of `result` (loads sorted by dp_rank)."""
+    loads, missing = _select(result, _ranks(result, dp_rank), sections, allow_stale)
     return pb.GetLoadsResponse(
         round_id=result.round_id,
         timestamp_ms=result.timestamp_ms,
@@ -114,6 +126,48 @@ def shared_view(result: RoundResult, dp_rank: int | None, sections: frozenset[st
         if not result.partial:
             result.cache[key] = answer
     return answer
+
+
+# A render of a view in steps (render_steps.py): the result (its time, dp_size) and the view's loads, by rank.
+StepRender = Callable[[RoundResult, list[pb.RankLoad]], RenderSteps]
+
+
+def _view_steps(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool,
+                render: StepRender) -> RenderSteps:
+    ranks = _ranks(result, dp_rank)
+    loads: list[pb.RankLoad] = []
+    for start in range(0, len(ranks), RENDER_STEP_RANKS):  # (trimming copies a rank's load)
+        loads += _select(result, ranks[start:start + RENDER_STEP_RANKS], sections, allow_stale)[0]
+        yield
+    return (yield from render(result, loads))
+
+
+async def _render_once(result: RoundResult, key: tuple, steps: RenderSteps) -> bytes:
+    try:
+        answer = await run_steps(steps)
+    except BaseException:
+        result.cache.pop(key, None)  # the next caller tries again
+        raise
+    if result.partial:
+        result.cache.pop(key, None)
+    else:
+        result.cache[key] = answer
+    return answer
+
+
+async def shared_view_stepped(result: RoundResult, dp_rank: int | None, sections: frozenset[str],
+                              allow_stale: bool, render: StepRender, shape: str) -> bytes:
+    """shared_view for a render in steps (sglang's JSON and Prometheus text, the engines' compat messages): the
+    event loop runs between its steps, and callers that ask for a view while it renders await that one render
+    (it goes on when one of them leaves)."""
+    key = (shape, dp_rank, sections, allow_stale)
+    held = result.cache.get(key)
+    if held is None:
+        held = result.cache[key] = asyncio.ensure_future(
+            _render_once(result, key, _view_steps(result, dp_rank, sections, allow_stale, render)))
+    if isinstance(held, bytes):
+        return held
+    return await asyncio.shield(held)
 
 
 def response_bytes(result: RoundResult, dp_rank: int | None, sections: frozenset[str], allow_stale: bool) -> bytes:

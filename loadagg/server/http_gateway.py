@@ -10,13 +10,12 @@ X-Loadagg-Missing-Ranks. `max_staleness_ms=N` (loadagg's extension) accepts a ca
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 from aiohttp import web
 
-from loadagg.server.answers import shared_view
+from loadagg.server.answers import shared_view_stepped
 from loadagg.server.auth import TokenPolicy, http_middleware
 from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
 from loadagg.server.http_limits import CappedListener, connection_cap, send_within
@@ -24,10 +23,11 @@ from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view
 from loadagg.server.http_stream import HttpStreams
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
+from loadagg.server.render_steps import RenderSteps, drain
 from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
-from loadagg.server.sglang_shape import prometheus_text, response_dict
+from loadagg.server.sglang_shape import json_body_steps, prometheus_steps
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class HttpGateway:
                 result = await self.service.result_for(grpc_request, None, time.monotonic())
             dp_rank = grpc_request.dp_rank if grpc_request.HasField("dp_rank") else None
             fmt = request.query.get("format") or "json"
-            body = self._body(result, dp_rank, parse_include(grpc_request.include), fmt)
+            body = await self._body(result, dp_rank, parse_include(grpc_request.include), fmt)
             headers = {
                 "Content-Type": "application/json" if fmt == "json" else CONTENT_TYPE,
                 "X-Loadagg-Round-Id": str(result.round_id),
@@ -156,15 +156,19 @@ class HttpGateway:
         finally:
             self.metrics.observe_call("http", str(status), time.perf_counter() - started)
 
-    def _body(self, result: RoundResult, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
-        """sglang's body for this view, built once per round per view and shared."""
+    async def _body(self, result: RoundResult, dp_rank: int | None, sections: frozenset[str], fmt: str) -> bytes:
+        """sglang's body for this view, built once per round per view and shared, in steps (the loop runs)."""
         if fmt == "json":
-            return shared_view(result, dp_rank, sections, False, self._json, "http-json")
-        return shared_view(result, dp_rank, sections, False, _prometheus, "http-prometheus")
+            return await shared_view_stepped(result, dp_rank, sections, False, self._json_steps, "http-json")
+        return await shared_view_stepped(result, dp_rank, sections, False, _prometheus_steps, "http-prometheus")
+
+    def _json_steps(self, result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:
+        return json_body_steps(result.timestamp_ms, loads, self.version)
 
     def _json(self, view: pb.GetLoadsResponse) -> bytes:
-        return json.dumps(response_dict(view, self.version), ensure_ascii=False).encode()
+        """The JSON body of a view built already (an SSE event)."""
+        return drain(json_body_steps(view.timestamp_ms, view.loads, self.version))
 
 
-def _prometheus(view: pb.GetLoadsResponse) -> bytes:
-    return prometheus_text(view).encode()
+def _prometheus_steps(result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:
+    return prometheus_steps(loads)

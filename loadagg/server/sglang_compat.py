@@ -9,17 +9,19 @@ is the cluster's dp_size. Every other RPC of those services answers UNIMPLEMENTE
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import grpc
 from smg_grpc_proto import sglang_scheduler_pb2 as sg
 from smg_grpc_proto import vllm_engine_pb2 as vl
 
-from loadagg.server.answers import shared_view
+from loadagg.server.answers import shared_view_stepped
 from loadagg.server.errors import LoadAggError, NotServed, abort_with
+from loadagg.server.render_steps import RENDER_STEP_RANKS, RenderSteps
 from loadagg.server.rounds import RoundResult
 from loadagg.server.service import LoadAggregatorService, wait_budget
-from loadagg.server.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate, iso_timestamp, total_reqs
+from loadagg.server.sglang_shape import CORE_FIELDS, INT32_MAX, SECTION_KEYS, aggregate_steps, iso_timestamp, total_reqs
 from loadagg.v1 import loadagg_pb2 as pb
 
 SGLANG_SERVICE = sg.DESCRIPTOR.services_by_name["SglangScheduler"].full_name
@@ -37,9 +39,9 @@ def _copy_scalars(target, source, names) -> None:
         setattr(target, name, value)
 
 
-def to_scheduler_load(load: pb.RankLoad, module) -> object:
-    """A loadagg RankLoad as the peer's SchedulerLoad (sections only where the peer has them)."""
-    out = module.SchedulerLoad(dp_rank=load.dp_rank)
+def _fill_scheduler_load(out, load: pb.RankLoad) -> None:
+    """`out`, the peer's SchedulerLoad, filled from a loadagg RankLoad (sections only where the peer has them)."""
+    out.dp_rank = load.dp_rank
     _copy_scalars(out, load, CORE_FIELDS)
     out.num_total_reqs = min(total_reqs(load) or 0, INT32_MAX)  # (the peer's contract has no field presence)
     fields = out.DESCRIPTOR.fields_by_name
@@ -49,34 +51,29 @@ def to_scheduler_load(load: pb.RankLoad, module) -> object:
             target = getattr(out, key)
             target.SetInParent()
             _copy_scalars(target, source, [f.name for f, _ in source.ListFields()])
-    return out
 
 
-def sglang_response(response: pb.GetLoadsResponse, version: str) -> sg.GetLoadsResponse:
-    agg = aggregate(response.loads)  # a figure no rank has is left out: 0 here, as the peer has no presence
-    return sg.GetLoadsResponse(
-        timestamp=iso_timestamp(response.timestamp_ms),
-        version=version,
-        dp_rank_count=response.dp_size,
-        loads=[to_scheduler_load(load, sg) for load in response.loads],
-        aggregate=sg.AggregateMetrics(
+def compat_steps(module, version: str, result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:
+    """The peer's GetLoadsResponse (sglang's or vLLM's module) of a view, serialized, built in steps;
+    `aggregate` where the peer's message has one (a figure no rank has is 0 there: no field presence)."""
+    response = module.GetLoadsResponse(timestamp=iso_timestamp(result.timestamp_ms), version=version,
+                                       dp_rank_count=result.dp_size)
+    for i, load in enumerate(loads, 1):
+        _fill_scheduler_load(response.loads.add(), load)
+        if i % RENDER_STEP_RANKS == 0:
+            yield
+    if "aggregate" in response.DESCRIPTOR.fields_by_name:
+        agg = yield from aggregate_steps(loads)
+        response.aggregate.CopyFrom(module.AggregateMetrics(
             total_running_reqs=min(agg.get("total_running_reqs", 0), INT32_MAX),
             total_waiting_reqs=min(agg.get("total_waiting_reqs", 0), INT32_MAX),
             total_reqs=min(agg.get("total_reqs", 0), INT32_MAX),
             avg_token_usage=agg.get("avg_token_usage", 0.0),
             avg_throughput=agg.get("avg_throughput", 0.0),
             avg_utilization=agg.get("avg_utilization", 0.0),
-        ),
-    )
-
-
-def vllm_response(response: pb.GetLoadsResponse, version: str) -> vl.GetLoadsResponse:
-    return vl.GetLoadsResponse(
-        timestamp=iso_timestamp(response.timestamp_ms),
-        version=version,
-        dp_rank_count=response.dp_size,
-        loads=[to_scheduler_load(load, vl) for load in response.loads],
-    )
+        ))
+        yield
+    return response.SerializeToString()
 
 
 class EngineCompat:
@@ -86,7 +83,7 @@ class EngineCompat:
         self.service = service
         self.version = version
 
-    async def _answer(self, request, context, peer: str, convert: Callable) -> bytes:
+    async def _answer(self, request, context, peer: str, module) -> bytes:
         try:
             dp_rank, sections = self.service.view_of(request)
             with self.service.tracked():
@@ -94,14 +91,14 @@ class EngineCompat:
         except LoadAggError as error:
             await abort_with(context, error)
             return b""
-        return shared_view(result, dp_rank, sections, False,
-                           lambda view: convert(view, self.version).SerializeToString(), peer)
+        return await shared_view_stepped(result, dp_rank, sections, False,
+                                         functools.partial(compat_steps, module, self.version), peer)
 
     async def sglang_get_loads(self, request: sg.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._answer(request, context, "sglang", sglang_response)
+        return await self._answer(request, context, "sglang", sg)
 
     async def vllm_get_loads(self, request: vl.GetLoadsRequest, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._answer(request, context, "vllm", vllm_response)
+        return await self._answer(request, context, "vllm", vl)
 
 
 def _unimplemented(service: str, method) -> grpc.RpcMethodHandler:

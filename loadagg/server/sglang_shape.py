@@ -8,9 +8,11 @@ that answer `{timestamp, version, dp_rank_count, loads[], aggregate{}}`, and the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Generator, Sequence
 from datetime import UTC, datetime
 
+from loadagg.server.render_steps import RENDER_STEP_RANKS, RenderSteps
 from loadagg.v1 import loadagg_pb2 as pb
 
 # Per-rank scalar fields, in sglang's order. A figure our source does not have is left out, as sglang
@@ -115,57 +117,70 @@ def _mean(loads: list[pb.RankLoad], name: str, ndigits: int) -> float | None:
     return round(sum(present) / len(present), ndigits) if present else None
 
 
-def aggregate(loads: Iterable[pb.RankLoad]) -> dict:
-    """sglang's `aggregate`: totals, and means rounded as sglang rounds them, over the ranks reporting each
-    figure; one that no returned rank reports is left out (as a rank's own missing figure is), never a 0."""
-    loads = list(loads)
+def aggregate_steps(loads: Sequence[pb.RankLoad]) -> Generator[None, None, dict]:
+    """sglang's `aggregate`, a figure a step: totals, and means rounded as sglang rounds them, over the ranks
+    reporting each figure; one that no returned rank reports is left out (as a rank's own missing figure is),
+    never a 0."""
+    figures: dict = {}
     totals = [t for t in map(total_reqs, loads) if t is not None]
-    figures = {
-        "total_running_reqs": _total(loads, "num_running_reqs"),
-        "total_waiting_reqs": _total(loads, "num_waiting_reqs"),
-        "total_reqs": min(sum(totals), INT64_MAX) if totals else None,
-        "total_used_tokens": _total(loads, "num_used_tokens"),
-        "total_tokens": _total(loads, "num_total_tokens"),
-        "avg_token_usage": _mean(loads, "token_usage", 4),
-        "avg_throughput": _mean(loads, "gen_throughput", 2),
-        "avg_utilization": _mean(loads, "utilization", 4),
-    }
+    yield
+    for name, figure in (("total_running_reqs", "num_running_reqs"), ("total_waiting_reqs", "num_waiting_reqs")):
+        figures[name] = _total(loads, figure)
+        yield
+    figures["total_reqs"] = min(sum(totals), INT64_MAX) if totals else None
+    for name, figure in (("total_used_tokens", "num_used_tokens"), ("total_tokens", "num_total_tokens")):
+        figures[name] = _total(loads, figure)
+        yield
+    for name, figure, ndigits in (("avg_token_usage", "token_usage", 4), ("avg_throughput", "gen_throughput", 2),
+                                  ("avg_utilization", "utilization", 4)):
+        figures[name] = _mean(loads, figure, ndigits)
+        yield
     return {name: value for name, value in figures.items() if value is not None}
 
 
-def _engine_facts(loads: list[pb.RankLoad], dicts: list[dict]) -> dict:
-    """0.5.23's `accelerator` and `num_accelerators`: top level when the ranks agree, else on each rank."""
+def _engine_facts(loads: Sequence[pb.RankLoad]) -> tuple[dict, tuple[str, ...]]:
+    """0.5.23's `accelerator` and `num_accelerators`: top level when the ranks agree; else the names each rank
+    carries itself (second)."""
     facts: dict = {}
+    per_rank: list[str] = []
     for name in ("accelerator", "num_accelerators"):
         values = {getattr(load, name) for load in loads if load.HasField(name)}
         if len(values) == 1:
             facts[name] = values.pop()
         elif values:
-            for load, entry in zip(loads, dicts, strict=True):
-                if load.HasField(name):
-                    entry[name] = getattr(load, name)
-    return facts
+            per_rank.append(name)
+    return facts, tuple(per_rank)
 
 
-def response_dict(response: pb.GetLoadsResponse, version: str) -> dict:
-    """The whole sglang JSON body for one caller's view, one that both generations' clients parse: 0.5.23's
-    keys (`accelerator`, `num_accelerators`, its per-rank figures) beside the older `dp_rank_count` (ranks
-    returned, as sglang counted) and `aggregate`."""
-    loads = [load_dict(load) for load in response.loads]
-    return {
-        "timestamp": iso_timestamp(response.timestamp_ms),
-        "version": version,
-        **_engine_facts(list(response.loads), loads),
-        "dp_rank_count": len(loads),
-        "loads": loads,
-        "aggregate": aggregate(response.loads),
-    }
+def _rank_dict(load: pb.RankLoad, per_rank: tuple[str, ...]) -> dict:
+    d = load_dict(load)
+    for name in per_rank:
+        if load.HasField(name):
+            d[name] = getattr(load, name)
+    return d
 
 
-def prometheus_text(response: pb.GetLoadsResponse) -> str:
-    """sglang's `format=prometheus`: one gauge family per figure, a sample per rank labelled dp_rank."""
-    samples: dict[str, list[tuple[int, float]]] = {}
-    for load in response.loads:
+def json_body_steps(timestamp_ms: int, loads: Sequence[pb.RankLoad], version: str) -> RenderSteps:
+    """The whole sglang JSON body of one caller's view, in steps, one that both generations' clients parse:
+    0.5.23's keys (`accelerator`, `num_accelerators`, its per-rank figures) beside the older `dp_rank_count` (ranks
+    returned, as sglang counted) and `aggregate`. Strings travel as UTF-8, as in the gRPC answer."""
+    facts, per_rank = _engine_facts(loads)
+    head = {"timestamp": iso_timestamp(timestamp_ms), "version": version, **facts, "dp_rank_count": len(loads)}
+    parts: list[bytes] = []  # (encoded a step at a time: one copy of the whole body at the end)
+    for start in range(0, len(loads), RENDER_STEP_RANKS):
+        chunk = [_rank_dict(load, per_rank) for load in loads[start:start + RENDER_STEP_RANKS]]
+        parts.append(json.dumps(chunk, ensure_ascii=False)[1:-1].encode())  # (json.dumps' separators throughout)
+        yield
+    totals = json.dumps((yield from aggregate_steps(loads)), ensure_ascii=False)
+    head = json.dumps(head, ensure_ascii=False)[:-1]
+    return f'{head}, "loads": ['.encode() + b", ".join(parts) + f'], "aggregate": {totals}}}'.encode()
+
+
+def prometheus_steps(loads: Sequence[pb.RankLoad]) -> RenderSteps:
+    """sglang's `format=prometheus`, in steps: one gauge family per figure, a sample per rank labelled dp_rank.
+    Samples are kept as their lines (strings: nothing for the garbage collector to walk)."""
+    samples: dict[str, list[str]] = {}
+    for i, load in enumerate(loads, 1):
         d = load_dict(load)
         rank = d.pop("dp_rank")
         for key, value in d.items():
@@ -173,13 +188,17 @@ def prometheus_text(response: pb.GetLoadsResponse) -> str:
                 prefix = PROMETHEUS_PREFIX.get(key, key)
                 for sub_key, sub_value in value.items():
                     if isinstance(sub_value, (int, float)) and not isinstance(sub_value, bool):
-                        samples.setdefault(f"sglang_{prefix}_{sub_key}", []).append((rank, sub_value))
+                        name = f"sglang_{prefix}_{sub_key}"
+                        samples.setdefault(name, []).append(f'{name}{{dp_rank="{rank}"}} {sub_value}')
             elif isinstance(value, (int, float)):
-                samples.setdefault(f"sglang_{key}", []).append((rank, value))
-    lines: list[str] = []
-    for name, values in samples.items():
+                name = f"sglang_{key}"
+                samples.setdefault(name, []).append(f'{name}{{dp_rank="{rank}"}} {value}')
+        if i % RENDER_STEP_RANKS == 0:
+            yield
+    families: list[bytes] = []
+    for name, lines in samples.items():
         field = name.removeprefix("sglang_")
-        lines.append(f"# HELP {name} {HELP.get(field, field.replace('_', ' '))}")
-        lines.append(f"# TYPE {name} gauge")
-        lines.extend(f'{name}{{dp_rank="{rank}"}} {value}' for rank, value in values)
-    return "\n".join(lines) + "\n"
+        help_line = f"# HELP {name} {HELP.get(field, field.replace('_', ' '))}\n# TYPE {name} gauge\n"
+        families.append((help_line + "\n".join(lines) + "\n").encode())
+        yield
+    return b"".join(families) or b"\n"
