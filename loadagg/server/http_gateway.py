@@ -23,7 +23,7 @@ from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view
 from loadagg.server.http_stream import HttpStreams
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
-from loadagg.server.render_steps import RenderSteps, drain
+from loadagg.server.render_steps import RenderSteps
 from loadagg.server.rounds import RoundResult
 from loadagg.server.sections import parse_include
 from loadagg.server.service import LoadAggregatorService
@@ -70,7 +70,7 @@ class HttpGateway:
         self.port = 0
         self.sends_timed_out = 0  # answers not taken by their client within idle_timeout_s (connection aborted)
         self._draining = False
-        self.streams = HttpStreams(service, limits or LimitsConfig(), self._json)
+        self.streams = HttpStreams(service, limits or LimitsConfig(), self._json_steps)
 
     @property
     def draining(self) -> bool:
@@ -164,10 +164,6 @@ class HttpGateway:
 
     def _json_steps(self, result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:
         return json_body_steps(result.timestamp_ms, loads, self.version)
-
-    def _json(self, view: pb.GetLoadsResponse) -> bytes:
-        """The JSON body of a view built already (an SSE event)."""
-        return drain(json_body_steps(view.timestamp_ms, view.loads, self.version))
 
 
 def _prometheus_steps(result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:

@@ -16,14 +16,15 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from loadagg.server.answers import shared_view
+from loadagg.server.answers import StepRender, shared_view_stepped
 from loadagg.server.errors import InvalidRequest, ResourceExhausted, ShuttingDown, http_body, http_status, listed
 from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view_params
 from loadagg.server.limits import LimitsConfig
+from loadagg.server.render_steps import RenderSteps
 from loadagg.server.rounds import RoundResult
 from loadagg.server.service import LoadAggregatorService
 from loadagg.v1 import loadagg_pb2 as pb
@@ -60,21 +61,21 @@ class HttpStreams:
     """The SSE endpoint of one HTTP gateway: its open streams, counted and bounded."""
 
     def __init__(self, service: LoadAggregatorService, limits: LimitsConfig,
-                 json_body: Callable[[pb.GetLoadsResponse], bytes]) -> None:
+                 json_steps: StepRender) -> None:
         self.service = service
         self.limits = limits
-        self.json_body = json_body  # the gateway's sglang JSON body of a view
+        self.json_steps = json_steps  # the gateway's sglang JSON body of a view, in steps
         self.open = 0
         self.refused = 0
         self.dropped = 0  # clients that stopped reading
         self.draining = False
 
-    def _render(self, dp_rank: int | None, sections: frozenset[str]) -> Callable[[RoundResult], bytes]:
-        def event(view: pb.GetLoadsResponse) -> bytes:
-            return b"data: " + self.json_body(view) + b"\n\n"
+    def _render(self, dp_rank: int | None, sections: frozenset[str]) -> Callable[[RoundResult], Awaitable[bytes]]:
+        def event(result: RoundResult, loads: list[pb.RankLoad]) -> RenderSteps:
+            return b"data: " + (yield from self.json_steps(result, loads)) + b"\n\n"
 
-        def render(result: RoundResult) -> bytes:  # one event per distinct view per answer, shared
-            return shared_view(result, dp_rank, sections, False, event, "sse")
+        async def render(result: RoundResult) -> bytes:  # one event per distinct view per answer, shared
+            return await shared_view_stepped(result, dp_rank, sections, False, event, "sse")
 
         return render
 

@@ -21,15 +21,6 @@ T = TypeVar("T")
 RenderSteps = Generator[None, None, bytes]
 
 
-def drain(steps: Generator[None, None, T]) -> T:
-    """A render run to its end at once (small answers, tests)."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
 async def run_steps(steps: Generator[None, None, T], slice_s: float = RENDER_SLICE_S) -> T:
     """A render run to its end, letting the event loop run every `slice_s`."""
     clock = time.perf_counter

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from loadagg.server.answers import response_bytes
@@ -33,7 +33,7 @@ class Subscription:
     sections: frozenset[str]
     allow_stale: bool
     stats: WatchStats
-    slot: bytes | None = None
+    slot: bytes | RoundResult | None = None  # a result where `render` makes its bytes (when delivered)
     closed: bool = False
     delivered: int = 0
     replaced: int = 0
@@ -41,10 +41,11 @@ class Subscription:
     group: tuple[int, int] | None = None  # on change: its (min_interval_ms, heartbeat_ms)
     answered: float | None = None  # on change: when it was last handed an answer (loop clock)
     # How a result becomes this watcher's bytes (None: its GetLoadsResponse, serialized once per view and
-    # shared); the HTTP stream renders sglang's JSON as a Server-Sent Event the same way.
-    render: Callable[[RoundResult], bytes] | None = None
+    # shared); the HTTP stream renders sglang's JSON as a Server-Sent Event the same way, in steps (the loop
+    # runs between them), when the event is taken.
+    render: Callable[[RoundResult], Awaitable[bytes]] | None = None
 
-    def offer(self, answer: bytes) -> None:
+    def offer(self, answer: bytes | RoundResult) -> None:
         if self.slot is not None:
             self.replaced += 1
             self.stats.replaced += 1
@@ -53,7 +54,7 @@ class Subscription:
 
     def offer_result(self, result: RoundResult) -> None:
         if self.render is not None:
-            self.offer(self.render(result))
+            self.offer(result)
         else:
             self.offer(response_bytes(result, self.dp_rank, self.sections, self.allow_stale))
 
@@ -70,6 +71,8 @@ class Subscription:
                 answer, self.slot = self.slot, None
                 self.delivered += 1
                 self.stats.delivered += 1
+                if isinstance(answer, RoundResult):
+                    return await self.render(answer)
                 return answer
             if self.closed:
                 return None

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from loadagg.server.communicator import Communicator
@@ -141,7 +141,7 @@ class WatchHub:
         return requested_ms
 
     def subscribe(self, mode: WatchMode | int, dp_rank: int | None, sections: frozenset[str],
-                  allow_stale: bool, render: Callable[[RoundResult], bytes] | None = None) -> Subscription:
+                  allow_stale: bool, render: Callable[[RoundResult], Awaitable[bytes]] | None = None) -> Subscription:
         """A new watcher (mode: from mode_for, or an interval in ms), answered at once if anything is held;
         `render` turns a result into its bytes (default: its GetLoadsResponse)."""
         mode = mode if isinstance(mode, WatchMode) else WatchMode(mode)
