@@ -167,7 +167,8 @@ def test_random_valid_agent_messages(cluster, instance_id, ranks, dp_size, repor
     code, replies = _converse(channel, frames)
 
     valid = (bool(ranks) and len(set(ranks)) == len(ranks) and all(0 <= r < DP_SIZE for r in ranks)
-             and dp_size in (0, DP_SIZE) and len(hello.hello.instance_id.encode()) <= 256)
+             and dp_size in (0, DP_SIZE) and len(hello.hello.instance_id.encode()) <= 256
+             and not any(ord(c) < 0x20 or c == "\x7f" for c in instance_id))  # no control character
     if not valid:
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (hello, code)
         return
