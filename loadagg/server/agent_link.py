@@ -174,14 +174,16 @@ class AgentLinkService:
             session.send(self._rejection(report.round_id, -1, problem))
             loads, failed_ranks = loads[:len(served)], failed_ranks[:len(served)]
         accepted: list[Snapshot] = []
-        failed = [r for r in failed_ranks if r in served]
+        failed = [r for r in failed_ranks if r in served] if failed_ranks else []
         received = time.monotonic()
         now = unix_ms()
         share = self.rank_share
+        # A report no larger than one rank's share holds no load above it: one size for all its loads.
+        sized = len(loads) > 1 and report.ByteSize() <= share
         for load in loads:
             if load.dp_rank not in served:
                 problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
-            elif (size := load.ByteSize()) > share:
+            elif not sized and (size := load.ByteSize()) > share:
                 problem = (f"dp rank {load.dp_rank}'s load is {size} bytes, above its share of an answer ({share} "
                            f"bytes = --max-answer-bytes over dp_size {self.registry.dp_size}, at most "
                            f"{MAX_RANK_LOAD_BYTES}); send fewer GPU devices or shorter names, or raise "

@@ -111,11 +111,13 @@ def _set_detail_age(load: pb.RankLoad, value: int | None) -> None:
         load.detail_age_ms = value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Snapshot:
     """A rank's accepted load, when we received it, and when its figures were read: both on our monotonic
     clock (`taken` is `received` less the age the agent reported), so that no age depends on an agent's clock.
-    `detail_taken` likewise for its figures outside the core when they came from a slower read (detail_age_ms)."""
+    `detail_taken` likewise for its figures outside the core when they came from a slower read (detail_age_ms).
+    Never changed once made (not frozen: a frozen dataclass sets each field through object.__setattr__, and one
+    is made per rank per push)."""
 
     load: pb.RankLoad
     received: float
