@@ -205,7 +205,7 @@ async def test_push_refresh_resends_quiet_ranks(start_aggregator):
 
 
 async def test_an_impossible_figure_is_refused_every_round_but_logged_once(start_aggregator, channel_to, caplog):
-    caplog.set_level(logging.WARNING, logger="scheduler_agent.agent")
+    caplog.set_level(logging.WARNING, logger="scheduler_agent.rejections")
     agg = await start_aggregator(dp_size=1, round_timeout_ms=300)
     agent = SchedulerAgent(agent_config(agg.port, dp_ranks=(0,), dp_size=1))
     agent.publish(RankLoad(dp_rank=0, num_running_reqs=1, token_usage=1.5))  # a ratio above 1
@@ -214,5 +214,5 @@ async def test_an_impossible_figure_is_refused_every_round_but_logged_once(start
         for _ in range(3):
             assert (await get_loads(channel_to(agg.port))).missing_ranks == [0]
         await wait_for(lambda: agent.rejections >= 3, what="three rejections")
-    mine = [r for r in caplog.records if r.name == "scheduler_agent.agent" and "rejected" in r.getMessage()]
+    mine = [r for r in caplog.records if r.name == "scheduler_agent.rejections" and "rejected" in r.getMessage()]
     assert len(mine) == 1, [r.getMessage() for r in mine]
