@@ -69,7 +69,6 @@ class HeldLoads:
         self.core_fields = frozenset(core_fields)
         self.ranks: dict[int, RankHeld] = {}
         self._listeners: list[Callable[[], None]] = []
-        self.updates = 0
 
     def rank(self, rank: int) -> RankHeld:
         held = self.ranks.get(rank)
@@ -85,7 +84,6 @@ class HeldLoads:
             self._listeners.remove(listener)
 
     def notify(self) -> None:
-        self.updates += 1
         for listener in list(self._listeners):
             listener()
 

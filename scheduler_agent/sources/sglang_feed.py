@@ -66,11 +66,9 @@ class SglangFeedSource(HeldSource):
         self.held = HeldLoads(self.name, FEED_CORE_FIELDS)
         self.rates = PrefillRate()
         self.feed: tuple[str, int, str] | None = None  # (host, base port, topic)
-        self.frames = 0
         self.restarts = 0
         self._context: zmq.asyncio.Context | None = None
         self._listeners: dict[int, asyncio.Task] = {}
-        self._last_frame: dict[int, float] = {}
         self._last_seq: dict[int, int] = {}
         self._silent: set[int] = set()
         self._detail_asked: set[int] = set()  # ranks a detail read asked for since they began feeding
@@ -179,7 +177,6 @@ class SglangFeedSource(HeldSource):
     def _take(self, rank: int, frames: list[bytes]) -> None:
         """One frame: the rank's new core figures, or its failure with the reason."""
         received = now_s()
-        self._last_frame[rank] = received
         if rank in self._silent:
             self._silent.discard(rank)
             log.info("sglang load feed: rank %d publishes again", rank)
@@ -196,7 +193,6 @@ class SglangFeedSource(HeldSource):
             self.held.forget(rank)
             self.rates.reset(rank)
             self._detail_asked.discard(rank)
-        self.frames += 1
         self.held.take(rank, lambda: (load_from_stat(decode_stat(frames[2]), rank, time.time_ns() // 1_000_000,
                                                      self.rates), received), "sent a LoadStat")
 

@@ -118,8 +118,6 @@ class SmgStreamSource(HeldSource):
         self.silence_s = silence_s
         self.held = HeldLoads(self.name, CORE_FIELDS)
         self.state = "starting"  # live | silent | broken | no-records | unimplemented
-        self.records = 0
-        self.subscriptions = 0
         self._ranks: set[int] = set()  # ranks a record came for since the stream went live
         self._task: asyncio.Task | None = None
 
@@ -173,7 +171,6 @@ class SmgStreamSource(HeldSource):
 
     async def _subscribe(self) -> None:
         stub = await self.polling.engine_stub()
-        self.subscriptions += 1
         call = stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(load_records_before_first_batch=True))
         opened, without = now_s(), 0
         try:
@@ -195,7 +192,6 @@ class SmgStreamSource(HeldSource):
     def _take(self, batch: common_pb2.KvEventBatch) -> None:
         record, received = batch.load, now_s()
         rank = batch.dp_rank if batch.HasField("dp_rank") else 0
-        self.records += 1
         taken = received - record.age_ms / 1000
         flavor = self.polling.flavor
         held = self.held.ranks.get(rank)
