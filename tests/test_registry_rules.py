@@ -11,7 +11,6 @@ import pytest
 from conftest import wait_for
 from raw_agent import RawAgent
 
-from loadagg.server import agent_link
 from loadagg.v1 import loadagg_pb2 as pb
 from loadagg.v1 import loadagg_pb2_grpc as pb_grpc
 
@@ -246,7 +245,7 @@ async def test_a_source_stuck_on_an_impossible_figure_is_warned_about_once_per_i
         for _ in range(200):
             assert (await agent.read()).WhichOneof("kind") == "rejected"
         session = agg.registry.owner(0)
-        session.warned_at -= agent_link.REJECTION_WARNING_INTERVAL_S  # the interval has passed
+        session.rejection_warnings.warned_at -= session.rejection_warnings.every_s  # the interval has passed
         await agent.report(0, [pb.RankLoad(dp_rank=0, num_running_reqs=-1)])
         await agent.read()
     finally:

@@ -24,7 +24,6 @@ from loadagg.server.validation import (
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
-REJECTION_WARNING_INTERVAL_S = 10.0
 # An agent's wall clock this far ahead of ours is noted (a warning per link, a metric). Its timestamp_ms is only
 # for reference: ages are measured on the aggregator's clock, so a clock ahead never makes figures look fresh.
 CLOCK_AHEAD_NOTED_MS = 5_000
@@ -217,11 +216,9 @@ class AgentLinkService:
 def _log_rejection(session: AgentSession, rank: int, problem: str) -> None:
     """A warning at most once per link every REJECTION_WARNING_INTERVAL_S, saying how many it left out: a
     source stuck on an impossible figure is refused every round (the agent is told each time, by message)."""
-    now = time.monotonic()
-    if now - session.warned_at < REJECTION_WARNING_INTERVAL_S:
-        session.unwarned += 1
+    held_back = session.rejection_warnings.due(time.monotonic())
+    if held_back is None:
         log.debug("rejected report of rank %d from %s: %s", rank, session.instance_id, problem)
         return
-    more = f" (and {session.unwarned} more refused since the last warning)" if session.unwarned else ""
-    session.warned_at, session.unwarned = now, 0
+    more = f" (and {held_back} more refused since the last warning)" if held_back else ""
     log.warning("rejected report of rank %d from %s: %s%s", rank, session.instance_id, problem, more)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +34,7 @@ from loadagg.server.errors import (
     Unauthenticated,
     abort_with,
 )
+from loadagg.server.warn_throttle import WarningThrottle
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         # past that, then parsed a load at a time (agent_wire.py); None: parsed whole.
         self.agent_message_loads: Callable[[object], int] | None = None
         self.agent_link_messages_refused = 0
-        self._oversize_warned_at = -math.inf
+        self._oversize_warnings = WarningThrottle(_OVERSIZE_WARNING_INTERVAL_S)
         self.agent_links = 0  # AgentLink streams open now
         self.refused: Counter[str] = Counter()  # calls refused, by status code name
         self._guarded: dict[str, tuple[str, grpc.RpcMethodHandler]] = {}
@@ -209,9 +209,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         alone would hold the event loop for as long as its entries take to read."""
         self.refused["RESOURCE_EXHAUSTED"] += 1
         self.agent_link_messages_refused += 1
-        now = time.monotonic()
-        if now - self._oversize_warned_at >= _OVERSIZE_WARNING_INTERVAL_S:  # a peer may redial and resend at once
-            self._oversize_warned_at = now
+        if self._oversize_warnings.due(time.monotonic()) is not None:  # a peer may redial and resend at once
             log.warning("agent link from %s sent a message of %d bytes holding %s: more than its ranks allow; link "
                         "closed (%d such messages in all; this warning at most every %g s)", context.peer(), size,
                         what or f"more than {most} bytes", self.agent_link_messages_refused,

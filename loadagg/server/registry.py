@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from loadagg.server.errors import RankConflict
+from loadagg.server.warn_throttle import WarningThrottle
 from loadagg.v1 import loadagg_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ MAX_PENDING_NOTICES = 64
 # means two agents share the id (they would take the ranks from each other in turn), not one agent re-linking.
 HEALTHY_LINK_HEARD_S = 10.0
 TAKEOVER_WARNING_INTERVAL_S = 10.0
+REJECTION_WARNING_INTERVAL_S = 10.0  # one link's refused reports: a warning at most this often
 DEFAULT_FORGET_RANK_AFTER_S = 300.0
 
 
@@ -41,8 +43,8 @@ class AgentSession:
     connected_at: float = field(default_factory=time.monotonic)
     closed: bool = False
     replaced_by: str = ""  # the peer of the newer link of the same instance that took this one's ranks
-    warned_at: float = -math.inf  # when a rejected report of this link was last logged as a warning
-    unwarned: int = 0  # rejected reports since then, logged at DEBUG only
+    # its rejected reports: warned of at most every REJECTION_WARNING_INTERVAL_S, the rest logged at DEBUG only
+    rejection_warnings: WarningThrottle = field(default_factory=lambda: WarningThrottle(REJECTION_WARNING_INTERVAL_S))
     last_heard: float = field(default_factory=time.monotonic)  # the hello, then every message received
     clock_ahead_noted: bool = False  # its timestamps ran ahead of our clock and that was logged
     max_message_bytes: int = 0  # the largest AgentMessage it may send (its ranks' reports), set after the hello
@@ -156,8 +158,7 @@ class AgentRegistry:
         self._unserved_since: dict[int, float] = {}  # ranks that had an agent and have none now
         self._next_forget = math.inf  # monotonic time of the earliest snapshot to drop
         self.healthy_takeovers = 0  # links replaced by a newer link of their instance id while healthy
-        self._takeover_warned_at = -math.inf
-        self._takeovers_unwarned = 0
+        self._takeover_warnings = WarningThrottle(TAKEOVER_WARNING_INTERVAL_S)
         self._owner: dict[int, AgentSession] = {}
         self._last_owner_id: dict[int, str] = {}
         self._snapshots: dict[int, Snapshot] = {}
@@ -230,12 +231,10 @@ class AgentRegistry:
         """A warning (at most one every TAKEOVER_WARNING_INTERVAL_S, counting the rest) naming both peers."""
         self.healthy_takeovers += 1
         now = time.monotonic()
-        if now - self._takeover_warned_at < TAKEOVER_WARNING_INTERVAL_S:
-            self._takeovers_unwarned += 1
+        held_back = self._takeover_warnings.due(now)
+        if held_back is None:
             return
-        more = (f" ({self._takeovers_unwarned} more such takeovers since the last warning)"
-                if self._takeovers_unwarned else "")
-        self._takeover_warned_at, self._takeovers_unwarned = now, 0
+        more = f" ({held_back} more such takeovers since the last warning)" if held_back else ""
         log.warning("agent %s linked from %s serving ranks %s while its link from %s serving %s was healthy (heard "
                     "from %.1f s ago): replacing it (two agents sharing an id take the ranks from each other in turn); "
                     "if these are two agents, give each its own --instance-id%s", new.instance_id, new.peer or "?",
