@@ -17,9 +17,9 @@ from aiohttp import web
 
 from loadagg.server.answers import shared_view_stepped
 from loadagg.server.auth import TokenPolicy, http_middleware
-from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, listed, quoted
+from loadagg.server.errors import InvalidRequest, LoadAggError, ShuttingDown, http_body, http_status, quoted
 from loadagg.server.http_limits import CappedListener, connection_cap, send_within
-from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view_params
+from loadagg.server.http_query import known_params, single_params, uint32_param, view_params
 from loadagg.server.http_stream import HttpStreams
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.metrics import CONTENT_TYPE, AggregatorMetrics
@@ -37,19 +37,15 @@ _PARAMS = frozenset({"dp_rank", "include", "format", "max_staleness_ms"})
 _SINGLE = ("dp_rank", "format", "max_staleness_ms")  # `include` may repeat: its values add up
 def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
     """The GetLoadsRequest a /v1/loads query stands for; InvalidRequest (HTTP 400) saying what is wrong."""
-    unknown = sorted(set(query) - _PARAMS)
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter(s) {listed(unknown)}; accepted: {sorted(_PARAMS)}")
+    known_params(query, _PARAMS)
     single_params(query, _SINGLE)
     fmt = query.get("format", "json") or "json"
     if fmt not in _FORMATS:
         raise InvalidRequest(f"format must be one of {list(_FORMATS)}, got {quoted(fmt)}")
     request = pb.GetLoadsRequest()
     view_params(query, dp_size, request)
-    staleness = int_param(query, "max_staleness_ms")
+    staleness = uint32_param(query, "max_staleness_ms")
     if staleness is not None:
-        if not 0 <= staleness <= UINT32_MAX:
-            raise InvalidRequest(f"max_staleness_ms must be in 0..{UINT32_MAX}, got {staleness}")
         request.freshness = pb.FRESHNESS_CACHED
         request.max_staleness_ms = staleness
     return request

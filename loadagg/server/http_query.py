@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from loadagg.server.answers import check_rank
-from loadagg.server.errors import InvalidRequest, quoted
+from loadagg.server.errors import InvalidRequest, listed, quoted
 from loadagg.server.sections import parse_include
 from loadagg.v1 import loadagg_pb2 as pb
 
@@ -25,6 +25,21 @@ def int_param(query, name: str) -> int | None:
     if len(raw.lstrip("-")) > _INTEGER_DIGITS:
         raise InvalidRequest(f"{name} must be an integer of at most {_INTEGER_DIGITS} digits, got {quoted(raw)}")
     return int(raw)
+
+
+def uint32_param(query, name: str) -> int | None:
+    """int_param of a uint32 field (max_staleness_ms, a watch's periods): out of its range is InvalidRequest."""
+    value = int_param(query, name)
+    if value is not None and not 0 <= value <= UINT32_MAX:
+        raise InvalidRequest(f"{name} must be in 0..{UINT32_MAX}, got {value}")
+    return value
+
+
+def known_params(query, accepted: frozenset[str]) -> None:
+    """InvalidRequest naming the parameters an endpoint does not take, and those it does."""
+    unknown = sorted(set(query) - accepted)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {listed(unknown)}; accepted: {sorted(accepted)}")
 
 
 def single_params(query, names) -> None:

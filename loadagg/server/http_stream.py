@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from loadagg.server.answers import StepRender, shared_view_stepped
-from loadagg.server.errors import InvalidRequest, ResourceExhausted, ShuttingDown, http_body, http_status, listed
-from loadagg.server.http_query import UINT32_MAX, int_param, single_params, view_params
+from loadagg.server.errors import InvalidRequest, ResourceExhausted, ShuttingDown, http_body, http_status
+from loadagg.server.http_query import known_params, single_params, uint32_param, view_params
 from loadagg.server.limits import LimitsConfig
 from loadagg.server.render_steps import RenderSteps
 from loadagg.server.rounds import RoundResult
@@ -38,18 +38,14 @@ STREAM_SNDBUF_BYTES = 128 * 1024
 
 def parse_watch_query(query, dp_size: int) -> pb.WatchLoadsRequest:
     """The WatchLoadsRequest a /v1/loads/watch query stands for: on change unless `interval_ms` is given."""
-    unknown = sorted(set(query) - WATCH_PARAMS)
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter(s) {listed(unknown)}; accepted: {sorted(WATCH_PARAMS)}")
+    known_params(query, WATCH_PARAMS)
     single_params(query, ("dp_rank", "interval_ms", "min_interval_ms", "heartbeat_ms"))
     request = pb.WatchLoadsRequest()
     view_params(query, dp_size, request)
     periods = {}
     for name in ("interval_ms", "min_interval_ms", "heartbeat_ms"):
-        value = int_param(query, name)
+        value = uint32_param(query, name)
         if value is not None:
-            if not 0 <= value <= UINT32_MAX:
-                raise InvalidRequest(f"{name} must be in 0..{UINT32_MAX}, got {value}")
             periods[name] = value
     request.on_change = "interval_ms" not in periods
     for name, value in periods.items():
