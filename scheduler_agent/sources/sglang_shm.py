@@ -53,11 +53,16 @@ def _several(candidates: list[str], directory: str) -> str:
             "give --shm-path to say which engine this agent serves")
 
 
+def shm_candidates(directory: str = SHM_DIR) -> list[str]:
+    """The sglang snapshot files in `directory`, sorted."""
+    return sorted(glob.glob(os.path.join(directory, SHM_PATTERN)))
+
+
 def find_shm(path: str = "", directory: str = SHM_DIR) -> str:
     """`path`, or the one sglang snapshot file in `directory`; SourceError naming what is there otherwise."""
     if path:
         return path
-    candidates = sorted(glob.glob(os.path.join(directory, SHM_PATTERN)))
+    candidates = shm_candidates(directory)
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -68,7 +73,7 @@ def find_shm(path: str = "", directory: str = SHM_DIR) -> str:
 
 def refuse_several(directory: str = SHM_DIR) -> None:
     """ValueError (a usage error at start-up) when several engines' files are there and no path says which."""
-    candidates = sorted(glob.glob(os.path.join(directory, SHM_PATTERN)))
+    candidates = shm_candidates(directory)
     if len(candidates) > 1:
         raise ValueError(_several(candidates, directory))
 
@@ -175,14 +180,11 @@ class SglangShmSource(HeldSource):
         self._known: set[str] = set()  # the candidates there when it was opened
         self._followed = ""  # the file a restart was followed to: discovery would find two
 
-    def _candidates(self) -> set[str]:
-        return set(glob.glob(os.path.join(self.directory, SHM_PATTERN)))
-
     def _open(self) -> ShmFile:
         if self.file is None:
             followed = self._followed if self._followed and os.path.exists(self._followed) else ""
             self.file = ShmFile(followed or find_shm(self.configured, self.directory))
-            self._known, self._changed_at = self._candidates(), now_s()
+            self._known, self._changed_at = set(shm_candidates(self.directory)), now_s()
             log.info("sglang-shm: reading %s (dp_size %d, %d-byte slots) every %.1f ms", self.file.path,
                      self.file.dp_size, self.file.slot_size, self.watch_s * 1000)
         return self.file
@@ -243,7 +245,7 @@ class SglangShmSource(HeldSource):
         """Our file is quiet: open the newest file that appeared since (a restarted engine's), if any."""
         assert self.file is not None
         appeared = []
-        for path in self._candidates() - self._known:
+        for path in set(shm_candidates(self.directory)) - self._known:
             with contextlib.suppress(OSError):
                 appeared.append((os.stat(path).st_mtime, path))
         if not appeared:
