@@ -95,8 +95,7 @@ class SglangFeedSource(HeldSource):
                          "no feed" if found is None else _tcp(found[0], found[1]))
                 for rank, task in self._listeners.items():
                     task.cancel()
-                    self.held.forget(rank)  # the old engine's: polled until the new range's first frame
-                    self.rates.reset(rank)
+                    self._forget(rank)  # the old engine's: polled until the new range's first frame
                 self._listeners.clear()
                 self._silent.clear()
                 self._last_seq.clear()
@@ -190,11 +189,15 @@ class SglangFeedSource(HeldSource):
             self.restarts += 1
             log.info("sglang load feed: rank %d restarted (sequence %d after %d): its older figures dropped",
                      rank, sequence, last)
-            self.held.forget(rank)
-            self.rates.reset(rank)
-            self._detail_asked.discard(rank)
+            self._forget(rank)
         self.held.take(rank, lambda: (load_from_stat(decode_stat(frames[2]), rank, time.time_ns() // 1_000_000,
                                                      self.rates), received), "sent a LoadStat")
+
+    def _forget(self, rank: int) -> None:
+        """Drop what is held of `rank` from before its engine restarted: figures, rate and first detail read."""
+        self.held.forget(rank)
+        self.rates.reset(rank)
+        self._detail_asked.discard(rank)
 
     def _feeding(self, rank: int) -> bool:
         """Whether `rank` is answered from its feed now (else it is polled)."""
