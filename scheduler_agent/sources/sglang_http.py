@@ -179,15 +179,6 @@ def engine_facts(body: Any) -> dict[str, Any]:
     return facts
 
 
-def with_prefill_rate(load: pb.RankLoad, rates) -> pb.RankLoad:
-    """Set `prefill_throughput` from the cumulative prefill counters' change since the rank's last read."""
-    if load.HasField("total_prefill_uncached_tokens") and load.HasField("total_prefill_busy_us"):
-        rate = rates.update(load.dp_rank, load.total_prefill_uncached_tokens, load.total_prefill_busy_us)
-        if rate is not None:
-            load.prefill_throughput = rate
-    return load
-
-
 def _entries(body: Any, path: str) -> list:
     entries = body.get("loads") if isinstance(body, dict) else body
     if not isinstance(entries, list):
@@ -246,7 +237,7 @@ class SglangHttpSource(LoadSource):
                 load = load_from_v1(entry, now_ms, single=single)
                 for name, value in facts.items():
                     setattr(load, name, value)
-                return with_prefill_rate(load, self.rates)
+                return self.rates.apply(load)
         try:
             loads = read_ranks(ranks, ranked, convert, f"GET {path}")
         except PartialRead as partial:

@@ -159,6 +159,15 @@ class PrefillRate:
                 self._rate[rank] = (tokens - last[0]) / ((busy_us - last[1]) / 1e6)
         return self._rate.get(rank)
 
+    def apply(self, load: pb.RankLoad) -> pb.RankLoad:
+        """`load` with `prefill_throughput` from its cumulative prefill counters' change since the rank's last
+        read (unset while there is no rate yet, or when the load carries no counters)."""
+        if load.HasField("total_prefill_uncached_tokens") and load.HasField("total_prefill_busy_us"):
+            rate = self.update(load.dp_rank, load.total_prefill_uncached_tokens, load.total_prefill_busy_us)
+            if rate is not None:
+                load.prefill_throughput = rate
+        return load
+
 
 def load_from_stat(stat: LoadStat, rank: int, now_ms: int, rates: PrefillRate) -> pb.RankLoad:
     """One feed frame's figures; the positions an older scheduler does not send stay unset."""
@@ -176,10 +185,7 @@ def load_from_stat(stat: LoadStat, rank: int, now_ms: int, rates: PrefillRate) -
     if stat.total_prefill_uncached_tokens is not None and stat.total_prefill_busy_us is not None:
         load.total_prefill_uncached_tokens = stat.total_prefill_uncached_tokens
         load.total_prefill_busy_us = stat.total_prefill_busy_us
-        rate = rates.update(rank, stat.total_prefill_uncached_tokens, stat.total_prefill_busy_us)
-        if rate is not None:
-            load.prefill_throughput = rate
-    return load
+    return rates.apply(load)
 
 
 def _copy(target, source: msgspec.Struct, renames: dict[str, str] | None = None) -> None:
@@ -203,9 +209,7 @@ def load_from_snapshot(snapshot: LoadSnapshot, now_ms: int, rates: PrefillRate) 
             setattr(load, name, getattr(snapshot, name))
     if snapshot.utilization >= 0:
         load.utilization = snapshot.utilization
-    rate = rates.update(rank, snapshot.total_prefill_uncached_tokens, snapshot.total_prefill_busy_us)
-    if rate is not None:
-        load.prefill_throughput = rate
+    rates.apply(load)
     if snapshot.memory is not None:
         _copy(load.memory, snapshot.memory)
     if snapshot.speculative is not None:
