@@ -26,7 +26,9 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
+from loadagg.common import field_default
 from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.base import EngineRanks, PartialRead, SourceError
 from scheduler_agent.sources.held import HeldLoads, HeldSource, now_s, read_held_or_polled, stop_task
 from scheduler_agent.sources.sglang_http import SglangHttpSource
@@ -57,8 +59,9 @@ class SglangFeedSource(HeldSource):
 
     name = "sglang"
 
-    def __init__(self, http: SglangHttpSource, endpoint: str = "", *, silence_s: float = 3.0,
-                 detail_interval_s: float = 1.0) -> None:
+    def __init__(self, http: SglangHttpSource, endpoint: str = "", *,
+                 silence_s: float = field_default(AgentConfig, "feed_silence_ms") / 1000,
+                 detail_interval_s: float = field_default(AgentConfig, "detail_interval_ms") / 1000) -> None:
         self.http = http
         self.manual = endpoint  # "": what /server_info advertises; "off": never; tcp://HOST:BASE: this range
         self.silence_s = silence_s

@@ -28,7 +28,9 @@ import struct
 import time
 from collections.abc import Sequence
 
+from loadagg.common import field_default
 from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.base import EngineRanks, SourceError
 from scheduler_agent.sources.held import HeldLoads, HeldSource, now_s, stop_task
 from scheduler_agent.sources.sglang_wire import PrefillRate, decode_snapshot, load_from_snapshot
@@ -164,7 +166,8 @@ class SglangShmSource(HeldSource):
     name = "sglang-shm"
     pushes = True
 
-    def __init__(self, path: str = "", watch_s: float = 0.002, directory: str = SHM_DIR) -> None:
+    def __init__(self, path: str = "", watch_s: float = field_default(AgentConfig, "shm_watch_ms") / 1000,
+                 directory: str = SHM_DIR) -> None:
         self.configured = path
         self.directory = directory
         self.watch_s = watch_s

@@ -27,7 +27,9 @@ from collections.abc import Sequence
 import grpc
 from smg_grpc_proto.generated import common_pb2
 
+from loadagg.common import field_default
 from loadagg.v1 import loadagg_pb2 as pb
+from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.base import EngineRanks, SourceError
 from scheduler_agent.sources.engine_grpc import EngineGrpcSource
 from scheduler_agent.sources.held import HeldLoads, HeldSource, now_s, read_held_or_polled, stop_task
@@ -112,7 +114,8 @@ def telemetry_from(record: common_pb2.EngineLoad, rank: int, flavor: str = "sgla
 class SmgStreamSource(HeldSource):
     """Load records pushed on the engine's KV-event stream; `GetLoads` while the stream cannot give them."""
 
-    def __init__(self, polling: EngineGrpcSource, silence_s: float = 11.0) -> None:
+    def __init__(self, polling: EngineGrpcSource,
+                 silence_s: float = field_default(AgentConfig, "stream_silence_ms") / 1000) -> None:
         self.polling = polling
         self.name = polling.name
         self.silence_s = silence_s
