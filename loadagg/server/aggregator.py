@@ -63,8 +63,7 @@ class Aggregator:
         self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{package_version()}")
         self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
         self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{package_version()}", tokens=self.tokens,
-                                max_connections=config.limits.http_max_connections,
-                                idle_timeout_s=config.limits.http_idle_timeout_s, limits=config.limits)
+                                limits=config.limits)
         self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,

@@ -53,10 +53,10 @@ def parse_query(query, dp_size: int) -> pb.GetLoadsRequest:
 
 class HttpGateway:
     def __init__(self, service: LoadAggregatorService, metrics: AggregatorMetrics, version: str,
-                 tokens: TokenPolicy | None = None, *, max_connections: int = 512,
-                 idle_timeout_s: float = 15.0, limits: LimitsConfig | None = None) -> None:
-        self.max_connections = max_connections
-        self.idle_timeout_s = idle_timeout_s
+                 tokens: TokenPolicy | None = None, *, limits: LimitsConfig | None = None) -> None:
+        limits = limits or LimitsConfig()
+        self.max_connections = limits.http_max_connections
+        self.idle_timeout_s = limits.http_idle_timeout_s
         self.listener: CappedListener | None = None
         self.tokens = tokens  # with a router token set, /v1/loads needs `Authorization: Bearer <token>`
         self.service = service
@@ -66,7 +66,7 @@ class HttpGateway:
         self.port = 0
         self.sends_timed_out = 0  # answers not taken by their client within idle_timeout_s (connection aborted)
         self._draining = False
-        self.streams = HttpStreams(service, limits or LimitsConfig(), self._json_steps)
+        self.streams = HttpStreams(service, limits, self._json_steps)
 
     @property
     def draining(self) -> bool:
