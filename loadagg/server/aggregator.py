@@ -60,10 +60,10 @@ class Aggregator:
         )
         self.loads = LoadAggregatorService(self.communicator, config.dp_size, watch=self.watch)
         self.metrics = AggregatorMetrics(self.communicator, self.registry, self.watch)
-        self.compat = sglang_compat.EngineCompat(self.loads, version=f"loadagg-{package_version()}")
+        version = f"loadagg-{package_version()}"  # (a metadata lookup: once per aggregator)
+        self.compat = sglang_compat.EngineCompat(self.loads, version=version)
         self.tokens = TokenPolicy(config.security.agent_token, config.security.router_token)
-        self.http = HttpGateway(self.loads, self.metrics, version=f"loadagg-{package_version()}", tokens=self.tokens,
-                                limits=config.limits)
+        self.http = HttpGateway(self.loads, self.metrics, version=version, tokens=self.tokens, limits=config.limits)
         self.http_port = 0
         self.agents = AgentLinkService(
             self.registry,
