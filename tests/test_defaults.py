@@ -33,6 +33,16 @@ def test_the_agent_command_refuses_a_typo_in_loadagg_tls():
     assert "Traceback" not in result.stderr
 
 
+def test_a_typo_in_loadagg_top_watch_is_an_error_never_interval_mode():
+    """LOADAGG_TOP_WATCH was read as plain text: a typo ('chnage') silently meant interval mode."""
+    result = subprocess.run([sys.executable, "-m", "loadagg", "top", "--once", "--target", "127.0.0.1:1"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env={**os.environ, "LOADAGG_TOP_WATCH": "chnage"})
+    assert result.returncode != 0
+    assert "LOADAGG_TOP_WATCH must be one of change, interval, got 'chnage'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_binds_where_an_embedded_aggregator_binds(monkeypatch):
     """The bind host default was 127.0.0.1 in AggregatorConfig but 0.0.0.0 in `loadagg serve`."""
     from loadagg.cli.commands import parser

@@ -18,7 +18,9 @@ import grpc
 
 from loadagg.cli.flags import add_client_flags, add_target_flag, channel_security_from_args, non_negative_int
 from loadagg.client.channels import ChannelSecurity
-from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env, env_int, field_default, run
+from loadagg.common import DEFAULT_WATCH_INTERVAL_MS, env, env_choice, env_int, field_default, run
+
+WATCH_MODES = ("change", "interval")  # --watch: TopConfig.on_change true / false
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,8 @@ def add_parser(sub, common: argparse.ArgumentParser, fmt) -> None:
                    default=env_int("TOP_INTERVAL_MS", field_default(TopConfig, "interval_ms")),
                    help="on change: at most one frame this often; at an interval: the interval "
                         "[LOADAGG_TOP_INTERVAL_MS]")
-    t.add_argument("--watch", choices=("change", "interval"), default=env("TOP_WATCH", "change"),
+    t.add_argument("--watch", choices=WATCH_MODES,
+                   default=env_choice("TOP_WATCH", WATCH_MODES[not field_default(TopConfig, "on_change")], WATCH_MODES),
                    help="a frame whenever a rank's figures change (and once a heartbeat when quiet), or one per "
                         "interval (a collection round each) [LOADAGG_TOP_WATCH]")
     t.add_argument("--dp-rank", type=int, default=None, help="only this rank")

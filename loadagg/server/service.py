@@ -41,9 +41,9 @@ def wait_budget(context: grpc.aio.ServicerContext) -> float | None:
 class LoadAggregatorService:
     """Router-facing RPCs. Handlers return serialized bytes shared between callers of the same view."""
 
-    def __init__(self, communicator: Communicator, dp_size: int, *, watch: WatchHub | None = None) -> None:
+    def __init__(self, communicator: Communicator, dp_size: int, *, watch: WatchHub) -> None:
         self.communicator = communicator
-        self.watch = watch or WatchHub(communicator, default_interval_ms=1000, min_interval_ms=10)
+        self.watch = watch  # built from the aggregator's config, its intervals written once there
         self.dp_size = dp_size
         self.in_flight = 0
         self._idle = asyncio.Event()
