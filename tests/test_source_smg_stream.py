@@ -204,8 +204,15 @@ async def test_agent_process_through_an_engine_restart(start_aggregator, channel
         await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=30, what="agent linked")
         await wait_for(lambda: engine.subscriptions >= 1, what="subscribed")
         await server.stop(0)  # the engine goes down: stream broken, GetLoads unavailable
-        answer = await get_loads(channel, freshness=pb.FRESHNESS_NEW_ROUND)
-        assert list(answer.missing_ranks) == [0, 1]  # failed, no made-up figure
+        # The agent process notices the broken stream on its own time (a loaded CI box can take a while); until then
+        # a round is answered from the records it holds. Once noticed, a round fails both ranks: no made-up figure.
+        for _ in range(100):
+            answer = await get_loads(channel, freshness=pb.FRESHNESS_NEW_ROUND)
+            if list(answer.missing_ranks) == [0, 1]:
+                break
+            assert not answer.missing_ranks and answer.loads[0].num_running_reqs != 17
+            await asyncio.sleep(0.1)
+        assert list(answer.missing_ranks) == [0, 1]
         engine.running[0] = 17
         server, _ = await serve_grpc(engine, port)  # back on its port: the agent subscribes again
         await wait_for(lambda: engine.subscriptions >= 2, timeout=15, what="subscribed again")
