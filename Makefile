@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test prometheus lint bench protos clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py loadagg/server/_figures.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,test]'

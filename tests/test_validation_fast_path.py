@@ -1,11 +1,12 @@
-"""The validation fast path (loadagg.server.validation._looks_valid) never accepts what the field-by-field check
-refuses.
+"""The validation fast paths never accept what the field-by-field check refuses: the C scan of a load's bytes
+(loadagg/server/_figures.c, `validation._plain`) and the Python one used where it was not built (`_looks_valid`).
 
-The fast path exists for speed (the bench's fan-in profile); this pins that it changes no verdict.
+They exist for speed (bench `cpu`, cost per update); this pins that they change no verdict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from hypothesis import given, settings
@@ -30,13 +31,18 @@ edits = st.lists(st.tuples(st.sampled_from(["core", *SECTIONS, "gpu"]), st.integ
 
 
 def detailed(load: pb.RankLoad) -> str | None:
-    """load_problem with the fast path switched off: the field-by-field verdict."""
-    fast = validation._looks_valid
-    validation._looks_valid = lambda _load: False
+    """The field-by-field verdict, no fast path."""
+    return validation._problem(load)
+
+
+@contextlib.contextmanager
+def without_c_scan():
+    """load_problem as on a machine where the extension was not built: the Python fast path."""
+    scan, validation._plain = validation._plain, None
     try:
-        return validation.load_problem(load)
+        yield
     finally:
-        validation._looks_valid = fast
+        validation._plain = scan
 
 
 def apply(load: pb.RankLoad, where: str, index: int, value) -> None:
@@ -59,17 +65,83 @@ def apply(load: pb.RankLoad, where: str, index: int, value) -> None:
     setattr(target, name, value)
 
 
-@settings(max_examples=300, deadline=None)
-@given(edits)
-def test_fast_path_agrees_with_the_detailed_check(changes) -> None:
+strings = st.one_of(st.sampled_from(["", "H100", "a\x07b", "\x7f", "x" * 256, "x" * 257, "\U0010ffff" * 64,
+                                     "\u00e9" * 200, "GPU-\x1b[2J"]), st.text(max_size=300))
+string_edits = st.lists(st.tuples(st.sampled_from(["disagg.mode", "accelerator", "name", "uuid"]), strings),
+                        max_size=2)
+flags = st.fixed_dictionaries({"devices": st.integers(0, 40), "stale": st.booleans(),
+                               "age_ms": st.sampled_from([0, 5, 10**9, 2**63])})
+
+
+def edited(changes, texts=(), extra=None) -> pb.RankLoad:
     load = pb.RankLoad()
     load.CopyFrom(BASE)
     for where, index, value in changes:
         apply(load, where, index, value)
+    for where, text in texts:
+        if where == "disagg.mode":
+            load.disagg.mode = text
+        elif where == "accelerator":
+            load.accelerator = text
+        else:
+            setattr(load.gpu.devices[0], where, text)
+    if extra:
+        while len(load.gpu.devices) < extra["devices"]:
+            load.gpu.devices.add().CopyFrom(load.gpu.devices[0])
+        load.stale, load.age_ms = extra["stale"], extra["age_ms"]
+    return load
+
+
+@settings(max_examples=400, deadline=None)
+@given(edits, string_edits, st.one_of(st.none(), flags))
+def test_fast_paths_agree_with_the_detailed_check(changes, texts, extra) -> None:
+    load = edited(changes, texts, extra)
     slow = detailed(load)
     assert validation.load_problem(load) == slow
-    if validation._looks_valid(load):
-        assert slow is None
+    with without_c_scan():
+        assert validation.load_problem(load) == slow
+    if len(load.gpu.devices) <= validation.MAX_GPU_DEVICES_PER_RANK and validation._looks_valid(load):
+        assert slow is None  # (load_problem counts the devices before it)
+    # The C scan passes exactly what the detailed check passes, but for a string within its character limit
+    # and past it in bytes (the scan leaves counting characters to Python).
+    long_in_bytes = any(len(t.encode()) > validation.MAX_STRING_CHARS for _, t in texts)
+    if not long_in_bytes:
+        assert validation._plain(load.SerializeToString()) == (slow is None)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       st.binary(max_size=24))
+def test_the_c_scan_passes_no_bytes_the_detailed_check_refuses(flips, tail) -> None:
+    """Bytes as an agent may send them (fields repeated, unknown, of the wrong wire type, truncated): whatever
+    protobuf parses, the scan passes only when the detailed check finds nothing."""
+    raw = bytearray(BASE.SerializeToString())
+    for position, byte in flips:
+        raw[position % len(raw)] = byte
+    raw = bytes(raw) + tail
+    try:
+        load = pb.RankLoad.FromString(raw)
+    except Exception:
+        return
+    if validation._plain(raw):
+        assert detailed(load) is None
+
+
+def test_the_c_scan_is_built_and_used() -> None:
+    """setup.py builds it (optional, for machines with no C compiler); here, as in CI, it must be there."""
+    assert validation._plain is not None, "loadagg/server/_figures.c was not built: run `make` (needs gcc)"
+    assert validation._plain(BASE.SerializeToString()) and validation._plain(b"")
+    assert not validation._plain(pb.RankLoad(num_running_reqs=-1).SerializeToString())
+
+
+def test_the_c_scan_reads_every_field_of_a_rank_load() -> None:
+    """Each field is given a kind from validation's lists: a field added to the contract without one fails here."""
+    tables = validation._scan_tables()
+    rank_load = tables[0]
+    for field in pb.RankLoad.DESCRIPTOR.fields:
+        unchecked = {"dp_rank", "timestamp_ms", "total_prefill_uncached_tokens", "total_prefill_busy_us",
+                     "engine_silence_ms"}
+        assert (rank_load[field.number] == validation._KIND_ANY) == (field.name in unchecked), field.name
 
 
 def test_fast_path_takes_a_plain_snapshot_and_an_empty_load() -> None:
@@ -104,3 +176,4 @@ def test_a_float_figure_past_the_bound_is_refused_so_totals_stay_finite() -> Non
     assert validation.load_problem(load) is None
     load.num_used_tokens = 2**62  # an int64 count is not a float figure: the detailed check takes it
     assert not validation._looks_valid(load) and validation.load_problem(load) is None
+    assert validation._plain(load.SerializeToString())

@@ -177,18 +177,17 @@ class AgentLinkService:
         received = time.monotonic()
         now = unix_ms()
         share = self.rank_share
-        # A report no larger than one rank's share holds no load above it: one size for all its loads.
-        sized = len(loads) > 1 and report.ByteSize() <= share
         for load in loads:
+            serialized = load.SerializeToString()  # its size, and what the figures' C scan reads
             if load.dp_rank not in served:
                 problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
-            elif not sized and (size := load.ByteSize()) > share:
+            elif (size := len(serialized)) > share:
                 problem = (f"dp rank {load.dp_rank}'s load is {size} bytes, above its share of an answer ({share} "
                            f"bytes = --max-answer-bytes over dp_size {self.registry.dp_size}, at most "
                            f"{MAX_RANK_LOAD_BYTES}); send fewer GPU devices or shorter names, or raise "
                            "--max-answer-bytes (and routers' receive limit)")
             else:
-                problem = load_problem(load)
+                problem = load_problem(load, serialized)
             if problem:
                 _log_rejection(session, load.dp_rank, problem)
                 session.send(self._rejection(report.round_id, load.dp_rank, problem))

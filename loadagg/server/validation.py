@@ -201,13 +201,23 @@ def _string_problem(load: pb.RankLoad) -> str | None:
     return None
 
 
-def load_problem(load: pb.RankLoad) -> str | None:
-    """Why `load` cannot be true (negative count, NaN, ratio outside [0, 1]...), or None when it can."""
+def load_problem(load: pb.RankLoad, serialized: bytes | None = None) -> str | None:
+    """Why `load` cannot be true (negative count, NaN, ratio outside [0, 1]...), or None when it can.
+
+    `serialized` (the load's own bytes, when the caller has them) spares a serialization for the C scan."""
+    if _plain is not None:
+        if _plain(load.SerializeToString() if serialized is None else serialized):
+            return None
+    elif len(load.gpu.devices) <= MAX_GPU_DEVICES_PER_RANK and _looks_valid(load):
+        return None
+    return _problem(load)
+
+
+def _problem(load: pb.RankLoad) -> str | None:
+    """The detailed check: the first thing wrong with `load`, worded for its agent, or None."""
     devices = len(load.gpu.devices)  # before any per-device work
     if devices > MAX_GPU_DEVICES_PER_RANK:
         return f"gpu lists {devices} devices; at most {MAX_GPU_DEVICES_PER_RANK} per rank"
-    if _looks_valid(load):
-        return None
     if load.stale:
         return "stale is set by the aggregator, not by agents"
     if max(load.age_ms, load.detail_age_ms) > MAX_REPORTED_AGE_MS:
@@ -231,6 +241,70 @@ def load_problem(load: pb.RankLoad) -> str | None:
         if problem:
             return problem
     return None
+
+
+# The C scan's field kinds (loadagg/server/_figures.c), one per field number of each message type it reads.
+_KIND_ANY, _KIND_INT32, _KIND_INT64, _KIND_FALSE, _KIND_AGE, _KIND_COUNT, _KIND_RATIO, _KIND_STRING = range(8)
+_KIND_MESSAGE, _KIND_DEVICES = 0x40, 0x80
+_SCAN_FIELDS = 64
+
+
+def _scan_tables() -> list[bytes]:
+    """What the C scan checks in each field, from the lists above: RankLoad first, then each message type it
+    nests. Counts and ratios as the Python checks read them; stale, the ages and strings as load_problem's."""
+    types: list = []
+    tables: list[bytearray] = []
+
+    def table(descriptor, ratios: tuple[str, ...], counted: set[str] | None) -> int:
+        index = len(types)
+        types.append(descriptor)
+        tables.append(bytearray(_SCAN_FIELDS))
+        for field in descriptor.fields:
+            if field.number >= _SCAN_FIELDS:
+                raise ValueError(f"{descriptor.name}.{field.name} is field {field.number}: past the C scan's table")
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                nested = field.message_type
+                name = "gpu" if nested is pb.GpuDevice.DESCRIPTOR else field.name
+                kind = (_KIND_DEVICES if field.is_repeated else _KIND_MESSAGE) | table(
+                    nested, _SECTION_RATIOS.get(name, ()), None)
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                kind = _KIND_STRING
+            elif field.name == "stale" and descriptor is pb.RankLoad.DESCRIPTOR:
+                kind = _KIND_FALSE
+            elif field.name in ("age_ms", "detail_age_ms") and descriptor is pb.RankLoad.DESCRIPTOR:
+                kind = _KIND_AGE
+            elif counted is not None and field.name not in counted and field.name not in ratios:
+                kind = _KIND_ANY  # a RankLoad field no check reads (rank, time stamp, cumulative totals)
+            elif field.type == FieldDescriptor.TYPE_DOUBLE:
+                kind = _KIND_RATIO if field.name in ratios else _KIND_COUNT
+            elif field.type == FieldDescriptor.TYPE_INT32:
+                kind = _KIND_INT32
+            elif field.type == FieldDescriptor.TYPE_INT64:
+                kind = _KIND_INT64
+            elif field.type in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_BOOL):
+                kind = _KIND_ANY  # never negative; the Python checks bound no integer from above
+            else:
+                raise ValueError(f"{descriptor.name}.{field.name}: a field type the C scan does not know")
+            tables[index][field.number] = kind
+        return index
+
+    table(pb.RankLoad.DESCRIPTOR, _RATIOS_CORE,
+          {*_COUNTS_CORE, "gen_throughput", "utilization", "prefill_throughput"})
+    return [bytes(t) for t in tables]
+
+
+def _c_scan():
+    """The C scan's `plain`, configured; None where the extension was not built (the Python checks serve)."""
+    try:
+        from loadagg.server import _figures
+    except ImportError:
+        return None
+    _figures.configure(_scan_tables(), MAX_FLOAT_FIGURE, _RATIO_MAX, MAX_REPORTED_AGE_MS, MAX_STRING_CHARS,
+                       MAX_GPU_DEVICES_PER_RANK)
+    return _figures.plain
+
+
+_plain = _c_scan()
 
 
 def _fill(message) -> None:
