@@ -54,13 +54,13 @@ def _copied_paths() -> list[str]:
 
 def test_build_context_holds_what_the_builder_copies_and_nothing_else():
     sources = _copied_paths()
-    assert sorted(sources) == ["README.md", "loadagg", "pyproject.toml", "scheduler_agent"]
+    assert sorted(sources) == ["README.md", "loadagg", "pyproject.toml", "scheduler_agent", "setup.py"]
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
     for path in tracked:
         needed = any(path == s or path.startswith(s + "/") for s in sources)
         assert dockerignore_excludes(path) != needed, f"{path}: {'left out' if needed else 'sent'} by .dockerignore"
     for junk in (".venv/bin/python", ".git/HEAD", "loadagg/__pycache__/cli.cpython-311.pyc", "tests/conftest.py",
-                 "loadagg.egg-info/PKG-INFO"):
+                 "loadagg.egg-info/PKG-INFO", "loadagg/server/_figures.cpython-311-x86_64-linux-gnu.so"):
         assert dockerignore_excludes(junk), junk
 
 
@@ -70,7 +70,7 @@ def test_builder_stage_wheel_carries_both_entry_points(tmp_path):
     context.mkdir()
     for source in _copied_paths():
         if (ROOT / source).is_dir():
-            shutil.copytree(ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy(ROOT / source, context / source)
     wheels = tmp_path / "wheels"
@@ -83,9 +83,12 @@ def test_builder_stage_wheel_carries_both_entry_points(tmp_path):
     for module in ("loadagg/v1/loadagg_pb2.py", "loadagg/cli/health_check.py", "scheduler_agent/fanout.py"):
         assert module in names
     assert not any(n.startswith("tests/") for n in names)
+    # The builder has gcc: its wheel carries the C check of pushed figures, built from the copied source.
+    assert any(n.startswith("loadagg/server/_figures.") and n.endswith(".so") for n in names), sorted(names)
     assert "loadagg = loadagg.cli:main" in entry_points and "scheduler-agent = scheduler_agent.cli:main" in entry_points
 
-    # Run both commands from the wheel itself (pure Python, importable as a zip), not from this checkout.
+    # Run both commands from the wheel itself (importable as a zip; the C check is not, and Python's serves), not
+    # from this checkout.
     env = {**os.environ, "PYTHONPATH": str(wheel)}
     for module, expected in (("loadagg", "health"), ("scheduler_agent", "--resolve-all")):
         probe = f"import {module}, runpy, sys; assert {module}.__file__.startswith({str(wheel)!r}), {module}.__file__"
