@@ -174,7 +174,7 @@ class AgentLinkService:
             loads, failed_ranks = loads[:len(served)], failed_ranks[:len(served)]
         accepted: list[Snapshot] = []
         failed = [r for r in failed_ranks if r in served] if failed_ranks else []
-        received = time.monotonic()
+        received = session.last_heard  # this message's arrival, on our clock (_read set it)
         now = unix_ms()
         share = self.rank_share
         for load in loads:
