@@ -1,5 +1,6 @@
 """What the aggregator, the client, the CLI and the agent share, written once: LOADAGG_* readers, log levels,
-the uvloop runner, the authorization header, keepalive options, PEM reading and the version.
+the uvloop runner, the authorization header, keepalive options, PEM reading, the version, and the "same figures"
+comparison of two loads (both sides push or pass on only what changed).
 
 Dependency-free on purpose (the standard library only): the agent imports exactly this module and the contract.
 """
@@ -248,3 +249,28 @@ def field_default(cls: type, name: str) -> Any:
                 return f.default_factory()
             raise ValueError(f"{cls.__name__}.{name} has no default")
     raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def same_figures(new, old) -> bool:
+    """Whether two RankLoads of one rank carry the same figures, their time stamps and ages (all three) aside.
+
+    One C-level comparison: `new`'s stamps are set to `old`'s for it and put back at once (single-threaded,
+    nothing reads `new` meanwhile), which costs far less than copying either message without its stamps.
+    (The messages are the contract's; this module reads them by their field names and imports nothing of it.)
+    """
+    stamp, age = new.timestamp_ms, new.age_ms
+    detail = new.detail_age_ms if new.HasField("detail_age_ms") else None
+    new.timestamp_ms, new.age_ms = old.timestamp_ms, old.age_ms
+    _set_detail_age(new, old.detail_age_ms if old.HasField("detail_age_ms") else None)
+    try:
+        return new == old
+    finally:
+        new.timestamp_ms, new.age_ms = stamp, age
+        _set_detail_age(new, detail)
+
+
+def _set_detail_age(load, value: int | None) -> None:
+    if value is None:
+        load.ClearField("detail_age_ms")
+    else:
+        load.detail_age_ms = value

@@ -182,7 +182,7 @@ async def test_a_record_with_an_impossible_figure_fails_its_rank_only(served, ca
         engine.set_mode("garbage")  # the servicer's figures: token_usage NaN (counts clamp to 0 in the record)
         engine.step(1)
         await wait_for(lambda: source.held.rank(1).problem != "", what="the bad record noticed")
-        with pytest.raises(PartialRead, match="rank 1: a load record with token_usage = nan is not a figure") as bad:
+        with pytest.raises(PartialRead, match="rank 1: a load record with token_usage is not finite") as bad:
             await source.read([0, 1])
         assert list(bad.value.loads) == [0]  # no made-up figure for rank 1; rank 0 serves on
         engine.set_mode("ok")

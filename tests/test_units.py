@@ -259,3 +259,16 @@ def test_top_marks_stale_after_three_intervals_and_interval_0_is_the_servers_def
     assert TopConfig("t", interval_ms=200).stale_after_ms == 3000
     assert TopConfig("t", interval_ms=2000).stale_after_ms == 6000
     assert TopConfig("t", interval_ms=0, stale_ms=50).stale_after_ms == 50
+
+
+def test_same_figures_sets_aside_stamps_and_ages_and_leaves_both_loads_as_they_were():
+    from loadagg.common import same_figures
+
+    old = pb.RankLoad(dp_rank=1, timestamp_ms=5, age_ms=2, num_running_reqs=3)
+    new = pb.RankLoad(dp_rank=1, timestamp_ms=9, age_ms=7, detail_age_ms=40, num_running_reqs=3)
+    before_new, before_old = new.SerializeToString(), old.SerializeToString()
+    assert same_figures(new, old)
+    assert new.SerializeToString() == before_new and old.SerializeToString() == before_old
+    assert new.HasField("detail_age_ms") and not old.HasField("detail_age_ms")
+    new.num_running_reqs = 4
+    assert not same_figures(new, old)

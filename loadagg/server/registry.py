@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from loadagg.common import same_figures
 from loadagg.server.errors import RankConflict
 from loadagg.server.warn_throttle import WarningThrottle
 from loadagg.v1 import loadagg_pb2 as pb
@@ -87,30 +88,6 @@ class AgentSession:
         """Ask the stream's writer to end the RPC (used when a reconnect replaces this session)."""
         self.closed = True
         self._wake.set()
-
-
-def same_figures(new: pb.RankLoad, old: pb.RankLoad) -> bool:
-    """Whether two loads of one rank carry the same figures, their time stamps and ages (both) aside.
-
-    One C-level comparison: `new`'s stamps are set to `old`'s for it and put back at once (single-threaded,
-    nothing reads `new` meanwhile), which costs far less than copying either message without its stamps.
-    """
-    stamp, age = new.timestamp_ms, new.age_ms
-    detail = new.detail_age_ms if new.HasField("detail_age_ms") else None
-    new.timestamp_ms, new.age_ms = old.timestamp_ms, old.age_ms
-    _set_detail_age(new, old.detail_age_ms if old.HasField("detail_age_ms") else None)
-    try:
-        return new == old
-    finally:
-        new.timestamp_ms, new.age_ms = stamp, age
-        _set_detail_age(new, detail)
-
-
-def _set_detail_age(load: pb.RankLoad, value: int | None) -> None:
-    if value is None:
-        load.ClearField("detail_age_ms")
-    else:
-        load.detail_age_ms = value
 
 
 @dataclass(eq=False, slots=True)

@@ -119,7 +119,7 @@ class WatchHub:
         return WatchMode(0, on_change=True, min_interval_ms=min_interval_ms, heartbeat_ms=heartbeat_ms)
 
     def _bounded(self, name: str, requested_ms: int, default_ms: int) -> int:
-        """An on-change period: 0 = `default_ms`; below the server's minimum or above its maximum refused."""
+        """A requested period: 0 = `default_ms`; below the server's minimum or above its maximum refused."""
         if requested_ms == 0:
             return default_ms
         if not self.min_interval_ms <= requested_ms <= self.max_interval_ms:
@@ -129,16 +129,7 @@ class WatchHub:
 
     def interval_for(self, requested_ms: int) -> int:
         """The interval a request gets: 0 = the server's default; out of bounds = InvalidRequest."""
-        if requested_ms == 0:
-            return self.default_interval_ms
-        if requested_ms < self.min_interval_ms:
-            raise InvalidRequest(
-                f"interval_ms {requested_ms} is below this aggregator's minimum of {self.min_interval_ms} ms "
-                "(0 asks for the default)"
-            )
-        if requested_ms > self.max_interval_ms:
-            raise InvalidRequest(f"interval_ms {requested_ms} is above the maximum of {self.max_interval_ms} ms")
-        return requested_ms
+        return self._bounded("interval_ms", requested_ms, self.default_interval_ms)
 
     def subscribe(self, mode: WatchMode | int, dp_rank: int | None, sections: frozenset[str],
                   allow_stale: bool, render: Callable[[RoundResult], Awaitable[bytes]] | None = None) -> Subscription:
@@ -150,15 +141,14 @@ class WatchHub:
         if self._closed:
             sub.close()
             return sub
+        self.stats.subscribed += 1
         if mode.on_change:
-            self.stats.subscribed += 1
             self.changes.subscribe(sub, mode.min_interval_ms, mode.heartbeat_ms)
             return sub
         ticker = self._tickers.get(interval_ms)
         if ticker is None:
             ticker = self._tickers[interval_ms] = _Ticker(self, interval_ms)
         ticker.subscribers.add(sub)
-        self.stats.subscribed += 1
         # A newcomer gets the ticker's latest answer at once if it is younger than one interval.
         if ticker.last is not None and ticker.last.age_ms() < interval_ms:
             sub.offer_result(ticker.last)

@@ -61,7 +61,8 @@ _SECTIONS = {  # engine section -> (RankLoad section, fields copied by name)
 }
 
 
-def _check(where: str, value: float) -> None:
+def check_figure(where: str, value: float) -> None:
+    """SourceError unless `value` is a finite, non-negative figure (the engines' unset-means-0 scalars)."""
     if value != value or value in (float("inf"), float("-inf")):
         raise SourceError(f"{where} is not finite")
     if value < 0:
@@ -74,7 +75,7 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
     load = pb.RankLoad(dp_rank=src.dp_rank, timestamp_ms=now_ms)
     for field in _COUNTS:
         value = getattr(src, field)
-        _check(f"{where} {field}", value)
+        check_figure(f"{where} {field}", value)
         setattr(load, field, value)
     capacity_known = src.max_total_num_tokens > 0
     if capacity_known:
@@ -83,7 +84,7 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
         load.max_running_requests = src.max_running_requests
     for field in ("num_used_tokens", "token_usage"):
         value = getattr(src, field)
-        _check(f"{where} {field}", value)
+        check_figure(f"{where} {field}", value)
         if value or capacity_known:
             setattr(load, field, value)
     for field in _OTHER_CORE:
@@ -93,11 +94,11 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
         if not_applicable(field, value) or (field == "num_waiting_uncached_tokens" and not value
                                              and src.num_waiting_reqs):
             continue
-        _check(f"{where} {field}", value)
+        check_figure(f"{where} {field}", value)
         if value or flavor == "sglang":
             setattr(load, field, value)
     if "active_token_usage" in src.DESCRIPTOR.fields_by_name and src.HasField("active_token_usage"):
-        _check(f"{where} active_token_usage", src.active_token_usage)
+        check_figure(f"{where} active_token_usage", src.active_token_usage)
         load.active_token_usage = src.active_token_usage
     for engine_name, (section, fields) in _SECTIONS.items():
         if engine_name not in src.DESCRIPTOR.fields_by_name or not src.HasField(engine_name):
@@ -106,7 +107,7 @@ def load_from_scheduler_load(src, flavor: str, now_ms: int) -> pb.RankLoad:
         target.SetInParent()
         for field in fields:
             value = getattr(source, field)
-            _check(f"{where} {engine_name}.{field}", value)
+            check_figure(f"{where} {engine_name}.{field}", value)
             setattr(target, field, value)
         if engine_name == "disaggregation" and source.mode:
             target.mode = source.mode

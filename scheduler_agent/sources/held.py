@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from loadagg.common import MAX_REPORTED_AGE_MS
+from loadagg.common import MAX_REPORTED_AGE_MS, same_figures
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.sources.base import LoadSource, PartialRead, SourceError
 
@@ -52,15 +52,6 @@ def merged(core: pb.RankLoad, detail: pb.RankLoad | None, core_fields: frozenset
     return out
 
 
-def _same_figures(old: pb.RankLoad, new: pb.RankLoad) -> bool:
-    """Whether `new` holds the same figures as `old`, whatever its timestamp (`new` is not shared yet)."""
-    stamp = new.timestamp_ms
-    new.timestamp_ms = old.timestamp_ms
-    same = new == old
-    new.timestamp_ms = stamp
-    return same
-
-
 class HeldLoads:
     """Per-rank held figures of one push source, plus the listeners told when any of them changed."""
 
@@ -92,7 +83,7 @@ class HeldLoads:
         listeners hear of it only when a figure changed (a re-sent or re-written unchanged one just renews the
         age, which the agent's periodic re-send carries)."""
         held = self.rank(rank)
-        changed = held.problem != "" or held.core is None or not _same_figures(held.core, core)
+        changed = held.problem != "" or held.core is None or not same_figures(core, held.core)
         held.core, held.core_at = core, now_s() if taken_at is None else taken_at
         self.fine(rank)
         if changed:

@@ -31,7 +31,7 @@ from loadagg.common import field_default
 from loadagg.v1 import loadagg_pb2 as pb
 from scheduler_agent.config import AgentConfig
 from scheduler_agent.sources.base import EngineRanks, SourceError
-from scheduler_agent.sources.engine_grpc import EngineGrpcSource
+from scheduler_agent.sources.engine_grpc import EngineGrpcSource, check_figure
 from scheduler_agent.sources.held import HeldLoads, HeldSource, now_s, read_held_or_polled, stop_task
 
 log = logging.getLogger(__name__)
@@ -48,17 +48,12 @@ _SECTIONS = {"memory": "memory", "queues": "queues", "speculative": "spec", "lor
              "disaggregation": "disagg"}
 
 
-def _check(where: str, value: float) -> None:
-    if value != value or value in (float("inf"), float("-inf")) or value < 0:
-        raise SourceError(f"{where} = {value} is not a figure")
-
-
 def core_from(record: common_pb2.EngineLoad, rank: int, now_ms: int, flavor: str = "sglang",
               capacity_known: bool = True) -> pb.RankLoad:
     """The routing core every record carries, under GetLoads' presence rules (engine_grpc): the record's
     scalars have no presence, so a 0 KV usage counts only with a known capacity and a 0 rate only from sglang."""
-    _check("token_usage", record.token_usage)
-    _check("gen_throughput", record.gen_throughput)
+    check_figure("token_usage", record.token_usage)
+    check_figure("gen_throughput", record.gen_throughput)
     load = pb.RankLoad(dp_rank=rank, timestamp_ms=now_ms - record.age_ms, num_running_reqs=record.running_requests,
                        num_waiting_reqs=record.waiting_requests,
                        num_total_reqs=record.running_requests + record.waiting_requests)
@@ -69,7 +64,7 @@ def core_from(record: common_pb2.EngineLoad, rank: int, now_ms: int, flavor: str
     if record.HasField("waiting_uncached_tokens"):
         load.num_waiting_uncached_tokens = record.waiting_uncached_tokens
     if record.HasField("active_token_usage"):
-        _check("active_token_usage", record.active_token_usage)
+        check_figure("active_token_usage", record.active_token_usage)
         load.active_token_usage = record.active_token_usage
     if record.max_running_requests:
         load.max_running_requests = record.max_running_requests
@@ -85,12 +80,12 @@ def telemetry_from(record: common_pb2.EngineLoad, rank: int, flavor: str = "sgla
     load = pb.RankLoad(dp_rank=rank)
     found = False
     if record.HasField("cache_hit_rate"):
-        _check("cache_hit_rate", record.cache_hit_rate)
+        check_figure("cache_hit_rate", record.cache_hit_rate)
         found = True
         if record.cache_hit_rate or flavor == "sglang":
             load.cache_hit_rate = record.cache_hit_rate
     if record.HasField("num_used_tokens"):
-        _check("num_used_tokens", record.num_used_tokens)
+        check_figure("num_used_tokens", record.num_used_tokens)
         found = True
         if record.num_used_tokens or record.max_total_num_tokens > 0:
             load.num_used_tokens = record.num_used_tokens
@@ -103,7 +98,7 @@ def telemetry_from(record: common_pb2.EngineLoad, rank: int, flavor: str = "sgla
             for field, value in source.ListFields():
                 if field.name in target.DESCRIPTOR.fields_by_name:
                     if not isinstance(value, str):
-                        _check(f"{name}.{field.name}", value)
+                        check_figure(f"{name}.{field.name}", value)
                     setattr(target, field.name, value)
             if name == "disaggregation" and source.prefill_prealloc_queue_reqs:
                 target.prefill_prealloc_queue_reqs = source.prefill_prealloc_queue_reqs
