@@ -38,11 +38,12 @@ def detailed(load: pb.RankLoad) -> str | None:
 @contextlib.contextmanager
 def without_c_scan():
     """load_problem as on a machine where the extension was not built: the Python fast path."""
-    scan, validation._plain = validation._plain, None
+    scans = validation._plain, validation._plain_report
+    validation._plain = validation._plain_report = None
     try:
         yield
     finally:
-        validation._plain = scan
+        validation._plain, validation._plain_report = scans
 
 
 def apply(load: pb.RankLoad, where: str, index: int, value) -> None:
@@ -177,3 +178,20 @@ def test_a_float_figure_past_the_bound_is_refused_so_totals_stay_finite() -> Non
     load.num_used_tokens = 2**62  # an int64 count is not a float figure: the detailed check takes it
     assert not validation._looks_valid(load) and validation.load_problem(load) is None
     assert validation._plain(load.SerializeToString())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(edits, string_edits), min_size=1, max_size=4), st.sampled_from([200, 400, 4096]))
+def test_a_report_is_plain_only_when_each_load_is_plain_and_within_its_share(loads, share) -> None:
+    """The agent link takes a plain report's loads without checking each (report_plain): that must mean each
+    load passes the detailed check and fits its share of an answer."""
+    report = pb.LoadReport(round_id=3, failed_ranks=[7],
+                           loads=[edited(changes, texts) for changes, texts in loads])
+    each = [detailed(load) is None and load.ByteSize() <= share for load in report.loads]
+    long_in_bytes = any(len(t.encode()) > validation.MAX_STRING_CHARS for _, texts in loads for _, t in texts)
+    if validation.report_plain(report, share):
+        assert all(each)
+    elif not long_in_bytes:
+        assert not all(each)
+    with without_c_scan():
+        assert not validation.report_plain(report, share)  # without the C scan, every load is checked

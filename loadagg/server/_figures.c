@@ -39,6 +39,7 @@ static int configured = 0;
 static double max_figure, max_ratio;
 static uint64_t max_age;
 static Py_ssize_t max_chars, max_devices;
+static uint64_t loads_field; /* LoadReport.loads: what plain_report scans, each as a RankLoad */
 
 static int read_varint(const unsigned char **p, const unsigned char *end, uint64_t *out) {
     uint64_t value = 0;
@@ -122,12 +123,55 @@ static PyObject *plain(PyObject *self, PyObject *data) {
     return PyBool_FromLong(scan(0, start, start + length, &devices, 0));
 }
 
+static PyObject *plain_report(PyObject *self, PyObject *args) {
+    const char *buffer;
+    Py_ssize_t length, share;
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_figures.configure() was not called");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "y#n", &buffer, &length, &share)) return NULL;
+    const unsigned char *p = (const unsigned char *)buffer, *end = p + length;
+    while (p < end) {
+        uint64_t key, value;
+        if (!read_varint(&p, end, &key)) Py_RETURN_FALSE;
+        switch (key & 7) {
+        case 0:
+            if (!read_varint(&p, end, &value)) Py_RETURN_FALSE;
+            break;
+        case 1:
+            if (end - p < 8) Py_RETURN_FALSE;
+            p += 8;
+            break;
+        case 2: {
+            if (!read_varint(&p, end, &value) || value > (uint64_t)(end - p)) Py_RETURN_FALSE;
+            const unsigned char *inner = p;
+            p += value;
+            if (key >> 3 == loads_field) {
+                Py_ssize_t devices = 0;
+                if (value > (uint64_t)share || !scan(0, inner, p, &devices, 0)) Py_RETURN_FALSE;
+            }
+            break;
+        }
+        case 5:
+            if (end - p < 4) Py_RETURN_FALSE;
+            p += 4;
+            break;
+        default:
+            Py_RETURN_FALSE;
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyObject *configure(PyObject *self, PyObject *args) {
     PyObject *list;
     unsigned long long age;
     double figure, ratio;
     Py_ssize_t chars, most_devices;
-    if (!PyArg_ParseTuple(args, "O!ddKnn", &PyList_Type, &list, &figure, &ratio, &age, &chars, &most_devices))
+    unsigned long long report_loads;
+    if (!PyArg_ParseTuple(args, "O!ddKnnK", &PyList_Type, &list, &figure, &ratio, &age, &chars, &most_devices,
+                          &report_loads))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(list);
     if (count < 1 || count > MAX_TYPES) {
@@ -158,14 +202,18 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     max_age = age;
     max_chars = chars;
     max_devices = most_devices;
+    loads_field = report_loads;
     configured = 1;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"plain", plain, METH_O, "True when every figure of a serialized RankLoad is plainly valid."},
+    {"plain_report", plain_report, METH_VARARGS,
+     "plain_report(data, share): True when every load of a serialized LoadReport is plain and at most share bytes."},
     {"configure", configure, METH_VARARGS,
-     "configure(tables, max_figure, max_ratio, max_age_ms, max_chars, max_devices): what each field must hold."},
+     "configure(tables, max_figure, max_ratio, max_age_ms, max_chars, max_devices, report_loads_field): what each "
+     "field must hold."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,6 +19,7 @@ from loadagg.server.validation import (
     load_problem,
     max_hello_bytes,
     max_report_bytes,
+    report_plain,
     validate_hello,
 )
 from loadagg.v1 import loadagg_pb2 as pb
@@ -177,26 +178,29 @@ class AgentLinkService:
         received = session.last_heard  # this message's arrival, on our clock (_read set it)
         now = unix_ms()
         share = self.rank_share
+        plain = report_plain(report, share)  # the common case: every load's figures checked in one C pass
         for load in loads:
-            serialized = load.SerializeToString()  # its size, and what the figures' C scan reads
-            if load.dp_rank not in served:
-                problem = f"dp rank {load.dp_rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
-            elif (size := len(serialized)) > share:
-                problem = (f"dp rank {load.dp_rank}'s load is {size} bytes, above its share of an answer ({share} "
+            rank = load.dp_rank
+            if rank not in served:
+                problem = f"dp rank {rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
+            elif plain:
+                problem = None
+            elif (size := len(serialized := load.SerializeToString())) > share:
+                problem = (f"dp rank {rank}'s load is {size} bytes, above its share of an answer ({share} "
                            f"bytes = --max-answer-bytes over dp_size {self.registry.dp_size}, at most "
                            f"{MAX_RANK_LOAD_BYTES}); send fewer GPU devices or shorter names, or raise "
                            "--max-answer-bytes (and routers' receive limit)")
             else:
                 problem = load_problem(load, serialized)
             if problem:
-                _log_rejection(session, load.dp_rank, problem)
-                session.send(self._rejection(report.round_id, load.dp_rank, problem))
-                failed.append(load.dp_rank)
+                _log_rejection(session, rank, problem)
+                session.send(self._rejection(report.round_id, rank, problem))
+                failed.append(rank)
                 continue
-            if not load.timestamp_ms:
+            if not (stamp := load.timestamp_ms):
                 load.timestamp_ms = now
-            elif load.timestamp_ms > now + CLOCK_AHEAD_NOTED_MS:
-                self._clock_ahead(session, load.timestamp_ms - now)
+            elif stamp > now + CLOCK_AHEAD_NOTED_MS:
+                self._clock_ahead(session, stamp - now)
             # Its figures were read age_ms before the agent sent them: on our clock, that long before now.
             accepted.append(Snapshot(load, received, received - load.age_ms / 1000,
                                      received - load.detail_age_ms / 1000 if load.HasField("detail_age_ms") else None))

@@ -294,17 +294,24 @@ def _scan_tables() -> list[bytes]:
 
 
 def _c_scan():
-    """The C scan's `plain`, configured; None where the extension was not built (the Python checks serve)."""
+    """The C scan's `plain` and `plain_report`, configured; (None, None) where the extension was not built (the
+    Python checks serve)."""
     try:
         from loadagg.server import _figures
     except ImportError:
-        return None
+        return None, None
     _figures.configure(_scan_tables(), MAX_FLOAT_FIGURE, _RATIO_MAX, MAX_REPORTED_AGE_MS, MAX_STRING_CHARS,
-                       MAX_GPU_DEVICES_PER_RANK)
-    return _figures.plain
+                       MAX_GPU_DEVICES_PER_RANK, pb.LoadReport.DESCRIPTOR.fields_by_name["loads"].number)
+    return _figures.plain, _figures.plain_report
 
 
-_plain = _c_scan()
+_plain, _plain_report = _c_scan()
+
+
+def report_plain(report: pb.LoadReport, share: int) -> bool:
+    """True when every load of `report` is plainly valid (load_problem would find nothing) and at most `share`
+    bytes: one C pass over the whole report. False (or no C scan built) means: check each load."""
+    return _plain_report is not None and _plain_report(report.SerializeToString(), share)
 
 
 def _fill(message) -> None:
