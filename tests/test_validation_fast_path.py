@@ -38,12 +38,12 @@ def detailed(load: pb.RankLoad) -> str | None:
 @contextlib.contextmanager
 def without_c_scan():
     """load_problem as on a machine where the extension was not built: the Python fast path."""
-    scans = validation._plain, validation._plain_report
-    validation._plain = validation._plain_report = None
+    scans = validation._plain, validation._report_figures
+    validation._plain = validation._report_figures = None
     try:
         yield
     finally:
-        validation._plain, validation._plain_report = scans
+        validation._plain, validation._report_figures = scans
 
 
 def apply(load: pb.RankLoad, where: str, index: int, value) -> None:
@@ -140,9 +140,13 @@ def test_the_c_scan_reads_every_field_of_a_rank_load() -> None:
     tables = validation._scan_tables()
     rank_load = tables[0]
     for field in pb.RankLoad.DESCRIPTOR.fields:
-        unchecked = {"dp_rank", "timestamp_ms", "total_prefill_uncached_tokens", "total_prefill_busy_us",
-                     "engine_silence_ms"}
-        assert (rank_load[field.number] == validation._KIND_ANY) == (field.name in unchecked), field.name
+        unchecked = {"total_prefill_uncached_tokens", "total_prefill_busy_us", "engine_silence_ms"}
+        read_out = {"dp_rank": validation._KIND_RANK, "timestamp_ms": validation._KIND_STAMP,
+                    "detail_age_ms": validation._KIND_DETAIL_AGE}
+        if field.name in read_out:
+            assert rank_load[field.number] == read_out[field.name]
+        else:
+            assert (rank_load[field.number] == validation._KIND_ANY) == (field.name in unchecked), field.name
 
 
 def test_fast_path_takes_a_plain_snapshot_and_an_empty_load() -> None:
@@ -181,17 +185,49 @@ def test_a_float_figure_past_the_bound_is_refused_so_totals_stay_finite() -> Non
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(edits, string_edits), min_size=1, max_size=4), st.sampled_from([200, 400, 4096]))
-def test_a_report_is_plain_only_when_each_load_is_plain_and_within_its_share(loads, share) -> None:
-    """The agent link takes a plain report's loads without checking each (report_plain): that must mean each
-    load passes the detailed check and fits its share of an answer."""
+@given(st.lists(st.tuples(edits, string_edits, st.one_of(st.none(), flags)), min_size=1, max_size=4),
+       st.sampled_from([200, 400, 4096]), st.booleans())
+def test_report_figures_vouch_only_for_plain_loads_within_their_share(loads, share, unstamped) -> None:
+    """The agent link takes the loads report_figures vouches for without checking each: that must mean each
+    passes the detailed check and fits its share, and the figures it reads out must be the parsed load's."""
     report = pb.LoadReport(round_id=3, failed_ranks=[7],
-                           loads=[edited(changes, texts) for changes, texts in loads])
+                           loads=[edited(changes, texts, extra) for changes, texts, extra in loads])
+    if unstamped:
+        report.loads[0].ClearField("timestamp_ms")
+        report.loads[-1].ClearField("detail_age_ms")
+    raw = pb.AgentMessage(report=report).SerializeToString()
     each = [detailed(load) is None and load.ByteSize() <= share for load in report.loads]
-    long_in_bytes = any(len(t.encode()) > validation.MAX_STRING_CHARS for _, texts in loads for _, t in texts)
-    if validation.report_plain(report, share):
+    long_in_bytes = any(len(t.encode()) > validation.MAX_STRING_CHARS for _, texts, _ in loads for _, t in texts)
+    figures = validation.report_figures(raw, share)
+    if figures is not None:
         assert all(each)
+        assert figures == [validation.figures_of(load) for load in report.loads]
     elif not long_in_bytes:
         assert not all(each)
     with without_c_scan():
-        assert not validation.report_plain(report, share)  # without the C scan, every load is checked
+        assert validation.report_figures(raw, share) is None  # without the C scan, every load is checked
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       st.binary(max_size=24))
+def test_report_figures_of_any_bytes_match_what_protobuf_parses(flips, tail) -> None:
+    """An AgentMessage as an agent may send it (fields repeated, unknown, of the wrong wire type, a hello after
+    the report): where report_figures vouches for as many loads as protobuf parses, each is plain and its
+    figures are the parsed load's."""
+    load = pb.RankLoad()
+    load.CopyFrom(BASE)
+    raw = bytearray(pb.AgentMessage(report=pb.LoadReport(loads=[load, load])).SerializeToString())
+    for position, byte in flips:
+        raw[position % len(raw)] = byte
+    raw = bytes(raw) + tail
+    try:
+        message = pb.AgentMessage.FromString(raw)
+    except Exception:
+        return
+    figures = validation.report_figures(raw, 4096)
+    loads = message.report.loads
+    if figures is not None and len(figures) == len(loads) and message.WhichOneof("kind") == "report":
+        for load, read in zip(loads, figures, strict=True):
+            assert detailed(load) is None and load.ByteSize() <= 4096
+            assert read == validation.figures_of(load)

@@ -30,6 +30,9 @@ enum {
     K_COUNT = 5,   /* a double: finite, 0 <= x <= max_figure */
     K_RATIO = 6,   /* a double: 0 <= x <= max_ratio */
     K_STRING = 7,  /* at most max_chars, no control character */
+    K_RANK = 8,    /* RankLoad.dp_rank, RankLoad.timestamp_ms, RankLoad.detail_age_ms (K_AGE: age_ms): read */
+    K_STAMP = 9,   /*   out by report_figures; never refused (detail_age_ms is bounded as an age) */
+    K_DETAIL_AGE = 10,
     K_MESSAGE = 0x40, /* | table index: a nested message */
     K_DEVICES = 0x80, /* | table index: one GPU device of at most max_devices */
 };
@@ -39,7 +42,13 @@ static int configured = 0;
 static double max_figure, max_ratio;
 static uint64_t max_age;
 static Py_ssize_t max_chars, max_devices;
-static uint64_t loads_field; /* LoadReport.loads: what plain_report scans, each as a RankLoad */
+static uint64_t report_field, loads_field; /* AgentMessage.report, LoadReport.loads: what report_figures walks */
+
+/* What report_figures hands back of each load: read from its top-level fields, the last occurrence winning. */
+typedef struct {
+    uint64_t rank, stamp, age, detail_age;
+    int has_detail_age;
+} LoadFigures;
 
 static int read_varint(const unsigned char **p, const unsigned char *end, uint64_t *out) {
     uint64_t value = 0;
@@ -62,7 +71,8 @@ static int plain_string(const unsigned char *p, uint64_t length) {
 }
 
 /* 1 when every field of the message of table `type` in [p, end) is plain; 0 otherwise. */
-static int scan(int type, const unsigned char *p, const unsigned char *end, Py_ssize_t *devices, int depth) {
+static int scan(int type, const unsigned char *p, const unsigned char *end, Py_ssize_t *devices, int depth,
+                LoadFigures *out) {
     if (depth > MAX_DEPTH) return 0;
     while (p < end) {
         uint64_t key, value;
@@ -76,7 +86,13 @@ static int scan(int type, const unsigned char *p, const unsigned char *end, Py_s
             if (kind == K_INT32 && (int32_t)(uint32_t)value < 0) return 0; /* the parser keeps the low 32 bits */
             if (kind == K_INT64 && (int64_t)value < 0) return 0;
             if (kind == K_FALSE && value) return 0;
-            if (kind == K_AGE && value > max_age) return 0;
+            if ((kind == K_AGE || kind == K_DETAIL_AGE) && value > max_age) return 0;
+            if (out != NULL) {
+                if (kind == K_RANK) out->rank = value;
+                else if (kind == K_STAMP) out->stamp = value;
+                else if (kind == K_AGE) out->age = value;
+                else if (kind == K_DETAIL_AGE) out->detail_age = value, out->has_detail_age = 1;
+            }
             break;
         case 1: /* 64-bit: a double */
             if (end - p < 8) return 0;
@@ -93,9 +109,9 @@ static int scan(int type, const unsigned char *p, const unsigned char *end, Py_s
                 if (!plain_string(inner, value)) return 0;
             } else if (kind & K_DEVICES) {
                 if (++*devices > max_devices) return 0;
-                if (!scan(kind & 0x3f, inner, p, devices, depth + 1)) return 0;
+                if (!scan(kind & 0x3f, inner, p, devices, depth + 1, NULL)) return 0;
             } else if (kind & K_MESSAGE) {
-                if (!scan(kind & 0x3f, inner, p, devices, depth + 1)) return 0;
+                if (!scan(kind & 0x3f, inner, p, devices, depth + 1, NULL)) return 0;
             }
             break;
         }
@@ -120,10 +136,64 @@ static PyObject *plain(PyObject *self, PyObject *data) {
     if (PyBytes_AsStringAndSize(data, &buffer, &length) < 0) return NULL;
     Py_ssize_t devices = 0;
     const unsigned char *start = (const unsigned char *)buffer;
-    return PyBool_FromLong(scan(0, start, start + length, &devices, 0));
+    return PyBool_FromLong(scan(0, start, start + length, &devices, 0, NULL));
 }
 
-static PyObject *plain_report(PyObject *self, PyObject *args) {
+/* Skip one field of wire type `wire` at *p; 0 when it runs past `end` or is a group. */
+static int skip_field(int wire, const unsigned char **p, const unsigned char *end) {
+    uint64_t value;
+    switch (wire) {
+    case 0:
+        return read_varint(p, end, &value);
+    case 1:
+        if (end - *p < 8) return 0;
+        *p += 8;
+        return 1;
+    case 2:
+        if (!read_varint(p, end, &value) || value > (uint64_t)(end - *p)) return 0;
+        *p += value;
+        return 1;
+    case 5:
+        if (end - *p < 4) return 0;
+        *p += 4;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Append (rank, stamp, age, detail age or None) of every load of the LoadReport in [p, end) to `list`;
+ * 0 when a load is not plain or is over `share` bytes, -1 on a Python error. */
+static int report_loads(const unsigned char *p, const unsigned char *end, Py_ssize_t share, PyObject *list) {
+    while (p < end) {
+        uint64_t key, length;
+        if (!read_varint(&p, end, &key)) return 0;
+        if (key >> 3 != loads_field || (key & 7) != 2) {
+            if (!skip_field(key & 7, &p, end)) return 0;
+            continue;
+        }
+        if (!read_varint(&p, end, &length) || length > (uint64_t)(end - p) || length > (uint64_t)share) return 0;
+        LoadFigures figures = {0, 0, 0, 0, 0};
+        Py_ssize_t devices = 0;
+        if (!scan(0, p, p + length, &devices, 0, &figures)) return 0;
+        p += length;
+        PyObject *item = PyTuple_New(4);
+        if (item == NULL) return -1;
+        PyTuple_SET_ITEM(item, 0, PyLong_FromLong((int32_t)(uint32_t)figures.rank));
+        PyTuple_SET_ITEM(item, 1, PyLong_FromUnsignedLongLong(figures.stamp));
+        PyTuple_SET_ITEM(item, 2, PyLong_FromUnsignedLongLong(figures.age));
+        PyTuple_SET_ITEM(item, 3, figures.has_detail_age ? PyLong_FromUnsignedLongLong(figures.detail_age)
+                                                         : Py_NewRef(Py_None));
+        int failed = PyTuple_GET_ITEM(item, 0) == NULL || PyTuple_GET_ITEM(item, 1) == NULL ||
+                     PyTuple_GET_ITEM(item, 2) == NULL || PyTuple_GET_ITEM(item, 3) == NULL ||
+                     PyList_Append(list, item) < 0;
+        Py_DECREF(item);
+        if (failed) return -1;
+    }
+    return 1;
+}
+
+static PyObject *report_figures(PyObject *self, PyObject *args) {
     const char *buffer;
     Py_ssize_t length, share;
     if (!configured) {
@@ -131,37 +201,28 @@ static PyObject *plain_report(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (!PyArg_ParseTuple(args, "y#n", &buffer, &length, &share)) return NULL;
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
     const unsigned char *p = (const unsigned char *)buffer, *end = p + length;
     while (p < end) {
-        uint64_t key, value;
-        if (!read_varint(&p, end, &key)) Py_RETURN_FALSE;
-        switch (key & 7) {
-        case 0:
-            if (!read_varint(&p, end, &value)) Py_RETURN_FALSE;
-            break;
-        case 1:
-            if (end - p < 8) Py_RETURN_FALSE;
-            p += 8;
-            break;
-        case 2: {
-            if (!read_varint(&p, end, &value) || value > (uint64_t)(end - p)) Py_RETURN_FALSE;
-            const unsigned char *inner = p;
-            p += value;
-            if (key >> 3 == loads_field) {
-                Py_ssize_t devices = 0;
-                if (value > (uint64_t)share || !scan(0, inner, p, &devices, 0)) Py_RETURN_FALSE;
+        uint64_t key, size;
+        int found = read_varint(&p, end, &key);
+        if (found && key >> 3 == report_field && (key & 7) == 2) {
+            found = read_varint(&p, end, &size) && size <= (uint64_t)(end - p);
+            if (found) {
+                found = report_loads(p, p + size, share, list);
+                p += size;
             }
-            break;
+        } else if (found) {
+            found = skip_field(key & 7, &p, end);
         }
-        case 5:
-            if (end - p < 4) Py_RETURN_FALSE;
-            p += 4;
-            break;
-        default:
-            Py_RETURN_FALSE;
+        if (found != 1) {
+            Py_DECREF(list);
+            if (found < 0) return NULL;
+            Py_RETURN_NONE;
         }
     }
-    Py_RETURN_TRUE;
+    return list;
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
@@ -169,9 +230,9 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     unsigned long long age;
     double figure, ratio;
     Py_ssize_t chars, most_devices;
-    unsigned long long report_loads;
-    if (!PyArg_ParseTuple(args, "O!ddKnnK", &PyList_Type, &list, &figure, &ratio, &age, &chars, &most_devices,
-                          &report_loads))
+    unsigned long long report, loads;
+    if (!PyArg_ParseTuple(args, "O!ddKnnKK", &PyList_Type, &list, &figure, &ratio, &age, &chars, &most_devices,
+                          &report, &loads))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(list);
     if (count < 1 || count > MAX_TYPES) {
@@ -202,18 +263,20 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     max_age = age;
     max_chars = chars;
     max_devices = most_devices;
-    loads_field = report_loads;
+    report_field = report;
+    loads_field = loads;
     configured = 1;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"plain", plain, METH_O, "True when every figure of a serialized RankLoad is plainly valid."},
-    {"plain_report", plain_report, METH_VARARGS,
-     "plain_report(data, share): True when every load of a serialized LoadReport is plain and at most share bytes."},
+    {"report_figures", report_figures, METH_VARARGS,
+     "report_figures(agent_message, share): per load of its report (dp_rank, timestamp_ms, age_ms, detail_age_ms "
+     "or None) when every load is plain and at most share bytes; None otherwise."},
     {"configure", configure, METH_VARARGS,
-     "configure(tables, max_figure, max_ratio, max_age_ms, max_chars, max_devices, report_loads_field): what each "
-     "field must hold."},
+     "configure(tables, max_figure, max_ratio, max_age_ms, max_chars, max_devices, report_field, loads_field): "
+     "what each field must hold, and where an AgentMessage keeps its loads."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -237,7 +237,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         async def decoded(_raw_requests: AsyncIterator[bytes], context):
             # One stream message per agent report: read with context.read() (what gRPC's own request
-            # iterator wraps in two more layers) and parse inline, no coroutine each.
+            # iterator wraps in two more layers) and parse inline, no coroutine each. The AgentLink handler is
+            # given (message, the bytes it came as): its figures are checked on those bytes, not re-serialized.
             read, end = context.read, grpc.aio.EOF
             limit = self.agent_message_limit if capped else None
             loads = self.agent_message_loads if capped else None
@@ -245,13 +246,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 if limit is not None and len(raw) > (most := limit(context)):
                     await self._refuse_oversized(context, len(raw), most)
                 if loads is not None and len(raw) > PIECE_BYTES:
-                    yield await self._parse_in_pieces(method, raw, loads(context), parse, context)
+                    yield await self._parse_in_pieces(method, raw, loads(context), parse, context), raw
                     continue
                 try:
                     message = parse(raw)
                 except Exception:
                     message = await decode_one(raw, context)  # aborts with INVALID_ARGUMENT
-                yield message
+                yield (message, raw) if capped else message
 
         async def admit(context) -> None:
             if capped and self.agent_links >= self.max_agent_links:

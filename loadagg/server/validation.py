@@ -244,7 +244,10 @@ def _problem(load: pb.RankLoad) -> str | None:
 
 
 # The C scan's field kinds (loadagg/server/_figures.c), one per field number of each message type it reads.
-_KIND_ANY, _KIND_INT32, _KIND_INT64, _KIND_FALSE, _KIND_AGE, _KIND_COUNT, _KIND_RATIO, _KIND_STRING = range(8)
+(_KIND_ANY, _KIND_INT32, _KIND_INT64, _KIND_FALSE, _KIND_AGE, _KIND_COUNT, _KIND_RATIO, _KIND_STRING, _KIND_RANK,
+ _KIND_STAMP, _KIND_DETAIL_AGE) = range(11)
+# RankLoad's fields that report_figures reads out of each load besides checking it (age_ms is _KIND_AGE).
+_READ_OUT = {"dp_rank": _KIND_RANK, "timestamp_ms": _KIND_STAMP, "detail_age_ms": _KIND_DETAIL_AGE}
 _KIND_MESSAGE, _KIND_DEVICES = 0x40, 0x80
 _SCAN_FIELDS = 64
 
@@ -271,7 +274,9 @@ def _scan_tables() -> list[bytes]:
                 kind = _KIND_STRING
             elif field.name == "stale" and descriptor is pb.RankLoad.DESCRIPTOR:
                 kind = _KIND_FALSE
-            elif field.name in ("age_ms", "detail_age_ms") and descriptor is pb.RankLoad.DESCRIPTOR:
+            elif field.name in _READ_OUT and descriptor is pb.RankLoad.DESCRIPTOR:
+                kind = _READ_OUT[field.name]
+            elif field.name == "age_ms" and descriptor is pb.RankLoad.DESCRIPTOR:
                 kind = _KIND_AGE
             elif counted is not None and field.name not in counted and field.name not in ratios:
                 kind = _KIND_ANY  # a RankLoad field no check reads (rank, time stamp, cumulative totals)
@@ -294,24 +299,40 @@ def _scan_tables() -> list[bytes]:
 
 
 def _c_scan():
-    """The C scan's `plain` and `plain_report`, configured; (None, None) where the extension was not built (the
+    """The C scan's `plain` and `report_figures`, configured; (None, None) where the extension was not built (the
     Python checks serve)."""
     try:
         from loadagg.server import _figures
     except ImportError:
         return None, None
     _figures.configure(_scan_tables(), MAX_FLOAT_FIGURE, _RATIO_MAX, MAX_REPORTED_AGE_MS, MAX_STRING_CHARS,
-                       MAX_GPU_DEVICES_PER_RANK, pb.LoadReport.DESCRIPTOR.fields_by_name["loads"].number)
-    return _figures.plain, _figures.plain_report
+                       MAX_GPU_DEVICES_PER_RANK, pb.AgentMessage.DESCRIPTOR.fields_by_name["report"].number,
+                       pb.LoadReport.DESCRIPTOR.fields_by_name["loads"].number)
+    return _figures.plain, _figures.report_figures
 
 
-_plain, _plain_report = _c_scan()
+_plain, _report_figures = _c_scan()
+# The largest message read in one C pass: an agent's larger ones are parsed and checked a load at a time.
+REPORT_SCAN_BYTES = 64 * 1024
+
+Figures = tuple[int, int, int, "int | None"]  # dp_rank, timestamp_ms, age_ms, detail_age_ms (None: not sent)
 
 
-def report_plain(report: pb.LoadReport, share: int) -> bool:
-    """True when every load of `report` is plainly valid (load_problem would find nothing) and at most `share`
-    bytes: one C pass over the whole report. False (or no C scan built) means: check each load."""
-    return _plain_report is not None and _plain_report(report.SerializeToString(), share)
+def report_figures(message_bytes: bytes, share: int) -> list[Figures] | None:
+    """For an AgentMessage as received: per load of its report, in order, (dp_rank, timestamp_ms, age_ms,
+    detail_age_ms or None), when every load is plainly valid (load_problem would find nothing) and at most `share`
+    bytes. None when any is not, or the message is past REPORT_SCAN_BYTES, or the C scan was not built: then each
+    load is checked on its own. One C pass over the bytes as they came: no load is re-serialized or read field
+    by field in Python."""
+    if _report_figures is None or len(message_bytes) > REPORT_SCAN_BYTES:
+        return None
+    return _report_figures(message_bytes, share)
+
+
+def figures_of(load: pb.RankLoad) -> Figures:
+    """What report_figures reads of a load, read from the parsed load."""
+    return (load.dp_rank, load.timestamp_ms, load.age_ms,
+            load.detail_age_ms if load.HasField("detail_age_ms") else None)
 
 
 def _fill(message) -> None:
