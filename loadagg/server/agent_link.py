@@ -185,8 +185,10 @@ class AgentLinkService:
         share = self.rank_share
         figures = report_figures(raw, share) if raw else None
         checked = figures is None or len(figures) != len(loads)  # (a count apart: fields the parser dropped)
-        for load, (rank, stamp, age_ms, detail_age_ms) in zip(loads, map(figures_of, loads) if checked else figures,
-                                                                strict=True):
+        # (no strict= keyword: a call with one costs more than the rest of a 1-rank report's loop; both sides have
+        # one entry per load)
+        pairs = zip(loads, map(figures_of, loads) if checked else figures)  # noqa: B905
+        for load, (rank, stamp, age_ms, detail_age_ms) in pairs:
             if rank not in served:
                 problem = f"dp rank {rank} is not served by this agent (it serves {listed(session.dp_ranks)})"
             elif not checked:

@@ -235,24 +235,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         capped = service == AGENT_SERVICE
         decode_one = self._decoder(method, parse, None)
 
-        async def decoded(_raw_requests: AsyncIterator[bytes], context):
-            # One stream message per agent report: read with context.read() (what gRPC's own request
-            # iterator wraps in two more layers) and parse inline, no coroutine each. The AgentLink handler is
-            # given (message, the bytes it came as): its figures are checked on those bytes, not re-serialized.
-            read, end = context.read, grpc.aio.EOF
-            limit = self.agent_message_limit if capped else None
-            loads = self.agent_message_loads if capped else None
-            while (raw := await read()) is not end:
-                if limit is not None and len(raw) > (most := limit(context)):
-                    await self._refuse_oversized(context, len(raw), most)
-                if loads is not None and len(raw) > PIECE_BYTES:
-                    yield await self._parse_in_pieces(method, raw, loads(context), parse, context), raw
-                    continue
-                try:
-                    message = parse(raw)
-                except Exception:
-                    message = await decode_one(raw, context)  # aborts with INVALID_ARGUMENT
-                yield (message, raw) if capped else message
+        def decoded(_raw_requests: AsyncIterator[bytes], context) -> _Decoded:
+            limits = (self.agent_message_limit, self.agent_message_loads) if capped else None
+            return _Decoded(self, method, context, parse, decode_one, limits)
 
         async def admit(context) -> None:
             if capped and self.agent_links >= self.max_agent_links:
@@ -296,6 +281,44 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 if capped:
                     self.agent_links -= 1
         return stream_coroutine
+
+
+class _Decoded:
+    """A streaming-in call's requests, parsed as they are read: what a handler iterates over.
+
+    One stream message per agent report: read with context.read() (what gRPC's own request iterator wraps in two
+    more layers) and parsed inline. A class, not an async generator: an async generator hands each item over by
+    raising StopIteration, one exception object per agent message. The AgentLink handler (`limits` given: the
+    bytes and loads its next message may hold) is given (message, the bytes it came as): its figures are checked on
+    those bytes, not re-serialized.
+    """
+
+    __slots__ = ("guard", "method", "context", "parse", "decode_one", "limits")
+
+    def __init__(self, guard: GuardInterceptor, method: str, context, parse, decode_one,
+                 limits: tuple[Callable, Callable] | None) -> None:
+        self.guard, self.method, self.context = guard, method, context
+        self.parse, self.decode_one, self.limits = parse, decode_one, limits
+
+    def __aiter__(self) -> _Decoded:
+        return self
+
+    async def __anext__(self):
+        context = self.context
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise StopAsyncIteration
+        if self.limits is not None:
+            limit, loads = self.limits
+            if len(raw) > (most := limit(context)):
+                await self.guard._refuse_oversized(context, len(raw), most)
+            if len(raw) > PIECE_BYTES:
+                return await self.guard._parse_in_pieces(self.method, raw, loads(context), self.parse, context), raw
+        try:
+            message = self.parse(raw)
+        except Exception:
+            message = await self.decode_one(raw, context)  # aborts with INVALID_ARGUMENT
+        return message if self.limits is None else (message, raw)
 
 
 REFUSAL_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "UNAVAILABLE")
