@@ -112,7 +112,9 @@ async def test_an_engine_that_shrinks_keeps_its_agent_serving_the_ranks_it_still
         engine.dp_size = 2
         await wait_for(lambda: agg.registry.live_ranks() == {0, 1}, timeout=20, what="linked again with 2 ranks")
         assert agent.last_refusal is None and agent.dp_size == 0
-        assert "the engine shows dp_size 2, the aggregator serves 4" in caplog.text
+        # The agent warns when it reads the welcome, which may come a moment after the aggregator took its ranks.
+        await wait_for(lambda: "the engine shows dp_size 2, the aggregator serves 4" in caplog.text, timeout=10,
+                       what="the agent's warning on its welcome")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
