@@ -110,16 +110,25 @@ def test_fast_paths_agree_with_the_detailed_check(changes, texts, extra) -> None
         assert validation._plain(load.SerializeToString()) == (slow is None)
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
-       st.binary(max_size=24))
-def test_the_c_scan_passes_no_bytes_the_detailed_check_refuses(flips, tail) -> None:
-    """Bytes as an agent may send them (fields repeated, unknown, of the wrong wire type, truncated): whatever
-    protobuf parses, the scan passes only when the detailed check finds nothing."""
-    raw = bytearray(BASE.SerializeToString())
+# Bytes as an agent may send them: some flipped, some appended (fields repeated, unknown, of the wrong wire type,
+# truncated).
+byte_damage = st.tuples(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+                        st.binary(max_size=24))
+
+
+def damaged(message, damage) -> bytes:
+    flips, tail = damage
+    raw = bytearray(message.SerializeToString())
     for position, byte in flips:
         raw[position % len(raw)] = byte
-    raw = bytes(raw) + tail
+    return bytes(raw) + tail
+
+
+@settings(max_examples=400, deadline=None)
+@given(byte_damage)
+def test_the_c_scan_passes_no_bytes_the_detailed_check_refuses(damage) -> None:
+    """Whatever protobuf parses of damaged bytes, the scan passes only when the detailed check finds nothing."""
+    raw = damaged(BASE, damage)
     try:
         load = pb.RankLoad.FromString(raw)
     except Exception:
@@ -209,18 +218,11 @@ def test_report_figures_vouch_only_for_plain_loads_within_their_share(loads, sha
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
-       st.binary(max_size=24))
-def test_report_figures_of_any_bytes_match_what_protobuf_parses(flips, tail) -> None:
-    """An AgentMessage as an agent may send it (fields repeated, unknown, of the wrong wire type, a hello after
-    the report): where report_figures vouches for as many loads as protobuf parses, each is plain and its
-    figures are the parsed load's."""
-    load = pb.RankLoad()
-    load.CopyFrom(BASE)
-    raw = bytearray(pb.AgentMessage(report=pb.LoadReport(loads=[load, load])).SerializeToString())
-    for position, byte in flips:
-        raw[position % len(raw)] = byte
-    raw = bytes(raw) + tail
+@given(byte_damage)
+def test_report_figures_of_any_bytes_match_what_protobuf_parses(damage) -> None:
+    """A damaged AgentMessage (a hello after the report among what damage can make): where report_figures vouches
+    for as many loads as protobuf parses, each is plain and its figures are the parsed load's."""
+    raw = damaged(pb.AgentMessage(report=pb.LoadReport(loads=[BASE, BASE])), damage)
     try:
         message = pb.AgentMessage.FromString(raw)
     except Exception:
