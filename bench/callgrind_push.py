@@ -13,30 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import subprocess
-import sys
-import threading
 import time
 
-from bench.procs import ROOT, Child, _link_agents, use_classic_listener
+from bench.procs import Child, _link_agents
 
 
 class CallgrindChild(Child):
-    """A bench child under callgrind, instrumentation off until `collect(True)`."""
+    """A bench child under callgrind, instrumentation off until `callgrind("--instr=on")`."""
 
     def __init__(self, module: str, *args: str, out: str) -> None:
-        self.name = module
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT}
-        use_classic_listener(env)
-        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                   sys.executable, "-m", module, *args]
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._stderr: list[str] = []
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
+        super().__init__(module, *args, wrapper=("valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                                 f"--callgrind-out-file={out}"))
 
     def callgrind(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True, timeout=60)

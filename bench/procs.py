@@ -9,7 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from loadagg.cli.grpc_core import use_classic_listener
@@ -24,12 +24,13 @@ class ChildError(RuntimeError):
 class Child:
     """A `python -m MODULE ...` child: JSON lines on its stdout, commands on its stdin."""
 
-    def __init__(self, module: str, *args: str, name: str = "") -> None:
+    def __init__(self, module: str, *args: str, name: str = "", wrapper: Sequence[str] = ()) -> None:
+        """`wrapper`: a command the child runs under (valgrind ..., bench.callgrind_push)."""
         self.name = name or module
         python_path = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
         use_classic_listener(env)  # every server child (aggregator, echo, link floor) as `loadagg serve` runs
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
+        self.proc = subprocess.Popen([*wrapper, sys.executable, "-m", module, *args], cwd=ROOT, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
