@@ -40,19 +40,21 @@ def run(tiny: bool = False) -> Outcome:
     layouts = [(1, False), (1, True)] if tiny else [(1, False), (4, False), (1, True), (4, True)]
     for ranks_per_agent, push in layouts:
         row = measure(ranks, ranks_per_agent, duration, idle_s, processes, push)
-        row["floor_cores"] = floor_cores(ranks, ranks_per_agent, duration / 2, processes, push)
-        row["above_floor"] = round(row["aggregator_cores"] - row["floor_cores"], 3)
         if push:  # per pushed rank update, nobody asking: the aggregator and the floor move the same pushes
             aggregator = [row["idle_cores"] / (row["idle_updates_per_s"] or 1) * 1e6]
-            floor = [push_cost_us(ranks, ranks_per_agent, idle_s, processes, floor=True)]
+            row["floor_cores"], first_floor = push_cost(ranks, ranks_per_agent, idle_s, processes, floor=True)
+            floor = [first_floor]
             for _ in range(pairs - 1):  # alternated: this box's speed drifts from one minute to the next
-                aggregator.append(push_cost_us(ranks, ranks_per_agent, idle_s, processes, floor=False))
-                floor.append(push_cost_us(ranks, ranks_per_agent, idle_s, processes, floor=True))
+                aggregator.append(push_cost(ranks, ranks_per_agent, idle_s, processes, floor=False)[1])
+                floor.append(push_cost(ranks, ranks_per_agent, idle_s, processes, floor=True)[1])
             ratios = [a / f for a, f in zip(aggregator, floor, strict=True)]
             middle = ratios.index(statistics.median_low(ratios))
             row["us_per_update"] = round(aggregator[middle], 1)
             row["floor_us_per_update"] = round(floor[middle], 1)
             row["pair_ratios"] = "/".join(f"{r:.2f}" for r in ratios)
+        else:
+            row["floor_cores"] = floor_cores(ranks, ranks_per_agent, duration / 2, processes)
+        row["above_floor"] = round(row["aggregator_cores"] - row["floor_cores"], 3)
         outcome.rows.append(row)
     for row in outcome.rows:
         cores = row["aggregator_cores"]
@@ -88,8 +90,10 @@ def run(tiny: bool = False) -> Outcome:
     return outcome
 
 
-def push_cost_us(ranks: int, ranks_per_agent: int, duration: float, processes: int, *, floor: bool) -> float:
-    """CPU per pushed rank update (µs) of the aggregator, or of the bare floor, over `duration` s of pushes only."""
+def push_cost(ranks: int, ranks_per_agent: int, duration: float, processes: int, *,
+              floor: bool) -> tuple[float, float]:
+    """(cores, CPU per pushed rank update in µs) of the aggregator, or of the bare floor, over `duration` s of
+    pushes only."""
     push_ms = int(PUSH_INTERVAL_S * 1000)
     cluster = (start_link_floor(ranks, collect_interval_ms=0, processes=processes, ranks_per_agent=ranks_per_agent,
                                 push_interval_ms=push_ms) if floor
@@ -97,23 +101,24 @@ def push_cost_us(ranks: int, ranks_per_agent: int, duration: float, processes: i
                                   collect_latency_ms=0.0, push_interval_ms=push_ms))
     try:
         time.sleep(0.5)
-        pushes0, before = cluster.agent_stats()["pushes_sent"], cluster.stats()
+        pushes0, before, t0 = cluster.agent_stats()["pushes_sent"], cluster.stats(), time.monotonic()
         time.sleep(duration)
-        pushes1, after = cluster.agent_stats()["pushes_sent"], cluster.stats()
+        pushes1, after, t1 = cluster.agent_stats()["pushes_sent"], cluster.stats(), time.monotonic()
     finally:
         cluster.close()
     updates = (pushes1 - pushes0) * ranks_per_agent
     if updates < 0.9 * ranks / PUSH_INTERVAL_S * duration:
         raise RuntimeError(f"{'floor' if floor else 'aggregator'}: {updates} rank updates in {duration:g} s, "
                            f"expected about {ranks / PUSH_INTERVAL_S * duration:.0f}")
-    return (after["cpu_s"] - before["cpu_s"]) / updates * 1e6
+    cpu_s = after["cpu_s"] - before["cpu_s"]
+    return round(cpu_s / (t1 - t0), 3), cpu_s / updates * 1e6
 
 
-def floor_cores(ranks: int, ranks_per_agent: int, duration: float, processes: int, push: bool) -> float:
-    """CPU of the bare AgentLink server moving the same traffic as the aggregator did (cores)."""
-    floor = start_link_floor(ranks, collect_interval_ms=0 if push else int(INTERVAL_S * 1000), processes=processes,
-                             ranks_per_agent=ranks_per_agent,
-                             push_interval_ms=int(PUSH_INTERVAL_S * 1000) if push else 0)
+def floor_cores(ranks: int, ranks_per_agent: int, duration: float, processes: int) -> float:
+    """CPU of the bare AgentLink server moving the rounds' traffic the aggregator did (cores); push rows take theirs
+    from push_cost."""
+    floor = start_link_floor(ranks, collect_interval_ms=int(INTERVAL_S * 1000), processes=processes,
+                             ranks_per_agent=ranks_per_agent)
     try:
         time.sleep(0.5)
         before, t0 = floor.stats(), time.monotonic()
